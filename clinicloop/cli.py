@@ -1,0 +1,94 @@
+"""The `clinicloop` command: serve the model, build the tiny offline model, manage keys and the
+conversation store. Every sub-command's --help says what it does."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clinicloop.config import Settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Build models offline.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
+store_app = typer.Typer(help="The conversation store: schema and redaction.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(keys_app, name="keys")
+app.add_typer(store_app, name="store")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Bind port (default 8000).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="A GGUF file to serve (default: build and serve the tiny model).")] = None,
+    engine: Annotated[str | None, typer.Option(help="llamacpp or openai.")] = None,
+    upstream_url: Annotated[str | None, typer.Option(
+        help="For --engine openai: the upstream's base URL, ending in /v1.")] = None,
+) -> None:
+    """Serve the OpenAI-compatible API (chat, completions, models, health, metrics)."""
+    import uvicorn
+
+    from clinicloop.serving.app import create_app
+
+    settings = Settings()
+    overrides = {"host": host, "port": port}
+    settings.server = settings.server.model_copy(
+        update={k: v for k, v in overrides.items() if v is not None})
+    engine_overrides = {"model_path": model, "kind": engine, "upstream_url": upstream_url}
+    settings.engine = settings.engine.model_copy(
+        update={k: v for k, v in engine_overrides.items() if v is not None})
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port,
+                log_level="info")
+
+
+@model_app.command("build-tiny")
+def build_tiny(
+    size: Annotated[str, typer.Option(help="tiny (tests, demo) or bench (benchmarks).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Training seed; same seed, same weights.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Cache root (default: models_dir).")] = None,
+) -> None:
+    """Build the tiny medical chat model offline (corpus, tokenizer, Qwen2, GGUF); cached."""
+    from clinicloop.model.tiny import build_tiny as build
+
+    tiny = build(size, seed=seed, out_root=out or Settings().models_dir)
+    typer.echo(json.dumps({"name": tiny.name, "hf_dir": str(tiny.hf_dir),
+                           "gguf_f16": str(tiny.gguf_f16), "gguf_q8_0": str(tiny.gguf_q8_0)}))
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Print a new API key (give it to the client) and its hash (put it in the config)."""
+    from clinicloop.serving.auth import new_key
+
+    key, hashed = new_key()
+    typer.echo(json.dumps({"key": key, "hash": hashed}))
+
+
+@store_app.command("migrate")
+def store_migrate() -> None:
+    """Create or upgrade the store's schema (Alembic) at store.url."""
+    from clinicloop.store.db import Store
+
+    store = Store(Settings().store.url)
+    store.migrate()
+    typer.echo("store schema at head")
+
+
+@store_app.command("redaction-recall")
+def redaction_recall(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Measure PHI redaction recall on the shipped synthetic PHI set."""
+    from clinicloop.store.redact_eval import main
+
+    main(["--json"] if as_json else [])
+
+
+if __name__ == "__main__":
+    app()

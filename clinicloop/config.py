@@ -1,0 +1,121 @@
+"""One settings tree for every component.
+
+Values come from (highest first) init arguments, `CLINICLOOP_*` environment variables (nested with
+`__`, e.g. `CLINICLOOP_ENGINE__N_CTX=4096`), a YAML file named by `CLINICLOOP_CONFIG`, then the
+defaults below, which are the embedded default deployment: the tiny model on the llama.cpp engine
+with a SQLite store under `var/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class EngineSettings(BaseModel):
+    kind: Literal["llamacpp", "openai"] = Field(
+        "llamacpp",
+        description="`llamacpp`: in-process GGUF; `openai`: an OpenAI-compatible upstream.",
+    )
+    model_path: Path | None = Field(
+        None, description="GGUF file for `llamacpp`. Unset: build and serve the tiny model."
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id shown in /v1/models. Default: the model file's stem."
+    )
+    tiny_size: Literal["tiny", "bench"] = Field(
+        "tiny", description="Which tiny model to build when `model_path` is unset."
+    )
+    tiny_quant: Literal["f16", "q8_0"] = Field("q8_0", description="Which tiny GGUF to serve.")
+    n_ctx: int = Field(2048, description="Context length (tokens) per sequence.")
+    n_threads: int = Field(1, description="llama.cpp threads; 1 is fastest on 2 shared cores.")
+    n_batch: int = Field(512, description="llama.cpp prompt-processing batch size.")
+    n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (-1: all).")
+    reasoning_parser: Literal["think", "none"] = Field(
+        "think", description="`think`: text before `</think>` is returned as reasoning_content."
+    )
+    upstream_url: str | None = Field(
+        None, description="`openai` engine: base URL ending in /v1, e.g. http://127.0.0.1:8001/v1."
+    )
+    upstream_api_key: str | None = Field(None, description="Bearer key sent to the upstream.")
+    upstream_model: str | None = Field(
+        None, description="Model name sent upstream. Default: the upstream's first /v1/models id."
+    )
+    upstream_command: list[str] | None = Field(
+        None,
+        description="Command clinicloop launches and supervises as the upstream "
+        "(e.g. `vllm serve ...`); clinicloop waits for `upstream_url` to answer.",
+    )
+    upstream_startup_timeout_s: float = Field(300.0, description="How long to wait for it.")
+    upstream_timeout_s: float = Field(600.0, description="Per-request timeout to the upstream.")
+
+
+class StoreSettings(BaseModel):
+    url: str = Field(
+        "sqlite:///var/clinicloop.db",
+        description="SQLAlchemy URL: SQLite (WAL) embedded, or postgresql+psycopg://... .",
+    )
+    spool_path: Path = Field(
+        Path("var/spool.jsonl"),
+        description="Append-only file that keeps records while the store is down.",
+    )
+    redact: bool = Field(True, description="Redact PHI before anything is persisted.")
+    queue_size: int = Field(10_000, description="Records buffered in memory before spooling.")
+    batch_size: int = Field(64, description="Records per insert.")
+    flush_interval_s: float = Field(0.2, description="Longest a record waits for a batch.")
+    retry_interval_s: float = Field(1.0, description="How often a down store is retried.")
+
+
+class ServerSettings(BaseModel):
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, description="Bind port.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Client keys, as `sha256:<hex>` hashes (see `clinicloop keys new`) or plain. "
+        "None configured is allowed only on a loopback host.",
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list, description="Admin keys, same format; admin routes need one."
+    )
+    max_body_bytes: int = Field(1 << 20, description="Largest request body (413 above).")
+    max_running: int | None = Field(
+        None, description="Requests generating at once. Default: what the engine runs at once."
+    )
+    max_waiting: int = Field(32, description="Requests queued for a slot (429 above).")
+    request_timeout_s: float = Field(300.0, description="Deadline for one request.")
+    max_top_logprobs: int = Field(20, description="Largest `top_logprobs` accepted.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CLINICLOOP_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models_dir: Path = Field(Path("var/models"), description="Where built models are cached.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("CLINICLOOP_CONFIG")
+        if config_file:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+        return sources

@@ -1,0 +1,1 @@
+"""The tiny offline chat model: corpus, tokenizer, training and GGUF export."""

@@ -1,0 +1,158 @@
+"""The app factory: wires settings into engine, log writer, keys, limits and routes.
+
+`create_app(settings)` returns a FastAPI app whose lifespan starts the log writer, then loads the
+engine in the background (so /health answers 503 while a model loads), and on shutdown drains the
+writer after the engine stops. Nothing is global: each app owns its engine, writer and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clinicloop.config import Settings
+from clinicloop.serving.admission import Admission
+from clinicloop.serving.auth import KeyRing
+from clinicloop.serving.chat_completion.api_router import router as chat_router
+from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
+from clinicloop.serving.completion.api_router import router as completion_router
+from clinicloop.serving.completion.serving import CompletionHandler
+from clinicloop.serving.engines import make_engine
+from clinicloop.serving.engines.base import Engine
+from clinicloop.serving.errors import error_response, install_error_handlers
+from clinicloop.serving.generation import Services
+from clinicloop.serving.metrics import Metrics
+from clinicloop.serving.models.api_router import router as models_router
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, whether or not it declares its length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = error_response(413, f"request body is larger than {self.limit} bytes",
+                                 code="request_too_large")
+        if declared is not None and int(declared) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _make_writer(settings: Settings) -> Any:
+    from clinicloop.store.db import Store
+    from clinicloop.store.writer import LogWriter
+
+    return LogWriter(Store(settings.store.url), settings.store)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None,
+               writer: Any = None) -> FastAPI:
+    engine = engine or make_engine(settings)
+    writer = writer or _make_writer(settings)
+    keys = KeyRing(settings.server.api_keys, settings.server.admin_keys)
+    keys.check_open_allowed(settings.server.host)
+    metrics = Metrics()
+    admission = Admission(settings.server.max_running or engine.max_concurrency,
+                          settings.server.max_waiting)
+    services = Services(engine=engine, admission=admission, metrics=metrics, writer=writer,
+                        request_timeout_s=settings.server.request_timeout_s)
+    load_error: list[str] = []
+
+    async def load() -> None:
+        try:
+            await engine.start()
+            log.info("engine ready: %s (%s)", engine.model_name, engine.model_version)
+        except Exception as exc:
+            load_error.append(f"{type(exc).__name__}: {exc}")
+            log.error("engine failed to load: %s", load_error[0])
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if keys.open:
+            log.warning("no API keys configured: serving without authentication on %s",
+                        settings.server.host)
+        await writer.start()
+        loading = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            await loading
+            await engine.close()
+            await writer.close()
+
+    app = FastAPI(title="clinicloop", version="0.1.0", lifespan=lifespan)
+    app.state.keys = keys
+    app.state.services = services
+    app.state.chat = ChatCompletionHandler(services, settings.server.max_top_logprobs)
+    app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.server.max_body_bytes)
+    app.include_router(chat_router)
+    app.include_router(completion_router)
+    app.include_router(models_router)
+
+    metrics.watch(lambda: {
+        "vllm:num_requests_running": ("Requests generating.", admission.running),
+        "vllm:num_requests_waiting": ("Requests waiting for a slot.", admission.waiting),
+        "clinicloop:log_queue_depth": ("Log records waiting to be written.", writer.queue_depth),
+        "clinicloop:log_store_up": ("1 while the conversation store accepts writes.",
+                                    float(writer.store_up)),
+        "clinicloop:log_records_inserted": ("Log records written to the store.", writer.inserted),
+        "clinicloop:log_records_spooled": ("Log records spooled while the store was down.",
+                                           writer.spooled),
+    }, lambda: engine.model_name)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.healthy():
+            return JSONResponse({"status": "ok", "model": engine.model_name})
+        state = "failed: " + load_error[0] if load_error else "loading"
+        return error_response(503, f"engine not ready ({state})", code="engine_unavailable")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/admin/v1/stats")
+    async def admin_stats(request: Request) -> dict[str, Any]:
+        keys.caller(request, admin=True)
+        return {
+            "model": engine.model_name, "model_version": engine.model_version,
+            "running": admission.running, "waiting": admission.waiting,
+            "log": {"store_up": writer.store_up, "queue_depth": writer.queue_depth,
+                    "inserted": writer.inserted, "spooled": writer.spooled,
+                    "replayed": writer.replayed},
+        }
+
+    return app

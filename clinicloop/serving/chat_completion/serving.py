@@ -1,0 +1,116 @@
+"""The /v1/chat/completions handler, testable without HTTP: request model in, response model or
+chunk stream out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from clinicloop.serving.auth import Caller
+from clinicloop.serving.chat_completion.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TokenLogprobOut,
+    TopLogprobOut,
+)
+from clinicloop.serving.engines.base import TokenLogprob
+from clinicloop.serving.errors import OpenAIError
+from clinicloop.serving.generation import GenerationRun, Services, conversation_id
+from clinicloop.serving.protocol import UsageInfo
+
+
+def _logprobs(items: list[TokenLogprob]) -> ChoiceLogprobs:
+    return ChoiceLogprobs(content=[
+        TokenLogprobOut(token=t.token, logprob=t.logprob, bytes=t.bytes, top_logprobs=[
+            TopLogprobOut(token=x.token, logprob=x.logprob, bytes=x.bytes) for x in t.top
+        ])
+        for t in items
+    ])
+
+
+class ChatCompletionHandler:
+    def __init__(self, services: Services, max_top_logprobs: int) -> None:
+        self.s = services
+        self.max_top_logprobs = max_top_logprobs
+
+    async def start(self, request: ChatCompletionRequest, caller: Caller,
+                    conversation_header: str | None = None) -> GenerationRun:
+        """Validate, admit and start generating; errors here are plain HTTP errors."""
+        if request.top_logprobs is not None and request.top_logprobs > self.max_top_logprobs:
+            raise OpenAIError(400, f"top_logprobs must be at most {self.max_top_logprobs}",
+                              param="top_logprobs", code="invalid_value")
+        try:
+            stops = request.stop_list()
+        except ValueError as exc:
+            raise OpenAIError(400, str(exc), param="stop") from None
+        extra: dict[str, Any] = {}
+        fmt = request.response_format
+        if fmt is not None and fmt.type == "json_object":
+            extra["json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None
+            extra["json_schema"] = fmt.json_schema.schema_
+        top = (request.top_logprobs or 0) if request.logprobs else None
+        params = request.sampling_params(
+            request.max_completion_tokens or request.max_tokens, top, **extra
+        )
+        params.stop = stops
+        messages = request.messages_as_dicts()
+        run = GenerationRun(
+            self.s, endpoint="chat.completions", messages=messages,
+            params=request.model_dump(exclude={"messages"}, exclude_none=True),
+            caller=caller, conversation=conversation_id(messages, caller, conversation_header),
+            n=request.n,
+        )
+        await run.open(self.s.engine.chat(messages, params, request.chat_template_kwargs))
+        return run
+
+    async def respond(self, request: ChatCompletionRequest, run: GenerationRun,
+                      ) -> ChatCompletionResponse:
+        async for _ in run.deltas():
+            pass
+        return ChatCompletionResponse(
+            model=run.model,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=c.content,
+                                             reasoning_content=c.reasoning or None),
+                    logprobs=_logprobs(c.logprobs) if request.logprobs else None,
+                    finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                )
+                for i, c in enumerate(run.choices)
+            ],
+            usage=UsageInfo(prompt_tokens=run.usage.prompt_tokens,
+                            completion_tokens=run.usage.completion_tokens,
+                            total_tokens=run.usage.total_tokens),
+        )
+
+    async def stream(self, request: ChatCompletionRequest, run: GenerationRun,
+                     ) -> AsyncIterator[ChatCompletionChunk]:
+        chunk_id = ChatCompletionResponse(model=run.model, choices=[], usage=UsageInfo())
+        header = {"id": chunk_id.id, "created": chunk_id.created, "model": run.model}
+        for i in range(request.n):
+            yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
+                index=i, delta=DeltaMessage(role="assistant", content=""))])
+        async for delta in run.deltas():
+            if not (delta.content or delta.reasoning or delta.finish_reason or delta.logprobs):
+                continue
+            yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
+                index=delta.index,
+                delta=DeltaMessage(content=delta.content or None,
+                                   reasoning_content=delta.reasoning or None),
+                logprobs=_logprobs(delta.logprobs) if request.logprobs else None,
+                finish_reason=delta.finish_reason,  # type: ignore[arg-type]
+            )])
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield ChatCompletionChunk(**header, choices=[], usage=UsageInfo(
+                prompt_tokens=run.usage.prompt_tokens,
+                completion_tokens=run.usage.completion_tokens,
+                total_tokens=run.usage.total_tokens))

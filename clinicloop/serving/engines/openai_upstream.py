@@ -1,0 +1,343 @@
+"""Engine over any OpenAI-compatible upstream: `vllm serve`, `llama-server`, SGLang, a hosted model.
+
+Every request is forwarded as a streamed `/chat/completions` or `/completions` call, and the
+upstream's SSE chunks are turned into the same `Delta` / `Usage` events the in-process engine
+produces, so the gateway (logging, metrics, admission, the OpenAI response shapes) works unchanged
+in front of it.
+The upstream batches concurrent requests itself, so many run at once here.
+
+With `upstream_command` set the upstream is launched and supervised (`supervisor.py`): started and
+waited for in `start()`, restarted if it dies, stopped in `close()`. Health is kept by a background
+probe rather than a request per `healthy()` call, which the gateway makes on every /health hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from clinicloop.config import EngineSettings
+from clinicloop.serving.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Event,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from clinicloop.serving.engines.supervisor import ProcessSupervisor, wait_for_http
+
+log = logging.getLogger(__name__)
+
+# vLLM reports a token with no logprob (e.g. an echoed first prompt token) as this.
+_NO_LOGPROB = -9999.0
+
+
+class OpenAIUpstreamEngine(Engine):
+    # The gateway's admission limit; the upstream's own scheduler batches what we send it.
+    # `server.max_running` overrides it per deployment.
+    max_concurrency = 64
+
+    def __init__(self, settings: EngineSettings, *, log_dir: Path = Path("var/logs"),
+                 health_interval_s: float = 2.0) -> None:
+        if not settings.upstream_url:
+            raise ValueError("engine.upstream_url is required for the openai engine")
+        self.settings = settings
+        self.url = settings.upstream_url.rstrip("/")
+        self.model_name = settings.served_model_name or "loading"
+        self.model_version = "loading"
+        self.upstream_model = settings.upstream_model
+        self.headers = (
+            {"Authorization": f"Bearer {settings.upstream_api_key}"}
+            if settings.upstream_api_key else {}
+        )
+        self.supervisor = (
+            ProcessSupervisor(settings.upstream_command, log_path=log_dir / "upstream.log")
+            if settings.upstream_command else None
+        )
+        self.health_interval_s = health_interval_s
+        self._client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._answering = False
+        # Supervisor launch count at the last answer: an answer from before a restart must not
+        # vouch for the process that replaced it.
+        self._answered_launch = 0
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            headers=self.headers,
+            timeout=httpx.Timeout(self.settings.upstream_timeout_s, connect=10.0),
+            # A few connections beyond the request limit so the health probe never queues.
+            limits=httpx.Limits(max_connections=self.max_concurrency + 4),
+        )
+        models_url = f"{self.url}/models"
+        timeout = self.settings.upstream_startup_timeout_s
+        try:
+            if self.supervisor is not None:
+                await self.supervisor.start()
+                await self.supervisor.wait_ready(models_url, timeout, self.headers)
+            else:
+                # A remote upstream may be starting alongside us (compose, k8s): wait for it too.
+                await wait_for_http(models_url, timeout, self.headers)
+            await self._discover_model()
+        except BaseException:
+            await self.close()
+            raise
+        self._answering, self._answered_launch = True, self._launches()
+        self._health_task = asyncio.create_task(self._poll_health(), name="upstream-health")
+
+    async def _discover_model(self) -> None:
+        assert self._client is not None
+        resp = await self._client.get(f"{self.url}/models")
+        resp.raise_for_status()
+        ids = [m["id"] for m in resp.json().get("data", [])]
+        if self.upstream_model is None:
+            if not ids:
+                raise RuntimeError(f"{self.url}/models lists no model")
+            self.upstream_model = ids[0]
+        elif self.upstream_model not in ids:
+            log.warning("upstream_model %r is not among the upstream's models %s",
+                        self.upstream_model, ids)
+        self.model_name = self.settings.served_model_name or self.upstream_model
+        self.model_version = f"upstream:{self.upstream_model}"
+        log.info("upstream %s serves %s", self.url, self.upstream_model)
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+            self._health_task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        self._answering = False
+
+    def healthy(self) -> bool:
+        if self._client is None or not self._answering:
+            return False
+        alive = self.supervisor is None or self.supervisor.alive
+        return alive and self._answered_launch == self._launches()
+
+    def _launches(self) -> int:
+        return 0 if self.supervisor is None else self.supervisor.launches
+
+    async def _poll_health(self) -> None:
+        assert self._client is not None
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            launch = self._launches()
+            try:
+                resp = await self._client.get(f"{self.url}/models",
+                                              timeout=httpx.Timeout(5.0, connect=2.0))
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                self._answering = False
+                continue
+            except httpx.HTTPError:
+                # Slow or a stale kept-alive connection: some servers (llama-cpp-python's) answer
+                # /models only between generations, and a busy upstream is not a dead one.
+                continue
+            self._answering = resp.status_code < 500
+            self._answered_launch = launch
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
+             template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
+        body: dict[str, Any] = {"messages": messages, **self._sampling(params)}
+        if params.top_logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.top_logprobs
+        if template_kwargs:
+            body["chat_template_kwargs"] = template_kwargs
+        return self._stream("/chat/completions", body, _chat_delta)
+
+    def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
+        body: dict[str, Any] = {"prompt": prompt, **self._sampling(params)}
+        if params.top_logprobs is not None:
+            body["logprobs"] = params.top_logprobs
+        return self._stream("/completions", body, _text_delta)
+
+    def _sampling(self, params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "n": params.n,
+        }
+        if params.max_tokens is not None:
+            body["max_tokens"] = params.max_tokens
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = params.stop
+        if params.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": params.json_schema},
+            }
+        elif params.json_object:
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    async def _stream(self, path: str, body: dict[str, Any],
+                      to_delta: Callable[[dict[str, Any]], Delta | None]) -> AsyncIterator[Event]:
+        """POST a streamed request; yield its deltas, then one Usage.
+
+        Upstreams that ignore `include_usage` (llama-cpp-python's server) get their completion
+        tokens counted from the stream instead: one per logprob entry when logprobs were asked
+        for, else one per text chunk, which is what token-by-token servers send.
+        """
+        if self._client is None:
+            raise EngineUnavailable("the upstream engine is not started")
+        usage: Usage | None = None
+        counted = 0
+        done = False
+        try:
+            resp = await self._send(self._client.build_request("POST", self.url + path, json=body))
+            # Closing the response, also when the consumer closes us early, closes the HTTP
+            # stream, and the upstream stops generating for a client that went away.
+            try:
+                if resp.status_code >= 400:
+                    raise _upstream_error(resp.status_code, await resp.aread())
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, `: ping` comments, `event:` lines
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = _parse_chunk(data)
+                    if chunk.get("usage"):
+                        usage = Usage(int(chunk["usage"].get("prompt_tokens") or 0),
+                                      int(chunk["usage"].get("completion_tokens") or 0))
+                    for choice in chunk.get("choices") or []:
+                        delta = to_delta(choice)
+                        if delta is None:
+                            continue
+                        counted += len(delta.logprobs) or bool(delta.content or delta.reasoning)
+                        yield delta
+            finally:
+                await resp.aclose()
+        except httpx.ConnectError as exc:
+            self._answering = False
+            raise EngineUnavailable(f"upstream unreachable: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable(f"upstream timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"upstream broke off the response: {exc}") from exc
+        if not done:
+            raise EngineUnavailable("upstream closed the stream before [DONE]")
+        yield usage if usage is not None else Usage(0, counted)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        assert self._client is not None
+        try:
+            return await self._client.send(request, stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            # The kept-alive connection we picked had just been closed by the upstream (servers
+            # close after a failed response): no response began, so try once on a fresh one.
+            return await self._client.send(request, stream=True)
+
+
+def _parse_chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise EngineUnavailable(f"upstream sent a malformed stream chunk: {data[:200]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise EngineUnavailable(f"upstream sent a malformed stream chunk: {data[:200]!r}")
+    if "error" in chunk:
+        # vLLM reports a failure after the response started as an error chunk in the stream.
+        raise EngineUnavailable(f"upstream failed mid-stream: {_error_fields(chunk)[0]}")
+    return chunk
+
+
+def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
+    """(message, code, param) from the error shapes in use: OpenAI's `{"error": {...}}`, vLLM's
+    flat `{"object": "error", "message": ...}`, FastAPI's `{"detail": ...}`."""
+    if not isinstance(body, dict):
+        return str(body), None, None
+    err = body["error"] if isinstance(body.get("error"), dict) else body
+    detail = body.get("detail")
+    if isinstance(detail, list):
+        detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    message = err.get("message") or detail or json.dumps(body)
+    code = err.get("code")
+    param = err.get("param")
+    return (
+        message if isinstance(message, str) else json.dumps(message),
+        code if isinstance(code, str) else None,  # vLLM puts the HTTP status (an int) there
+        param if isinstance(param, str) else None,
+    )
+
+
+def _upstream_error(status: int, raw: bytes) -> EngineError:
+    try:
+        body: Any = json.loads(raw)
+    except ValueError:
+        body = raw.decode("utf-8", "replace")[:500] or f"HTTP {status}"
+    message, code, param = _error_fields(body)
+    if status >= 500 or status in (401, 403):
+        # A failing upstream, or one that rejects *our* credentials, is our outage, not the
+        # client's mistake.
+        return EngineUnavailable(f"upstream answered {status}: {message}")
+    return EngineError(message, status=status, code=code, param=param)
+
+
+def _top(entry: dict[str, Any]) -> TopLogprob:
+    token = entry.get("token") or ""
+    raw = entry.get("bytes")
+    logprob = entry.get("logprob")
+    return TopLogprob(token, _NO_LOGPROB if logprob is None else float(logprob),
+                      list(raw) if raw is not None else list(token.encode()))
+
+
+def _chat_delta(choice: dict[str, Any]) -> Delta | None:
+    delta = choice.get("delta") or {}
+    logprobs = [
+        TokenLogprob(**vars(_top(entry)), top=[_top(t) for t in entry.get("top_logprobs") or []])
+        for entry in (choice.get("logprobs") or {}).get("content") or []
+    ]
+    out = Delta(
+        index=int(choice.get("index", 0)),
+        content=delta.get("content") or "",
+        reasoning=delta.get("reasoning_content") or delta.get("reasoning") or "",
+        logprobs=logprobs,
+        finish_reason=choice.get("finish_reason"),
+    )
+    # The opening role-only chunk carries nothing.
+    if not (out.content or out.reasoning or out.logprobs or out.finish_reason):
+        return None
+    return out
+
+
+def _text_delta(choice: dict[str, Any]) -> Delta | None:
+    lp = choice.get("logprobs") or {}
+    tops = lp.get("top_logprobs") or []
+    logprobs = []
+    for i, (token, logprob) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [],
+                                             strict=False)):
+        top = tops[i] if i < len(tops) and tops[i] else {}
+        logprobs.append(TokenLogprob(
+            token, _NO_LOGPROB if logprob is None else float(logprob), list(token.encode()),
+            top=[TopLogprob(t, _NO_LOGPROB if v is None else float(v), list(t.encode()))
+                 for t, v in top.items()],
+        ))
+    out = Delta(index=int(choice.get("index", 0)), content=choice.get("text") or "",
+                logprobs=logprobs, finish_reason=choice.get("finish_reason"))
+    if not (out.content or out.logprobs or out.finish_reason):
+        return None
+    return out

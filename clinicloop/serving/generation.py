@@ -1,0 +1,183 @@
+"""What every generating route shares: admission, deadline, timing, metrics and the log record.
+
+`GenerationRun` wraps one engine stream. The route's handler iterates it (to stream chunks or to
+build one response); the run accumulates each choice, observes TTFT / inter-token / e2e latency,
+and on exit — finished, failed or cancelled by a disconnecting client — releases the admission slot
+and hands one `TurnRecord` to the log writer. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from clinicloop.serving.admission import Admission
+from clinicloop.serving.auth import Caller
+from clinicloop.serving.engines.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
+from clinicloop.serving.errors import OpenAIError
+from clinicloop.serving.metrics import Metrics
+from clinicloop.store.records import LoggedChoice, TurnRecord
+
+CONVERSATION_HEADER = "x-conversation-id"
+
+
+def conversation_id(messages: list[dict[str, Any]], caller: Caller, header: str | None) -> str:
+    """The client's id if it sent one; else a hash of the caller and the conversation's opening
+    (system prompt and first user message), which every later turn repeats unchanged."""
+    if header:
+        return header[:128]
+    opening: list[dict[str, Any]] = []
+    for message in messages:
+        opening.append(message)
+        if message["role"] == "user":
+            break
+    digest = hashlib.sha256(json.dumps([caller.key_id, opening], sort_keys=True).encode())
+    return "conv-" + digest.hexdigest()[:24]
+
+
+@dataclass
+class ChoiceState:
+    content: str = ""
+    reasoning: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Services:
+    """What a handler needs from the app; built once by the app factory."""
+
+    engine: Engine
+    admission: Admission
+    metrics: Metrics
+    writer: Any  # clinicloop.store.writer.LogWriter; typed loosely to keep the store optional
+    request_timeout_s: float
+
+
+class GenerationRun:
+    def __init__(self, services: Services, *, endpoint: Literal["chat.completions", "completions"],
+                 messages: list[dict[str, Any]], params: dict[str, Any], caller: Caller,
+                 conversation: str, n: int) -> None:
+        self.s = services
+        self.endpoint = endpoint
+        self.messages = messages
+        self.params = params
+        self.caller = caller
+        self.conversation = conversation
+        self.choices = [ChoiceState() for _ in range(n)]
+        self.usage = Usage(0, 0)
+        self.model = services.engine.model_name
+        self.version = services.engine.model_version
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._last_at: float | None = None
+        self._events: AsyncIterator[Event] | None = None
+        self._first: Event | None = None
+        self.tokens_seen = 0
+        self._admitted = False
+
+    async def open(self, events: AsyncIterator[Event]) -> None:
+        """Admit the request and pull the engine's first event, so that a bad request or a full
+        server is an HTTP error rather than a broken stream."""
+        await self.s.admission.acquire()
+        self._admitted = True
+        self._events = events
+        try:
+            async with asyncio.timeout(self.s.request_timeout_s):
+                self._first = await anext(events)
+        except EngineError as exc:
+            await self.finish("error", str(exc))
+            raise OpenAIError.from_engine(exc) from None
+        except TimeoutError:
+            await self.finish("error", "deadline")
+            raise OpenAIError(503, "request deadline exceeded", code="timeout") from None
+        except BaseException as exc:
+            await self.finish("cancelled" if isinstance(exc, asyncio.CancelledError) else "error",
+                              type(exc).__name__)
+            raise
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The engine's deltas, accumulated and timed; ends the run however iteration stops."""
+        assert self._events is not None
+        status: Literal["ok", "error", "cancelled"] = "cancelled"
+        error: str | None = None
+        try:
+            deadline = self.started + self.s.request_timeout_s
+            async with asyncio.timeout_at(asyncio.get_running_loop().time()
+                                          + deadline - time.perf_counter()):
+                if self._first is not None:
+                    event, self._first = self._first, None
+                    if isinstance(event, Delta):
+                        yield self._observe(event)
+                    else:
+                        self.usage = event
+                async for event in self._events:
+                    if isinstance(event, Delta):
+                        yield self._observe(event)
+                    else:
+                        self.usage = event
+            status = "error" if any(c.finish_reason == "error" for c in self.choices) else "ok"
+        except TimeoutError:
+            status, error = "error", "deadline"
+            raise OpenAIError(503, "request deadline exceeded", code="timeout") from None
+        except Exception as exc:
+            status, error = "error", type(exc).__name__
+            raise
+        finally:
+            await self.finish(status, error)
+
+    def _observe(self, delta: Delta) -> Delta:
+        now = time.perf_counter()
+        if delta.content or delta.reasoning:
+            if self.first_token_at is None:
+                self.first_token_at = now
+                self.s.metrics.ttft.labels(self.model).observe(now - self.started)
+            elif self._last_at is not None:
+                self.s.metrics.itl.labels(self.model).observe(now - self._last_at)
+            self._last_at = now
+        self.tokens_seen += delta.tokens
+        choice = self.choices[delta.index]
+        choice.content += delta.content
+        choice.reasoning += delta.reasoning
+        choice.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+        return delta
+
+    async def finish(self, status: Literal["ok", "error", "cancelled"], error: str | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self.s.admission.release()
+        if self._events is not None:
+            await self._events.aclose()  # type: ignore[attr-defined]
+        if not self.usage.completion_tokens:  # cut short before the engine's Usage
+            self.usage.completion_tokens = self.tokens_seen
+        e2e = time.perf_counter() - self.started
+        m = self.s.metrics
+        m.e2e.labels(self.model).observe(e2e)
+        m.prompt_tokens.labels(self.model).inc(self.usage.prompt_tokens)
+        m.generation_tokens.labels(self.model).inc(self.usage.completion_tokens)
+        if status == "ok":
+            for choice in self.choices:
+                m.request_success.labels(self.model, choice.finish_reason or "stop").inc()
+        else:
+            m.request_errors.labels(self.model, status).inc()
+        self.s.writer.submit(TurnRecord(
+            conversation_id=self.conversation, endpoint=self.endpoint, model=self.model,
+            model_version=self.version, api_key_id=self.caller.key_id, messages=self.messages,
+            choices=[
+                LoggedChoice(index=i, content=c.content, reasoning_content=c.reasoning or None,
+                             finish_reason=c.finish_reason)
+                for i, c in enumerate(self.choices)
+            ],
+            params=self.params, prompt_tokens=self.usage.prompt_tokens,
+            completion_tokens=self.usage.completion_tokens,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.started,
+            e2e_s=e2e, status=status, error=error,
+        ))

@@ -1,0 +1,1 @@
+"""Conversation store: every served request, redacted, durably persisted off the request path."""

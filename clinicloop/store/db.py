@@ -1,0 +1,241 @@
+"""The conversation store: the `turns` table and the `Store` that writes and reads it.
+
+SQLite in WAL mode is the embedded default; Postgres (`postgresql+psycopg://user@host/db`) serves
+several gateway replicas. The schema belongs to the Alembic migrations in `migrations/`, never to
+`create_all`: `Store.migrate()` runs `upgrade head` in code, with no alembic.ini. To work on the
+migrations from a shell, use the ini shipped beside this file; the URL comes from `-x url=...` or
+else from the clinicloop settings (`CLINICLOOP_STORE__URL`):
+
+    alembic -c clinicloop/store/alembic.ini -x url=sqlite:///var/clinicloop.db upgrade head
+    alembic -c clinicloop/store/alembic.ini -x url=sqlite:///var/clinicloop.db current
+    alembic -c clinicloop/store/alembic.ini -x url=sqlite:///var/dev.db \\
+        revision --autogenerate --rev-id 0002 -m "add scores"
+
+A new table (e.g. verifier scores) is a model class on `Base` here plus the next numbered
+migration; autogenerate against a database at head writes most of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy import text as sql
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from clinicloop.store.records import TurnRecord
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Any constant works; it only has to be the same for every replica that migrates.
+_MIGRATE_LOCK_KEY = 0x636C696E  # "clin"
+
+
+class Base(DeclarativeBase):
+    """Every store table; Alembic's autogenerate compares the database against this metadata."""
+
+    # Named constraints and indexes, so later migrations can refer to them on every backend.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+_JSON = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class TurnRow(Base):
+    """One served request, redacted: a `TurnRecord` plus choice 0's text for easy querying."""
+
+    __tablename__ = "turns"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    endpoint: Mapped[str] = mapped_column(String)
+    model: Mapped[str] = mapped_column(String)
+    model_version: Mapped[str] = mapped_column(String, index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String)
+    messages: Mapped[list[dict[str, Any]]] = mapped_column(_JSON)
+    choices: Mapped[list[dict[str, Any]]] = mapped_column(_JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(_JSON)
+    response: Mapped[str | None] = mapped_column(Text)
+    reasoning: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    # Explicit types: SQLAlchemy's default for `float` changed between versions (Float, Double).
+    ttft_s: Mapped[float | None] = mapped_column(Float)
+    e2e_s: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Store:
+    """A SQLite or Postgres database holding `TurnRecord`s; every method is blocking."""
+
+    def __init__(self, url: str, *, sqlite_busy_timeout_s: float = 5.0) -> None:
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            _make_parent_dir(parsed)
+            # `timeout` is SQLite's busy_timeout, set before the first statement on a connection
+            # (a PRAGMA would come too late for the journal_mode one): how long a write waits
+            # for another writer's lock before it fails.
+            self.engine = create_engine(
+                parsed, pool_pre_ping=True, connect_args={"timeout": sqlite_busy_timeout_s}
+            )
+
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+                cursor = dbapi_connection.cursor()
+                # WAL: readers never block the writer; NORMAL is durable across app crashes and
+                # loses at most the last commits on power loss, which the spool exists for.
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+
+        elif self.dialect == "postgresql":
+            # Pre-ping drops connections a server restart killed; the timeout bounds a hung host.
+            self.engine = create_engine(
+                parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+            )
+        else:
+            raise ValueError(f"store URL must be sqlite or postgresql, not {self.dialect!r}")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration (a no-op when it is there already)."""
+        with self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                # Replicas starting together must not race to create the same tables.
+                connection.execute(
+                    sql("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATE_LOCK_KEY}
+                )
+            command.upgrade(alembic_config(connection), "head")
+
+    def insert_many(self, records: Sequence[TurnRecord]) -> int:
+        """Insert in one transaction, skipping ids already stored; returns the rows inserted."""
+        if not records:
+            return 0
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(TurnRow).on_conflict_do_nothing(index_elements=["id"]).returning(TurnRow.id)
+        )
+        with self.engine.begin() as connection:
+            return len(connection.execute(statement, [_to_row(r) for r in records]).all())
+
+    def count(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(TurnRow)).scalar_one()
+
+    def get(self, turn_id: str) -> TurnRecord | None:
+        with Session(self.engine) as session:
+            row = session.get(TurnRow, turn_id)
+            return None if row is None else _to_record(row)
+
+    def list_turns(
+        self,
+        *,
+        conversation_id: str | None = None,
+        model_version: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TurnRecord]:
+        """Turns oldest first, optionally of one conversation or model version, or from `since`."""
+        query = select(TurnRow).order_by(TurnRow.created_at, TurnRow.id).limit(limit)
+        if conversation_id is not None:
+            query = query.where(TurnRow.conversation_id == conversation_id)
+        if model_version is not None:
+            query = query.where(TurnRow.model_version == model_version)
+        if since is not None:
+            query = query.where(TurnRow.created_at >= _utc(since))
+        with Session(self.engine) as session:
+            return [_to_record(row) for row in session.scalars(query)]
+
+    def ping(self) -> bool:
+        """Whether the database answers a query."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(sql("SELECT 1"))
+        except SQLAlchemyError:
+            return False
+        return True
+
+    def dispose(self) -> None:
+        """Close pooled connections; the store stays usable and reconnects on demand."""
+        self.engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """The Alembic config for the store's migrations, run on `connection` when one is given."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _make_parent_dir(url: URL) -> None:
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: every timestamp is stored in UTC, and naive ones are UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _clean(value: Any) -> Any:
+    """Drop what no backend can store: NUL characters (Postgres) and lone surrogates (UTF-8).
+
+    One such character in one request must not make a whole batch fail forever.
+    """
+    if isinstance(value, str):
+        value = value.replace("\x00", "")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "replace").decode("utf-8")
+        return value
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def _to_row(record: TurnRecord) -> dict[str, Any]:
+    row = _clean(record.model_dump(mode="json"))
+    choices = row["choices"]
+    row["created_at"] = _utc(record.created_at)
+    row["response"] = choices[0]["content"] if choices else None
+    row["reasoning"] = choices[0]["reasoning_content"] if choices else None
+    return row
+
+
+def _to_record(row: TurnRow) -> TurnRecord:
+    columns = {c.key: getattr(row, c.key) for c in TurnRow.__table__.columns}
+    return TurnRecord.model_validate({**columns, "created_at": _utc(row.created_at)})

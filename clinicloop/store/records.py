@@ -1,0 +1,50 @@
+"""The record of one served request: what the gateway hands to the store.
+
+One record per request ("turn"); the turns of a multi-turn conversation share `conversation_id`.
+`id` is the idempotency key: a record replayed from the spool after a store outage is inserted at
+most once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class LoggedChoice(BaseModel):
+    index: int
+    content: str
+    reasoning_content: str | None = None
+    finish_reason: str | None = None
+
+
+class TurnRecord(BaseModel):
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    conversation_id: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    endpoint: Literal["chat.completions", "completions"]
+    model: str
+    model_version: str
+    api_key_id: str | None = Field(None, description="Fingerprint of the key's hash, never the key.")
+    messages: list[dict[str, Any]] = Field(
+        description="The request's messages (a completion's prompt as one user message)."
+    )
+    choices: list[LoggedChoice] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict, description="Sampling parameters.")
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    status: Literal["ok", "error", "cancelled"] = "ok"
+    error: str | None = None
+
+    @property
+    def response(self) -> str | None:
+        return self.choices[0].content if self.choices else None
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.choices[0].reasoning_content if self.choices else None

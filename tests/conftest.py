@@ -1,0 +1,119 @@
+"""Fixtures shared across the suite: the tiny model (built once, cached under var/models) and real
+clinicloop servers on 127.0.0.1 that each test's fixture starts and stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, deadline_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll `ready()` until it is true; fail with `what` at the deadline or if `proc` exits."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if ready():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {deadline_s}s")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from clinicloop.model.tiny import build_tiny
+
+    return build_tiny("tiny", out_root=ROOT / "var" / "models", progress=False)
+
+
+@dataclass
+class Server:
+    base_url: str
+    proc: subprocess.Popen
+    log_path: Path
+    db_path: Path
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True) -> Server:
+    port = free_port()
+    db = tmp / "clinicloop.db"
+    full_env = {
+        **os.environ,
+        "CLINICLOOP_STORE__URL": f"sqlite:///{db}",
+        "CLINICLOOP_STORE__SPOOL_PATH": str(tmp / "spool.jsonl"),
+        "CLINICLOOP_MODELS_DIR": str(ROOT / "var" / "models"),
+        **env,
+    }
+    log_path = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clinicloop.cli", "serve", "--port", str(port)],
+        env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=tmp,
+        start_new_session=True,
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc, log_path, db)
+    try:
+        wait_until(
+            (lambda: httpx.get(server.base_url + "/health").status_code == 200) if wait_healthy
+            else (lambda: httpx.get(server.base_url + "/health").status_code in (200, 503)),
+            120, "clinicloop server", proc,
+        )
+    except Exception:
+        stop_server(server)
+        raise RuntimeError(server.log())
+    return server
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server_factory(tmp_path_factory, tiny_model) -> Iterator:
+    """Start servers on the tiny model with extra env; all are stopped at module end."""
+    started: list[Server] = []
+
+    def make(env: dict[str, str] | None = None, wait_healthy: bool = True) -> Server:
+        tmp = tmp_path_factory.mktemp("server")
+        base = {"CLINICLOOP_ENGINE__MODEL_PATH": str(tiny_model.gguf_q8_0),
+                "CLINICLOOP_ENGINE__SERVED_MODEL_NAME": tiny_model.name}
+        server = start_server(tmp, {**base, **(env or {})}, wait_healthy)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        stop_server(server)
