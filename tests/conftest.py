@@ -85,9 +85,9 @@ def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True) -> S
             else (lambda: httpx.get(server.base_url + "/health").status_code in (200, 503)),
             120, "clinicloop server", proc,
         )
-    except Exception:
+    except Exception as exc:
         stop_server(server)
-        raise RuntimeError(server.log())
+        raise RuntimeError(server.log()) from exc
     return server
 
 

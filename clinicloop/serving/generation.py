@@ -21,6 +21,7 @@ from clinicloop.serving.auth import Caller
 from clinicloop.serving.engines.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
+from clinicloop.serving.protocol import new_id, now
 from clinicloop.store.records import LoggedChoice, TurnRecord
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -64,6 +65,9 @@ class GenerationRun:
                  messages: list[dict[str, Any]], params: dict[str, Any], caller: Caller,
                  conversation: str, n: int) -> None:
         self.s = services
+        # The response id the client sees is also the log record's id, so the two can be joined.
+        self.request_id = new_id("chatcmpl" if endpoint == "chat.completions" else "cmpl")
+        self.created = now()
         self.endpoint = endpoint
         self.messages = messages
         self.params = params
@@ -169,8 +173,9 @@ class GenerationRun:
         else:
             m.request_errors.labels(self.model, status).inc()
         self.s.writer.submit(TurnRecord(
-            conversation_id=self.conversation, endpoint=self.endpoint, model=self.model,
-            model_version=self.version, api_key_id=self.caller.key_id, messages=self.messages,
+            id=self.request_id, conversation_id=self.conversation, endpoint=self.endpoint,
+            model=self.model, model_version=self.version, api_key_id=self.caller.key_id,
+            messages=self.messages,
             choices=[
                 LoggedChoice(index=i, content=c.content, reasoning_content=c.reasoning or None,
                              finish_reason=c.finish_reason)

@@ -28,7 +28,9 @@ class TurnRecord(BaseModel):
     endpoint: Literal["chat.completions", "completions"]
     model: str
     model_version: str
-    api_key_id: str | None = Field(None, description="Fingerprint of the key's hash, never the key.")
+    api_key_id: str | None = Field(
+        None, description="Fingerprint of the key's hash, never the key."
+    )
     messages: list[dict[str, Any]] = Field(
         description="The request's messages (a completion's prompt as one user message)."
     )

@@ -44,8 +44,13 @@ _STREET_SUFFIX = (
     r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl"
     r"|Terrace|Ter|Way|Circle|Cir|Highway|Hwy|Parkway|Pkwy|Square|Sq|Trail|Trl|Alley)"
 )
-_CITY_STATE_ZIP = r"[A-Z][a-z]+(?:[ \t][A-Z][a-z]+)*,[ \t]*[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?\b"
+_CITY_STATE_ZIP = r"\b[A-Z][a-z]+(?:[ \t][A-Z][a-z]+){0,2},[ \t]*[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?\b"
 _HEX4 = r"[0-9A-Fa-f]{1,4}"
+
+
+# Every pattern starts only where its text can start (a lookbehind rather than `\b` inside a run
+# like "a.b.c") and bounds its repetitions, so no input makes a rule quadratic: a pasted log or
+# a long token must not stall the writer.
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,14 @@ def _rules() -> list[_Rule]:
         r"(?:[ \t]*(?:is\b|was\b|=|:|#))*[ \t]*)"
     )
     return [
-        rule("EMAIL", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
+        rule(
+            "EMAIL",
+            r"(?<![\w.%+-])[\w.%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+        ),
         rule("URL", r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"'\]]*[^\s<>\"'\].,;:!?)]"),
         rule(
             "URL",
-            r"(?i:\b(?:[a-z0-9-]+\.)+(?:com|org|net|edu|gov|io)\b"
+            r"(?i:(?<![\w.-])(?:[a-z0-9-]+\.)+(?:com|org|net|edu|gov|io)\b"
             r"(?:/[^\s<>\"']*[^\s<>\"'.,;:!?)])?)",
         ),
         rule(

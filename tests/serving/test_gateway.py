@@ -4,6 +4,7 @@ conversation log — each against a real server."""
 from __future__ import annotations
 
 import sqlite3
+
 import httpx
 import openai
 import pytest

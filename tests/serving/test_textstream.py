@@ -47,7 +47,8 @@ def _split_run(in_reasoning, pieces):
 @pytest.mark.parametrize("in_reasoning,text,expected", [
     (True, "chest pain is a red flag\n</think>\n\nCall 911 now.", (
         "chest pain is a red flag", "Call 911 now.")),
-    (False, "<think>\nthink a bit\n</think>\n\nRest and fluids.", ("think a bit", "Rest and fluids.")),
+    (False, "<think>\nthink a bit\n</think>\n\nRest and fluids.",
+     ("think a bit", "Rest and fluids.")),
     (False, "Rest and fluids.", ("", "Rest and fluids.")),
     (False, "<thin", ("", "<thin")),
     (True, "never closes  ", ("never closes", "")),

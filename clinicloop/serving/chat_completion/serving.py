@@ -64,7 +64,7 @@ class ChatCompletionHandler:
         messages = request.messages_as_dicts()
         run = GenerationRun(
             self.s, endpoint="chat.completions", messages=messages,
-            params=request.model_dump(exclude={"messages"}, exclude_none=True),
+            params=request.model_dump(exclude={"messages", "user"}, exclude_none=True),
             caller=caller, conversation=conversation_id(messages, caller, conversation_header),
             n=request.n,
         )
@@ -76,7 +76,7 @@ class ChatCompletionHandler:
         async for _ in run.deltas():
             pass
         return ChatCompletionResponse(
-            model=run.model,
+            id=run.request_id, created=run.created, model=run.model,
             choices=[
                 ChatChoice(
                     index=i,
@@ -94,8 +94,7 @@ class ChatCompletionHandler:
 
     async def stream(self, request: ChatCompletionRequest, run: GenerationRun,
                      ) -> AsyncIterator[ChatCompletionChunk]:
-        chunk_id = ChatCompletionResponse(model=run.model, choices=[], usage=UsageInfo())
-        header = {"id": chunk_id.id, "created": chunk_id.created, "model": run.model}
+        header = {"id": run.request_id, "created": run.created, "model": run.model}
         for i in range(request.n):
             yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
                 index=i, delta=DeltaMessage(role="assistant", content=""))])

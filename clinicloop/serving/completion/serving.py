@@ -51,7 +51,8 @@ class CompletionHandler:
         messages = [{"role": "user", "content": prompts[0]}]
         run = GenerationRun(
             self.s, endpoint="completions", messages=messages,
-            params=request.model_dump(exclude={"prompt"}, exclude_none=True), caller=caller,
+            params=request.model_dump(exclude={"prompt", "user"}, exclude_none=True),
+            caller=caller,
             conversation=conversation_id(messages, caller, conversation_header), n=request.n,
         )
         await run.open(self.s.engine.complete(prompts[0], params))
@@ -65,7 +66,7 @@ class CompletionHandler:
             pass
         echo = self._echo(request)
         return CompletionResponse(
-            model=run.model,
+            id=run.request_id, created=run.created, model=run.model,
             choices=[
                 CompletionChoice(
                     index=i, text=echo + c.content,
@@ -81,8 +82,7 @@ class CompletionHandler:
 
     async def stream(self, request: CompletionRequest, run: GenerationRun,
                      ) -> AsyncIterator[CompletionResponse]:
-        first = CompletionResponse(model=run.model, choices=[])
-        header = {"id": first.id, "created": first.created, "model": run.model}
+        header = {"id": run.request_id, "created": run.created, "model": run.model}
         offsets = [0] * request.n
         echo = self._echo(request)
         if echo:

@@ -227,7 +227,9 @@ class OpenAIUpstreamEngine(Engine):
                         delta = to_delta(choice)
                         if delta is None:
                             continue
-                        counted += len(delta.logprobs) or bool(delta.content or delta.reasoning)
+                        delta.tokens = len(delta.logprobs) or int(bool(delta.content
+                                                                       or delta.reasoning))
+                        counted += delta.tokens
                         yield delta
             finally:
                 await resp.aclose()
