@@ -72,7 +72,7 @@ SIZES: dict[str, SizeConfig] = {
     "bench": SizeConfig(
         name="clinicloop-tiny-bench", vocab_size=4096, vocab_multiple=256, hidden_size=512,
         intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2, max_positions=4096,
-        steps=120, batch_size=8, lr=1e-3, warmup_steps=10, threads=2,
+        steps=150, batch_size=8, lr=2e-3, warmup_steps=10, threads=2,
     ),
 }
 

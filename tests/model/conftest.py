@@ -10,6 +10,10 @@ import pytest
 from clinicloop.model.tiny import TinyModel, build_tiny
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: builds the bench-size model; needs CLINICLOOP_SLOW=1")
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -109,8 +109,8 @@ def test_gguf_metadata(tiny_model: TinyModel) -> None:
 
 def test_gguf_generates_in_format(tiny_model: TinyModel) -> None:
     llm = Llama(model_path=str(tiny_model.gguf_f16), n_ctx=512, n_threads=1, verbose=False)
-    assert llm.n_ctx_train() == json.loads((tiny_model.hf_dir / "config.json").read_text())[
-        "max_position_embeddings"]
+    config = json.loads((tiny_model.hf_dir / "config.json").read_text())
+    assert int(llm.metadata["qwen2.context_length"]) == config["max_position_embeddings"]
     for mode, budget in (("off", 64), ("on", 160)):
         stopped = 0
         for prompt in _prompts(mode):

@@ -129,3 +129,18 @@ def test_dead_engine_is_503(server_factory, tmp_path):
     assert httpx.get(server.base_url + "/health").status_code == 503
     r = httpx.post(server.v1 + "/chat/completions", json={"messages": MESSAGES})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_request_deadline(server_factory):
+    server = server_factory({"CLINICLOOP_SERVER__REQUEST_TIMEOUT_S": "0.3"})
+    body = {"messages": MESSAGES, "max_tokens": 1800, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "long", "schema": {
+            "type": "string", "minLength": 8000}}}}
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+    with httpx.stream("POST", server.v1 + "/chat/completions", json={**body, "stream": True},
+                      timeout=30) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert '"code":"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
+    assert httpx.post(server.v1 + "/chat/completions", timeout=30,
+                      json={"messages": MESSAGES, "max_tokens": 4}).status_code == 200
