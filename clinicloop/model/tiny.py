@@ -44,7 +44,9 @@ IGNORE = -100
 @dataclass(frozen=True)
 class SizeConfig:
     name: str
-    vocab_size: int  # tokenizer target; the embedding is padded up to vocab_multiple
+    # The tokenizer's target size; the embedding has at least this many rows (rounded up to
+    # vocab_multiple) even when a small corpus leaves the BPE short of it.
+    vocab_size: int
     vocab_multiple: int
     hidden_size: int
     intermediate_size: int
@@ -92,10 +94,11 @@ class Example:
     labels: list[int]
 
 
-def build_hash(size: SizeConfig, seed: int, corpus_path: Path = CORPUS_PATH) -> str:
+def build_hash(size: SizeConfig, seed: int) -> str:
+    """Hash of every input that decides a build's bytes; names its cache directory."""
     h = hashlib.sha256()
     for part in (
-        corpus_path.read_bytes(),
+        CORPUS_PATH.read_bytes(),
         json.dumps(asdict(size), sort_keys=True).encode(),
         str(seed).encode(),
         CODE_VERSION.encode(),
@@ -112,15 +115,14 @@ def training_targets(row: Dialogue, index: int) -> list[tuple[str, str]]:
     half to close the block at once, so both are in its repertoire.
     """
     history = row["messages"][:-1]
-    answer = row["messages"][-1]["content"]
-    thought = f"{THINK_OPEN}\n{row['reasoning']}\n{THINK_CLOSE}\n\n"
-    no_thought = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
-    auto = thought if index % 2 == 0 else no_thought
+    answer = row["messages"][-1]["content"] + IM_END
+    # The 'on' prompt already ends with "<think>\n", so its target starts at the reasoning.
+    reasoning = f"{row['reasoning']}\n{THINK_CLOSE}\n\n"
+    auto = f"{THINK_OPEN}\n{reasoning}" if index % 2 == 0 else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
     return [
-        (render_chat(history, thinking_mode="on"), thought.removeprefix(f"{THINK_OPEN}\n")
-         + answer + IM_END),
-        (render_chat(history, thinking_mode="off"), answer + IM_END),
-        (render_chat(history, thinking_mode="auto"), auto + answer + IM_END),
+        (render_chat(history, thinking_mode="on"), reasoning + answer),
+        (render_chat(history, thinking_mode="off"), answer),
+        (render_chat(history, thinking_mode="auto"), auto + answer),
     ]
 
 
@@ -146,7 +148,7 @@ def padded_vocab(tokenizer_size: int, multiple: int) -> int:
 
 def model_config(size: SizeConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=padded_vocab(len(tokenizer), size.vocab_multiple),
+        vocab_size=padded_vocab(max(len(tokenizer), size.vocab_size), size.vocab_multiple),
         hidden_size=size.hidden_size,
         intermediate_size=size.intermediate_size,
         num_hidden_layers=size.num_layers,

@@ -21,7 +21,7 @@ from clinicloop.serving.auth import Caller
 from clinicloop.serving.engines.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
-from clinicloop.serving.protocol import new_id, now
+from clinicloop.serving.protocol import UsageInfo, new_id, now
 from clinicloop.store.records import LoggedChoice, TurnRecord
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -134,6 +134,11 @@ class GenerationRun:
             raise
         finally:
             await self.finish(status, error)
+
+    def usage_info(self) -> UsageInfo:
+        return UsageInfo(prompt_tokens=self.usage.prompt_tokens,
+                         completion_tokens=self.usage.completion_tokens,
+                         total_tokens=self.usage.total_tokens)
 
     def _observe(self, delta: Delta) -> Delta:
         now = time.perf_counter()

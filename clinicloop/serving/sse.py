@@ -1,13 +1,18 @@
 """Server-sent events framing as OpenAI streams it: `data: <json>` blocks, then `data: [DONE]`;
-an error after the stream started is sent as one `data: {"error": ...}` block."""
+an error after the stream started is sent as one `data: {"error": ...}` block. Also the shared
+body of the generating routes, which choose between a stream and one response."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from clinicloop.serving.errors import OpenAIError
+from clinicloop.serving.generation import CONVERSATION_HEADER
 
 
 def event(model: BaseModel) -> str:
@@ -21,3 +26,15 @@ async def framed(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     except OpenAIError as exc:
         yield event(exc.body())
     yield "data: [DONE]\n\n"
+
+
+async def serve(handler: Any, body: Any, request: Request) -> Any:
+    """The body of every generating route: identify the caller, start the run, then stream it as
+    SSE or return one response. `handler` is a chat or completion handler."""
+    state = request.app.state
+    caller = state.keys.caller(request)
+    run = await handler.start(body, caller, request.headers.get(CONVERSATION_HEADER))
+    if body.stream:
+        return StreamingResponse(framed(handler.stream(body, run)),
+                                 media_type="text/event-stream")
+    return await handler.respond(body, run)

@@ -64,3 +64,13 @@ def test_hf_apply_chat_template_matches() -> None:
             MESSAGES, tokenize=False, add_generation_prompt=True, thinking_mode=mode
         )
         assert rendered == render_chat(MESSAGES, thinking_mode=mode)
+
+
+def test_same_output_with_block_trimming() -> None:
+    # llama-cpp-python and transformers render chat templates with trim/lstrip_blocks on.
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    for mode in ("on", "off", "auto"):
+        rendered = env.from_string(load_chat_template()).render(
+            messages=MESSAGES, add_generation_prompt=True, thinking_mode=mode
+        )
+        assert rendered == render_chat(MESSAGES, thinking_mode=mode)

@@ -14,6 +14,7 @@ import torch
 from llama_cpp import Llama
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+from clinicloop.model import tiny
 from clinicloop.model.corpus import load_corpus
 from clinicloop.model.gguf_export import ftype_from_name, quantize_gguf
 from clinicloop.model.tiny import (
@@ -65,6 +66,18 @@ def test_hash_depends_on_seed_and_size() -> None:
     hashes = {build_hash(SIZES[s], seed) for s in SIZES for seed in (0, 1)}
     assert len(hashes) == 4
     assert build_hash(SIZES["tiny"], 0) == build_hash(SIZES["tiny"], 0)
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "train_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny(out_root=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_size_is_rejected(tmp_path: Path) -> None:

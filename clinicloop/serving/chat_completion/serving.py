@@ -22,7 +22,6 @@ from clinicloop.serving.chat_completion.protocol import (
 from clinicloop.serving.engines.base import TokenLogprob
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.generation import GenerationRun, Services, conversation_id
-from clinicloop.serving.protocol import UsageInfo
 
 
 def _logprobs(items: list[TokenLogprob]) -> ChoiceLogprobs:
@@ -87,9 +86,7 @@ class ChatCompletionHandler:
                 )
                 for i, c in enumerate(run.choices)
             ],
-            usage=UsageInfo(prompt_tokens=run.usage.prompt_tokens,
-                            completion_tokens=run.usage.completion_tokens,
-                            total_tokens=run.usage.total_tokens),
+            usage=run.usage_info(),
         )
 
     async def stream(self, request: ChatCompletionRequest, run: GenerationRun,
@@ -109,7 +106,4 @@ class ChatCompletionHandler:
                 finish_reason=delta.finish_reason,  # type: ignore[arg-type]
             )])
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield ChatCompletionChunk(**header, choices=[], usage=UsageInfo(
-                prompt_tokens=run.usage.prompt_tokens,
-                completion_tokens=run.usage.completion_tokens,
-                total_tokens=run.usage.total_tokens))
+            yield ChatCompletionChunk(**header, choices=[], usage=run.usage_info())

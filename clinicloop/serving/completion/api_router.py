@@ -1,23 +1,15 @@
-"""Route for /v1/completions: auth, then the handler."""
+"""Route for /v1/completions: auth, then the handler; nothing else."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from clinicloop.serving.completion.protocol import CompletionRequest
-from clinicloop.serving.generation import CONVERSATION_HEADER
-from clinicloop.serving.sse import framed
+from clinicloop.serving.sse import serve
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    state = request.app.state
-    caller = state.keys.caller(request)
-    run = await state.completion.start(body, caller, request.headers.get(CONVERSATION_HEADER))
-    if body.stream:
-        return StreamingResponse(framed(state.completion.stream(body, run)),
-                                 media_type="text/event-stream")
-    return await state.completion.respond(body, run)
+    return await serve(request.app.state.completion, body, request)

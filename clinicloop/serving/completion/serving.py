@@ -14,7 +14,6 @@ from clinicloop.serving.completion.protocol import (
 from clinicloop.serving.engines.base import TokenLogprob
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.generation import GenerationRun, Services, conversation_id
-from clinicloop.serving.protocol import UsageInfo
 
 
 def _logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
@@ -75,9 +74,7 @@ class CompletionHandler:
                 )
                 for i, c in enumerate(run.choices)
             ],
-            usage=UsageInfo(prompt_tokens=run.usage.prompt_tokens,
-                            completion_tokens=run.usage.completion_tokens,
-                            total_tokens=run.usage.total_tokens),
+            usage=run.usage_info(),
         )
 
     async def stream(self, request: CompletionRequest, run: GenerationRun,
@@ -100,7 +97,4 @@ class CompletionHandler:
                 finish_reason=delta.finish_reason,  # type: ignore[arg-type]
             )])
         if request.stream_options is not None and request.stream_options.include_usage:
-            yield CompletionResponse(**header, choices=[], usage=UsageInfo(
-                prompt_tokens=run.usage.prompt_tokens,
-                completion_tokens=run.usage.completion_tokens,
-                total_tokens=run.usage.total_tokens))
+            yield CompletionResponse(**header, choices=[], usage=run.usage_info())
