@@ -185,6 +185,11 @@ def test_bench_size_builds_and_k_quantizes(models_root: Path, tmp_path: Path) ->
     types = {t.tensor_type for t in gguf.GGUFReader(q4).tensors if len(t.shape) == 2}
     k_quants = {gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K}
     assert types <= k_quants, types
-    llm = Llama(model_path=str(q4), n_ctx=512, n_threads=2, verbose=False)
-    choice = llm.create_completion(_prompts("off")[0], max_tokens=64, temperature=0.0)["choices"][0]
-    assert choice["text"]
+    for path in (bench.gguf_f16, q4):
+        llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
+        stopped = sum(
+            llm.create_completion(p, max_tokens=64, temperature=0.0)["choices"][0]["finish_reason"]
+            == "stop"
+            for p in _prompts("off")
+        )
+        assert stopped >= 6, path
