@@ -45,6 +45,7 @@ def serve(
         update={k: v for k, v in engine_overrides.items() if v is not None})
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations log each plugin at INFO
     uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port,
                 log_level="info")
 
