@@ -135,6 +135,17 @@ def test_response_format_json_object_and_schema(client, tiny_model):
     verdict = json.loads(r.choices[0].message.content)
     assert set(verdict) == {"explanation", "criteria_met"}
     assert isinstance(verdict["criteria_met"], bool)
+    # Sampled free text inside a JSON string is still strict JSON: no raw control characters
+    # (llama-cpp-python's schema grammar let newlines through; 5 of these 8 broke before).
+    note = {"type": "object", "properties": {"note": {
+        "type": "string", "minLength": 60, "maxLength": 250}}, "required": ["note"]}
+    sampled = client.chat.completions.create(
+        model=tiny_model.name, max_tokens=400,
+        messages=[{"role": "user", "content": "I have a fever and a cough."}],
+        temperature=1.0, seed=1, n=8,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": note}})
+    for choice in sampled.choices:
+        assert list(json.loads(choice.message.content, strict=True)) == ["note"]
 
 
 def test_completions_stream_and_not(client, tiny_model):

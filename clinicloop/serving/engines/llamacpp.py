@@ -38,6 +38,8 @@ from clinicloop.serving.textstream import THINK_OPEN, ReasoningSplitter, StopMat
 log = logging.getLogger(__name__)
 
 _DONE = object()
+_LAX_CHAR_RULE = r'char ::= [^"\\]'
+_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F]'
 
 
 def file_version(path: Path) -> str:
@@ -160,11 +162,15 @@ class LlamaCppEngine(Engine):
     def _grammar(self, params: SamplingParams) -> Any:
         import json
 
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
         try:
             if params.json_schema is not None:
-                return LlamaGrammar.from_json_schema(json.dumps(params.json_schema), verbose=False)
+                gbnf = json_schema_to_gbnf(json.dumps(params.json_schema))
+                # The binding's string rule lets raw control characters into JSON strings, which
+                # strict parsers reject; llama.cpp's own converter excludes them, as we do here.
+                gbnf = gbnf.replace(_LAX_CHAR_RULE, _STRICT_CHAR_RULE)
+                return LlamaGrammar.from_string(gbnf, verbose=False)
         except Exception as exc:
             raise EngineError(f"unsupported JSON schema: {exc}", param="response_format") from exc
         if params.json_object:
