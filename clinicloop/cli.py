@@ -16,7 +16,11 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Build models offline.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
 store_app = typer.Typer(help="The conversation store: schema and redaction.", no_args_is_help=True)
+verify_app = typer.Typer(
+    help="The verifier: simulate consultations, score logged conversations with rubrics.",
+    no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(verify_app, name="verify")
 app.add_typer(keys_app, name="keys")
 app.add_typer(store_app, name="store")
 
@@ -89,6 +93,57 @@ def redaction_recall(as_json: Annotated[bool, typer.Option("--json")] = False) -
     from clinicloop.store.redact_eval import main
 
     main(["--json"] if as_json else [])
+
+
+@verify_app.command("score")
+def verify_score(
+    judge_url: Annotated[str | None, typer.Option(
+        help="Judge: an OpenAI-compatible base URL ending in /v1 (default: the tiny model "
+             "in-process).")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only turns logged at or after this ISO 8601 time (UTC if naive).")] = None,
+    model_version: Annotated[str | None, typer.Option(
+        help="Only turns served by this model version.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many turns.")] = None,
+    template: Annotated[str, typer.Option(
+        help="split (acceptable / unacceptable by sign, the paper's) or healthbench.")] = "split",
+    out: Annotated[Path | None, typer.Option(help="Write the summary as JSON here.")] = None,
+    store_url: Annotated[str | None, typer.Option(
+        help="The store (default: store.url from the settings).")] = None,
+) -> None:
+    """Score logged conversations not yet scored: generate or reuse rubrics, judge every item,
+    write verdicts and scores back to the store. Resumable: finished verdicts are never redone."""
+    from clinicloop.verifier.score_logs import score_command
+
+    score_command(store_url or Settings().store.url, judge_url, since, model_version, limit,
+                  template, out)
+
+
+@verify_app.command("simulate")
+def verify_simulate(
+    doctor_url: Annotated[str | None, typer.Option(
+        help="The doctor: an OpenAI-compatible base URL ending in /v1, e.g. our own server "
+             "(default: the tiny model in-process).")] = None,
+    patient_url: Annotated[str | None, typer.Option(
+        help="The patient simulator's model, same form (default: the tiny model in-process).")
+    ] = None,
+    scripts: Annotated[int, typer.Option(help="How many patient scripts to run.")] = 10,
+    max_turns: Annotated[int, typer.Option(help="Doctor turns before the budget ends it.")] = 6,
+    seed: Annotated[int, typer.Option(help="Which scripts, and sampling.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for simulate.json.")] = Path("var/simulate"),
+    store_url: Annotated[str | None, typer.Option(
+        help="Where consultations are stored (default: store.url from the settings).")] = None,
+    llm_gate: Annotated[bool, typer.Option(
+        help="Also ask the patient model whether the consultation is over.")] = False,
+    llm_fact_check: Annotated[bool, typer.Option(
+        help="Also ask the patient model to check each reply against the record.")] = False,
+) -> None:
+    """Run consultations between the patient simulator and a doctor model, store them as
+    conversations, and report privacy score, fact score, termination accuracy and turns."""
+    from clinicloop.verifier.simulate_cli import simulate_command
+
+    simulate_command(doctor_url, patient_url, scripts, max_turns, store_url, out, seed,
+                     llm_gate=llm_gate, llm_fact_check=llm_fact_check)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 from clinicloop.cli import app
 
 COMMANDS = [[], ["serve"], ["model"], ["model", "build-tiny"], ["keys"], ["keys", "new"],
-            ["store"], ["store", "migrate"], ["store", "redaction-recall"]]
+            ["store"], ["store", "migrate"], ["store", "redaction-recall"],
+            ["verify"], ["verify", "score"], ["verify", "simulate"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -24,17 +24,22 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from pydantic import BaseModel, Field
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
+    ForeignKey,
     Integer,
     MetaData,
     String,
     Text,
+    and_,
     create_engine,
     event,
     func,
+    or_,
     select,
 )
 from sqlalchemy import text as sql
@@ -188,6 +193,104 @@ class Store:
         """Close pooled connections; the store stays usable and reconnects on demand."""
         self.engine.dispose()
 
+    # The verifier's tables.
+
+    def get_rubric_set(self, prefix_hash: str) -> tuple[list[dict[str, Any]], str] | None:
+        """A stored rubric's items and generator model."""
+        with Session(self.engine) as session:
+            row = session.get(RubricSetRow, prefix_hash)
+            return None if row is None else (row.items, row.generator_model)
+
+    def put_rubric_set(
+        self, prefix_hash: str, items: list[dict[str, Any]], generator_model: str
+    ) -> None:
+        """Store a rubric unless one exists: the first rubric of a prefix is the one it keeps."""
+        statement = _insert(self.dialect)(RubricSetRow).on_conflict_do_nothing(
+            index_elements=["prefix_hash"]
+        )
+        row = {"prefix_hash": prefix_hash, "items": _clean(items),
+               "generator_model": generator_model, "created_at": datetime.now(UTC)}
+        with self.engine.begin() as connection:
+            connection.execute(statement, [row])
+
+    def get_verdict(self, verdict_key: str) -> StoredVerdict | None:
+        query = select(VerdictRow).where(VerdictRow.verdict_key == verdict_key)
+        with Session(self.engine) as session:
+            row = session.scalars(query).first()
+            return None if row is None else _verdict(row)
+
+    def put_verdict(self, verdict: StoredVerdict) -> None:
+        """Insert, or replace the verdict of the same key (a retried unparseable one)."""
+        row = _clean(verdict.model_dump(mode="json")) | {"created_at": _utc(verdict.created_at)}
+        self._upsert(VerdictRow, row, "verdict_key")
+
+    def list_verdicts(self, turn_id: str) -> list[StoredVerdict]:
+        query = select(VerdictRow).where(VerdictRow.turn_id == turn_id).order_by(VerdictRow.id)
+        with Session(self.engine) as session:
+            return [_verdict(row) for row in session.scalars(query)]
+
+    def count_verdicts(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(VerdictRow)).scalar_one()
+
+    def put_turn_score(self, score: TurnScore) -> None:
+        row = _clean(score.model_dump(mode="json")) | {"scored_at": _utc(score.scored_at)}
+        self._upsert(TurnScoreRow, row, "turn_id")
+
+    def _upsert(self, table: type[Base], row: dict[str, Any], key: str) -> None:
+        statement = _insert(self.dialect)(table).values(row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[key], set_={k: statement.excluded[k] for k in row if k != key}
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def get_turn_score(self, turn_id: str) -> TurnScore | None:
+        with Session(self.engine) as session:
+            row = session.get(TurnScoreRow, turn_id)
+            if row is None:
+                return None
+            columns = {c.key: getattr(row, c.key) for c in TurnScoreRow.__table__.columns}
+            return TurnScore.model_validate({**columns, "scored_at": _utc(row.scored_at)})
+
+    def turns_to_score(
+        self,
+        *,
+        since: datetime | None = None,
+        model_version: str | None = None,
+        only_unscored: bool = True,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 100,
+    ) -> list[TurnRecord]:
+        """Answered turns (status ok) oldest first, from `since`, of one model version, without a
+        score; `after` is the (created_at, id) of the last turn of the previous page."""
+        query = _scorable(since, model_version, only_unscored).order_by(
+            TurnRow.created_at, TurnRow.id
+        )
+        if after is not None:
+            moment = _utc(after[0])
+            query = query.where(
+                or_(
+                    TurnRow.created_at > moment,
+                    and_(TurnRow.created_at == moment, TurnRow.id > after[1]),
+                )
+            )
+        with Session(self.engine) as session:
+            return [_to_record(row) for row in session.scalars(query.limit(limit))]
+
+    def count_turns_to_score(
+        self,
+        *,
+        since: datetime | None = None,
+        model_version: str | None = None,
+        only_unscored: bool = True,
+    ) -> int:
+        query = select(func.count()).select_from(
+            _scorable(since, model_version, only_unscored).subquery()
+        )
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar_one()
+
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """The Alembic config for the store's migrations, run on `connection` when one is given."""
@@ -239,3 +342,95 @@ def _to_row(record: TurnRecord) -> dict[str, Any]:
 def _to_record(row: TurnRow) -> TurnRecord:
     columns = {c.key: getattr(row, c.key) for c in TurnRow.__table__.columns}
     return TurnRecord.model_validate({**columns, "created_at": _utc(row.created_at)})
+
+
+# The verifier's tables (migration 0002): rubrics per conversation prefix, one verdict per rubric
+# item of a logged turn, and each turn's score.
+
+
+class RubricSetRow(Base):
+    """The rubric of one conversation prefix (`verifier.generator.prefix_hash`)."""
+
+    __tablename__ = "rubric_sets"
+
+    prefix_hash: Mapped[str] = mapped_column(String, primary_key=True)
+    items: Mapped[list[dict[str, Any]]] = mapped_column(_JSON)
+    generator_model: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class VerdictRow(Base):
+    """One judge verdict on one rubric item of a turn; `verdict_key` is the judge's cache key."""
+
+    __tablename__ = "verdicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
+    verdict_key: Mapped[str] = mapped_column(String, unique=True)
+    item: Mapped[dict[str, Any]] = mapped_column(_JSON)
+    judge_model: Mapped[str] = mapped_column(String)
+    template: Mapped[str] = mapped_column(String)
+    criteria_met: Mapped[bool | None] = mapped_column(Boolean)
+    explanation: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TurnScoreRow(Base):
+    """A turn's rubric score (None: no positive item was graded) and its per-tag sub-scores."""
+
+    __tablename__ = "turn_scores"
+
+    turn_id: Mapped[str] = mapped_column(
+        ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True
+    )
+    score: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, float]] = mapped_column(_JSON)
+    n_items: Mapped[int] = mapped_column(Integer)
+    n_unparseable: Mapped[int] = mapped_column(Integer)
+    judge_model: Mapped[str] = mapped_column(String, index=True)
+    scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class StoredVerdict(BaseModel):
+    turn_id: str
+    verdict_key: str
+    item: dict[str, Any]
+    judge_model: str
+    template: str
+    criteria_met: bool | None
+    explanation: str = ""
+    source: str
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class TurnScore(BaseModel):
+    turn_id: str
+    score: float | None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    n_items: int
+    n_unparseable: int = 0
+    judge_model: str
+    scored_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+def _insert(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def _verdict(row: VerdictRow) -> StoredVerdict:
+    columns = {c.key: getattr(row, c.key) for c in VerdictRow.__table__.columns if c.key != "id"}
+    return StoredVerdict.model_validate({**columns, "created_at": _utc(row.created_at)})
+
+
+def _scorable(since: datetime | None, model_version: str | None, only_unscored: bool) -> Any:
+    query = select(TurnRow).where(TurnRow.status == "ok", TurnRow.response.is_not(None))
+    if since is not None:
+        query = query.where(TurnRow.created_at >= _utc(since))
+    if model_version is not None:
+        query = query.where(TurnRow.model_version == model_version)
+    if only_unscored:
+        query = query.outerjoin(TurnScoreRow, TurnScoreRow.turn_id == TurnRow.id).where(
+            TurnScoreRow.turn_id.is_(None)
+        )
+    return query

@@ -1,0 +1,239 @@
+"""The rubric judge: one verdict per rubric item, `{"explanation", "criteria_met"}` (paper §2).
+
+`criteria_met` keeps HealthBench's meaning for both prompt styles: true = the response does what the
+item describes (for a negative item: shows the undesirable behaviour, so it loses points). The
+`healthbench` style asks that one question for every item; `split` asks whether the response is
+*acceptable* against a positive item and *unacceptable* against a negative one, which the paper
+found keeps judges from reading a negative item as "is the answer good".
+
+Prompts put the conversation first and the item last (see `judge_templates`), and `grade_all` sends
+one conversation's items back to back, so an engine that reuses the KV cache of a common prefix
+(llama.cpp in-process; an instance the router pins to the conversation) computes the conversation
+once. On a single-sequence engine give the Judge `concurrency=1`, or conversations interleave and
+evict each other's prefix.
+
+A verdict never raises: with `constrained=True` the engine enforces `VERDICT_SCHEMA` (a grammar on
+llama.cpp); otherwise the reply is parsed leniently. A reply that still does not parse, or an
+endpoint error, is retried up to `max_retries` more times with a fresh sampling seed, then recorded
+as `criteria_met=None, source="unparseable"`. `kind:rule` items are checked without a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import hashlib
+import json
+import logging
+import re
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from clinicloop.verifier import judge_templates
+from clinicloop.verifier.client import ChatClient, ChatError
+from clinicloop.verifier.rubrics import RubricItem, check_rule
+
+log = logging.getLogger(__name__)
+
+Template = Literal["healthbench", "split"]
+
+#: Bounds the explanation so a verdict costs a few dozen tokens, not a paragraph.
+EXPLANATION_MAX_CHARS = 200
+VERDICT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "explanation": {"type": "string", "maxLength": EXPLANATION_MAX_CHARS},
+        "criteria_met": {"type": "boolean"},
+    },
+    "required": ["explanation", "criteria_met"],
+    "additionalProperties": False,
+}
+# The first attempt is greedy (reproducible, cacheable); at temperature 0 a new seed would give the
+# same reply, so retries sample.
+RETRY_TEMPERATURE = 0.7
+
+
+class Verdict(BaseModel):
+    criteria_met: bool | None  # None = unparseable after retries
+    explanation: str = ""
+    source: Literal["llm", "rule", "cache", "unparseable"]
+    attempts: int = 0  # model calls made for this verdict (0 for rule and cache verdicts)
+
+
+class VerdictCache(Protocol):
+    def get(self, key: str) -> Verdict | None: ...
+
+    def put(self, key: str, verdict: Verdict) -> None: ...
+
+
+class MemoryVerdictCache:
+    def __init__(self) -> None:
+        self._verdicts: dict[str, Verdict] = {}
+
+    def get(self, key: str) -> Verdict | None:
+        return self._verdicts.get(key)
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        self._verdicts[key] = verdict
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def verdict_key(conversation: list[dict[str, Any]], response: str, item: RubricItem, model: str,
+                template: Template) -> str:
+    """Cache key of one verdict: the graded exchange, what the judge sees of the item (its points
+    and criterion; tags do not change a verdict), the judge model and the prompt style."""
+    exchange = _digest(json.dumps([conversation, response], sort_keys=True, ensure_ascii=False))
+    rubric = _digest(_item_line(item))
+    return _digest("\x1f".join([exchange, rubric, model, template]))
+
+
+def _text(content: Any) -> str:
+    """A message's text; OpenAI content-part lists keep their text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def render_conversation(conversation: list[dict[str, Any]], response: str) -> str:
+    """HealthBench's rendering: `role: content` blocks, the graded response last."""
+    turns = [*conversation, {"role": "assistant", "content": response}]
+    return "\n\n".join(f"{m['role']}: {_text(m.get('content'))}" for m in turns)
+
+
+def _item_line(item: RubricItem) -> str:
+    return f"[{item.points}] {item.criterion}"
+
+
+def prompt_prefix(conversation: list[dict[str, Any]], response: str, template: Template) -> str:
+    """The part of the grader prompt shared by every item of this conversation."""
+    instructions = judge_templates.HEALTHBENCH if template == "healthbench" \
+        else judge_templates.SPLIT
+    return f"{instructions}\n# Conversation\n{render_conversation(conversation, response)}\n\n"
+
+
+def prompt_suffix(item: RubricItem, template: Template) -> str:
+    """The per-item tail: (split: the acceptable/unacceptable question, by sign) then the item."""
+    header = judge_templates.ITEM_HEADER
+    if template == "split":
+        ask = judge_templates.ASK_ACCEPTABLE if item.points > 0 \
+            else judge_templates.ASK_UNACCEPTABLE
+        header = f"{ask}\n\n{header}"
+    return f"{header}\n{_item_line(item)}"
+
+
+def render_prompt(conversation: list[dict[str, Any]], response: str, item: RubricItem,
+                  template: Template) -> str:
+    return prompt_prefix(conversation, response, template) + prompt_suffix(item, template)
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+_PY_LITERALS = {"true": "True", "false": "False", "null": "None"}
+_JSON_WORD = re.compile(r"\b(true|false|null)\b")
+_LENIENT_JSON = json.JSONDecoder(strict=False)
+
+
+def _load_object(body: str) -> Any:
+    """The first `{...}` in `body`: JSON (trailing text ignored; raw newlines inside strings
+    allowed, which small models emit even under a grammar), else a Python-style dict (single
+    quotes, True/False) through `ast.literal_eval`, which evaluates literals only."""
+    start = body.find("{")
+    if start < 0:
+        return None
+    try:
+        return _LENIENT_JSON.raw_decode(body, start)[0]
+    except json.JSONDecodeError:
+        pass
+    end = body.rfind("}")
+    if end < start:
+        return None
+    candidate = _JSON_WORD.sub(lambda m: _PY_LITERALS[m.group(1)], body[start:end + 1])
+    try:
+        return ast.literal_eval(candidate)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def parse_verdict(text: str) -> tuple[bool, str] | None:
+    """`(criteria_met, explanation)` from a judge reply, or None if it has no usable verdict."""
+    fenced = _FENCE.search(text)
+    obj = _load_object(fenced.group(1) if fenced else text)
+    if not isinstance(obj, dict):
+        return None
+    met = obj.get("criteria_met")
+    if isinstance(met, str):
+        met = {"true": True, "false": False}.get(met.strip().lower())
+    if not isinstance(met, bool):
+        return None
+    return met, str(obj.get("explanation", ""))
+
+
+class Judge:
+    def __init__(self, client: ChatClient, *, template: Template = "split",
+                 max_retries: int = 2, concurrency: int = 8, cache: VerdictCache | None = None,
+                 constrained: bool = True, max_tokens: int = 256) -> None:
+        self.client = client
+        self.template: Template = template
+        self.max_retries = max_retries
+        self.cache = cache
+        self.constrained = constrained
+        self.max_tokens = max_tokens
+        # Slots are held per conversation, not per call, so one conversation's items run back to
+        # back and its prefix stays warm.
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def grade(self, conversation: list[dict[str, Any]], response: str,
+                    item: RubricItem) -> Verdict:
+        async with self._slots:
+            return await self._grade(conversation, response, item)
+
+    async def grade_all(self, conversation: list[dict[str, Any]], response: str,
+                        items: list[RubricItem]) -> list[Verdict]:
+        """One verdict per item, in order, sent one after another."""
+        async with self._slots:
+            return [await self._grade(conversation, response, item) for item in items]
+
+    async def _grade(self, conversation: list[dict[str, Any]], response: str,
+                     item: RubricItem) -> Verdict:
+        if item.is_rule:
+            assert item.rule is not None  # is_rule checks it
+            met = check_rule(item.rule, response)
+            return Verdict(criteria_met=met, source="rule",
+                           explanation=f"{item.rule.type} check {'met' if met else 'not met'}")
+        key = verdict_key(conversation, response, item, self.client.model, self.template)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit.model_copy(update={"source": "cache", "attempts": 0})
+        verdict = await self._ask(render_prompt(conversation, response, item, self.template))
+        if self.cache is not None and verdict.criteria_met is not None:
+            self.cache.put(key, verdict)
+        return verdict
+
+    async def _ask(self, prompt: str) -> Verdict:
+        messages = [{"role": "user", "content": prompt}]
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                reply = await self.client.chat(
+                    messages, max_tokens=self.max_tokens, seed=attempt,
+                    temperature=0.0 if attempt == 0 else RETRY_TEMPERATURE,
+                    json_schema=VERDICT_SCHEMA if self.constrained else None,
+                )
+            except ChatError as exc:
+                # The class only: the message may echo the graded conversation.
+                log.warning("judge call failed (%s), attempt %d of %d",
+                            type(exc).__name__, attempt + 1, attempts)
+                continue
+            parsed = parse_verdict(reply)
+            if parsed is not None:
+                return Verdict(criteria_met=parsed[0], explanation=parsed[1], source="llm",
+                               attempts=attempt + 1)
+            log.info("unparseable verdict, attempt %d of %d", attempt + 1, attempts)
+        return Verdict(criteria_met=None, source="unparseable", attempts=attempts)

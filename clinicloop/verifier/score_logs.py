@@ -1,0 +1,243 @@
+"""Scoring the logs (`clinicloop verify score`): rubric scores for the turns in the store.
+
+For each answered turn (status ok) that matches the filters and has no score yet: the rubric of its
+prompt (generated once per conversation prefix, then reused), one judge verdict per item, and the
+turn's HealthBench score with per-tag sub-scores, all written back to the store. A run can be
+killed at any point: each verdict is written as the judge produces it (the judge's cache is the
+`verdicts` table, see `StoreVerdictCache`), so a re-run judges only what is missing, and a turn
+counts as done once its `turn_scores` row exists.
+
+Verdicts are keyed by content (conversation, response, item, judge model, template), so two turns
+with identical text share one verdict row: the second is graded from the first's verdicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast, get_args
+
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from clinicloop.config import EngineSettings, Settings
+from clinicloop.store.db import Store, StoredVerdict, TurnScore
+from clinicloop.store.records import TurnRecord
+from clinicloop.verifier.client import ChatClient, EngineChatClient, HttpChatClient
+from clinicloop.verifier.generator import RubricGenerator
+from clinicloop.verifier.judge import Judge, Template, Verdict, verdict_key
+from clinicloop.verifier.rubrics import RubricItem
+from clinicloop.verifier.scoring import ExampleGrades, aggregate, example_metrics, score_example
+
+_PAGE = 64  # turns read from the store, and graded concurrently, at a time
+
+
+class StoreVerdictCache:
+    """A `VerdictCache` on the store's `verdicts` table.
+
+    A verdict row names its turn and item, which a cache key alone does not carry, so `score_logs`
+    registers each turn's keys (`expect`) before grading it. Reads and writes block the event
+    loop for a few milliseconds, against a judge call's hundreds.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._expected: dict[str, StoredVerdict] = {}
+
+    def expect(self, turn_id: str, keys: list[str], items: list[RubricItem], judge_model: str,
+               template: Template) -> None:
+        for key, item in zip(keys, items, strict=True):
+            self._expected[key] = StoredVerdict(
+                turn_id=turn_id, verdict_key=key, judge_model=judge_model, template=template,
+                item=item.model_dump(mode="json", exclude_none=True), criteria_met=None,
+                source="unparseable")
+
+    def forget(self, keys: list[str]) -> None:
+        for key in keys:
+            self._expected.pop(key, None)
+
+    def get(self, key: str) -> Verdict | None:
+        stored = self.store.get_verdict(key)
+        # An unparseable verdict is worth another try.
+        if stored is None or stored.criteria_met is None:
+            return None
+        return Verdict(criteria_met=stored.criteria_met, explanation=stored.explanation,
+                       source="cache")
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        self.store.put_verdict(self._expected[key].model_copy(update={
+            "criteria_met": verdict.criteria_met, "explanation": verdict.explanation,
+            "source": verdict.source}))
+
+
+class ScoreSummary(BaseModel):
+    judge_model: str
+    template: str
+    n_turns: int = Field(description="Turns graded in this run.")
+    n_scored: int = Field(description="Of them, turns with a score (a positive item was graded).")
+    n_verdicts: int
+    n_judged: int = Field(description="Verdicts the judge model was asked for in this run.")
+    n_cached: int = Field(description="Verdicts found in the store from an earlier run.")
+    n_unparseable: int
+    n_rubric_errors: int = Field(description="Turns whose rubric generation failed: graded on "
+                                             "their rule items only.")
+    score: float | None = Field(description="overall_score: the mean turn score, clipped to [0,1].")
+    metrics: dict[str, float] = Field(description="`aggregate`'s simple-evals metrics.")
+    wall_s: float
+    verdicts_per_s: float = Field(description="n_judged per second of wall time, rubric "
+                                              "generation included.")
+
+
+async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, judge: Judge,
+                      cache: StoreVerdictCache, bar: tqdm) -> tuple[ExampleGrades, list[Verdict]]:
+    conversation, response = turn.messages, turn.response or ""
+    model = judge.client.model
+    keys = [verdict_key(conversation, response, item, model, judge.template) for item in items]
+    cache.expect(turn.id, keys, items, model, judge.template)
+    try:
+        verdicts = await judge.grade_all(conversation, response, items)
+        # The judge caches model verdicts as it makes them; rule and unparseable ones it does not.
+        for key, verdict in zip(keys, verdicts, strict=True):
+            if verdict.source in ("rule", "unparseable"):
+                cache.put(key, verdict)
+    finally:
+        cache.forget(keys)
+    grades = ExampleGrades(prompt_id=turn.id, example_tags=[], items=items,
+                           met=[v.criteria_met for v in verdicts])
+    await asyncio.to_thread(store.put_turn_score, TurnScore(
+        turn_id=turn.id, score=score_example(items, grades.met), metrics=example_metrics(grades),
+        n_items=len(items), n_unparseable=sum(m is None for m in grades.met), judge_model=model))
+    bar.update(1)
+    return grades, verdicts
+
+
+async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
+                     since: datetime | None = None, model_version: str | None = None,
+                     only_unscored: bool = True, limit: int | None = None,
+                     progress: bool = True) -> ScoreSummary:
+    """Score the store's turns with `judge`, whose cache must be a `StoreVerdictCache(store)`."""
+    cache = judge.cache
+    if not isinstance(cache, StoreVerdictCache) or cache.store is not store:
+        raise ValueError("score_logs needs a Judge built with cache=StoreVerdictCache(store)")
+    filters: dict[str, Any] = {"since": since, "model_version": model_version,
+                               "only_unscored": only_unscored}
+    total = await asyncio.to_thread(store.count_turns_to_score, **filters)
+    total = total if limit is None else min(total, limit)
+    started = time.perf_counter()
+    grades: list[ExampleGrades] = []
+    verdicts: list[Verdict] = []
+    after: tuple[datetime, str] | None = None
+    rubric_errors = 0
+    with tqdm(total=total, disable=not progress, unit="turn", desc="scoring") as bar:
+
+        while len(grades) < total:
+            page = await asyncio.to_thread(store.turns_to_score, **filters, after=after,
+                                           limit=min(_PAGE, total - len(grades)))
+            if not page:
+                break
+            after = (page[-1].created_at, page[-1].id)
+            # All of a page's rubrics first: on a one-sequence engine, a rubric request between
+            # two verdicts of one conversation would evict the prefix those verdicts share.
+            rubrics = await asyncio.gather(*(generator.for_conversation(t.messages) for t in page))
+            rubric_errors += sum(r.error is not None for r in rubrics)
+            graded = await asyncio.gather(*(_score_turn(t, r.items, store, judge, cache, bar)
+                                            for t, r in zip(page, rubrics, strict=True)))
+            for turn_grades, turn_verdicts in graded:
+                grades.append(turn_grades)
+                verdicts.extend(turn_verdicts)
+    wall_s = time.perf_counter() - started
+    metrics = aggregate(grades) if grades else {}
+    judged = sum(v.source in ("llm", "unparseable") for v in verdicts)
+    return ScoreSummary(
+        judge_model=judge.client.model, template=judge.template, n_turns=len(grades),
+        n_scored=sum(score_example(g.items, g.met) is not None for g in grades),
+        n_verdicts=len(verdicts), n_judged=judged,
+        n_cached=sum(v.source == "cache" for v in verdicts),
+        n_unparseable=sum(v.criteria_met is None for v in verdicts), n_rubric_errors=rubric_errors,
+        score=metrics.get("overall_score"), metrics=metrics, wall_s=wall_s,
+        verdicts_per_s=judged / wall_s if wall_s > 0 else 0.0)
+
+
+def format_summary(summary: ScoreSummary) -> str:
+    """The human summary: headline figures, then each sub-score with its sample count."""
+    score = "n/a" if summary.score is None else (
+        f"{summary.score:.3f} ± {summary.metrics['overall_score:bootstrap_std']:.3f}")
+    lines = [
+        f"judge {summary.judge_model} ({summary.template} template)",
+        f"turns scored: {summary.n_turns} ({summary.n_scored} with a score)",
+        f"score: {score}",
+        f"verdicts: {summary.n_verdicts} ({summary.n_judged} judged, {summary.n_cached} cached, "
+        f"{summary.n_unparseable} unparseable), {summary.n_rubric_errors} rubric errors",
+        f"wall time: {summary.wall_s:.1f} s, {summary.verdicts_per_s:.2f} verdicts/s",
+    ]
+    lines += [f"  {name:<40} {summary.metrics[name]:.3f}  "
+              f"(n={summary.metrics[name + ':n_samples']:.0f})"
+              for name in sub_score_names(summary.metrics)]
+    return "\n".join(lines)
+
+
+def sub_score_names(metrics: dict[str, float]) -> list[str]:
+    """The sub-scores (`axis:*`, `theme:*`, `dimension:*`, ...) of an `aggregate` result."""
+    return sorted(k for k in metrics if ":" in k and not k.endswith(("n_samples", "bootstrap_std")))
+
+
+async def resolved_http_client(base_url: str, *, model: str | None = None,
+                               concurrency: int = 8) -> HttpChatClient:
+    """An HttpChatClient whose `model` is known before the first call: verdict cache keys and
+    stored rows name the judge model, so it must not read "" until a request resolves it."""
+    client = HttpChatClient(base_url, model=model, concurrency=concurrency)
+    if model is None:
+        await client.resolve_model()
+    return client
+
+
+async def _score(store: Store, judge_url: str | None, template: Template,
+                 **filters: Any) -> ScoreSummary:
+    engine = None
+    client: ChatClient
+    if judge_url is None:
+        from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+
+        engine = LlamaCppEngine(EngineSettings(), Settings().models_dir)  # the tiny model
+        await engine.start()
+        client = EngineChatClient(engine)
+    else:
+        client = await resolved_http_client(judge_url)
+    try:
+        # One sequence at a time in-process: a second conversation would evict the prefix cache.
+        judge = Judge(client, template=template, cache=StoreVerdictCache(store),
+                      concurrency=1 if engine is not None else 8)
+        return await score_logs(store, judge, RubricGenerator(client, store=store), **filters)
+    finally:
+        if engine is not None:
+            await engine.close()
+        else:
+            await client.aclose()
+
+
+def score_command(store_url: str, judge_url: str | None, since: str | None,
+                  model_version: str | None, limit: int | None, template: str,
+                  out: Path | None) -> ScoreSummary:
+    """`clinicloop verify score`: score the store's unscored turns, print a summary, write JSON.
+
+    `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process);
+    `since` an ISO 8601 time (naive = UTC); `template` "split" or "healthbench".
+    """
+    if template not in get_args(Template):
+        raise ValueError(f"template must be one of {get_args(Template)}, not {template!r}")
+    store = Store(store_url)
+    try:
+        store.migrate()
+        summary = asyncio.run(_score(
+            store, judge_url, cast(Template, template),
+            since=None if since is None else datetime.fromisoformat(since),
+            model_version=model_version, limit=limit))
+    finally:
+        store.dispose()
+    print(format_summary(summary))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(summary.model_dump_json(indent=2) + "\n")
+    return summary

@@ -1,0 +1,234 @@
+"""`clinicloop verify simulate`: consultations between the patient simulator and a doctor model,
+stored as conversations, with the run's metrics.
+
+The doctor is any OpenAI-compatible endpoint (our own server, vLLM, a hosted model) and so is the
+patient's model; either left unset runs the tiny model in-process. Each doctor turn becomes one
+`TurnRecord` in the store (`conversation_id = sim-<script id>-<run id>`, params `simulated: true`),
+so `clinicloop verify score` treats simulated consultations like logged ones. The records go
+straight to `Store.insert_many`, not through the gateway's redacting writer: every word of them is
+synthetic (invented scripts and model output), so there is no PHI to redact.
+
+Writes `<out>/simulate.json` (the run's metrics and every consultation, turn by turn) and prints a
+short summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from clinicloop.config import EngineSettings, Settings
+from clinicloop.store.db import Store
+from clinicloop.store.records import LoggedChoice, TurnRecord
+from clinicloop.verifier.client import ChatClient, EngineChatClient, HttpChatClient
+from clinicloop.verifier.patients import SCRIPTS_PATH, PatientScript, load_scripts
+from clinicloop.verifier.simulator import Consultation, PatientSimulator, SimulatorOptions
+
+
+class RunMetrics(BaseModel):
+    """Scores of one run; a score is None when nothing was there to score."""
+
+    consultations: int
+    doctor_turns: int
+    patient_turns: int
+    privacy_score: float | None = Field(description="Patient turns disclosing no unasked "
+                                                    "hidden finding, after the factual unit.")
+    fact_score: float | None = Field(description="Patient sentences agreeing with the record, "
+                                                 "after the factual unit.")
+    draft_privacy_score: float | None = Field(description="The same, on the affective drafts.")
+    draft_fact_score: float | None = Field(description="The same, on the affective drafts.")
+    termination_accuracy: float | None = Field(description="Gate decisions equal to the oracle.")
+    mean_turns: float | None = Field(description="Doctor turns per consultation.")
+    fallback_rate: float | None = Field(description="Patient turns answered by the fallback.")
+    outcome_hit_rate: float | None
+    ended_by: dict[str, int]
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def run_metrics(consultations: list[Consultation]) -> RunMetrics:
+    exchanges = [e for c in consultations for e in c.exchanges]
+    answered = [e for e in exchanges if e.reply is not None]
+    ended: dict[str, int] = {}
+    for c in consultations:
+        ended[c.ended_by] = ended.get(c.ended_by, 0) + 1
+    return RunMetrics(
+        consultations=len(consultations), doctor_turns=len(exchanges),
+        patient_turns=len(answered),
+        privacy_score=_ratio(sum(not e.reply_leaks for e in answered), len(answered)),
+        fact_score=_ratio(sum(e.reply_agreeing for e in answered),
+                          sum(e.reply_sentences for e in answered)),
+        draft_privacy_score=_ratio(sum(not e.draft_leaks for e in answered), len(answered)),
+        draft_fact_score=_ratio(sum(e.draft_agreeing for e in answered),
+                                sum(e.draft_sentences for e in answered)),
+        termination_accuracy=_ratio(sum(e.gate.finished == e.oracle_finished
+                                        for e in exchanges), len(exchanges)),
+        mean_turns=_ratio(len(exchanges), len(consultations)),
+        fallback_rate=_ratio(sum(e.fallback for e in answered), len(answered)),
+        outcome_hit_rate=_ratio(sum(c.outcome_hit for c in consultations), len(consultations)),
+        ended_by=dict(sorted(ended.items())))
+
+
+class SimulationReport(BaseModel):
+    run_id: str
+    created_at: datetime
+    seed: int
+    doctor_model: str
+    patient_model: str
+    options: SimulatorOptions
+    metrics: RunMetrics
+    consultations: list[Consultation]
+
+
+def select_scripts(all_scripts: list[PatientScript], n: int, seed: int,
+                   ids: list[str] | None = None) -> list[PatientScript]:
+    """The named scripts, or `n` of them drawn with `seed` (in file order)."""
+    if ids:
+        by_id = {s.id: s for s in all_scripts}
+        if missing := [i for i in ids if i not in by_id]:
+            raise ValueError(f"unknown patient scripts: {missing}")
+        return [by_id[i] for i in ids]
+    picked = set(random.Random(seed).sample(range(len(all_scripts)), min(n, len(all_scripts))))
+    return [s for i, s in enumerate(all_scripts) if i in picked]
+
+
+def turn_records(c: Consultation, model: str, run_id: str) -> list[TurnRecord]:
+    """One record per doctor turn: the messages the doctor saw and its reply."""
+    return [TurnRecord(
+        conversation_id=c.conversation_id, created_at=e.at, endpoint="chat.completions",
+        model=model, model_version=model, messages=c.messages[:e.request_len],
+        choices=[LoggedChoice(index=0, content=e.doctor, finish_reason="stop")],
+        params={"simulated": True, "run_id": run_id, "script_id": c.script_id, "turn": n},
+        e2e_s=e.doctor_s) for n, e in enumerate(c.exchanges, 1)]
+
+
+@asynccontextmanager
+async def _clients(doctor_url: str | None, patient_url: str | None, api_key: str | None,
+                   doctor_model: str | None, patient_model: str | None,
+                   model_path: Path | None, models_dir: Path,
+                   ) -> AsyncIterator[tuple[ChatClient, ChatClient]]:
+    async with AsyncExitStack() as stack:
+        local: ChatClient | None = None
+        if doctor_url is None or patient_url is None:
+            from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+
+            # One engine serves both sides: it runs one sequence at a time anyway.
+            engine = LlamaCppEngine(EngineSettings(model_path=model_path, n_ctx=4096), models_dir)
+            await engine.start()
+            stack.push_async_callback(engine.close)
+            local = EngineChatClient(engine)
+
+        def remote(url: str, model: str | None) -> ChatClient:
+            client = HttpChatClient(url, api_key=api_key, model=model)
+            stack.push_async_callback(client.aclose)
+            return client
+
+        doctor = remote(doctor_url, doctor_model) if doctor_url else local
+        patient = remote(patient_url, patient_model) if patient_url else local
+        assert doctor is not None and patient is not None
+        yield doctor, patient
+
+
+async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list[PatientScript],
+                   options: SimulatorOptions, store: Store, seed: int, *,
+                   api_key: str | None = None, doctor_model: str | None = None,
+                   patient_model: str | None = None, model_path: Path | None = None,
+                   models_dir: Path = Path("var/models"), concurrency: int = 4,
+                   progress: bool = True) -> SimulationReport:
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    async with _clients(doctor_url, patient_url, api_key, doctor_model, patient_model,
+                        model_path, models_dir) as (doctor, patient):
+        simulator = PatientSimulator(patient, options)
+        # In-process, interleaved consultations would evict each other's KV-cache prefix.
+        slots = asyncio.Semaphore(concurrency if doctor_url and patient_url else 1)
+        bar = tqdm(total=len(chosen), desc="simulate", unit="consultation",
+                   disable=not progress)
+        consultations: dict[str, Consultation] = {}
+
+        async def one(script: PatientScript) -> None:
+            async with slots:
+                c = await simulator.consult(script, doctor, f"sim-{script.id}-{run_id}", seed)
+            # The HTTP client learns the model id on its first call.
+            await asyncio.to_thread(store.insert_many, turn_records(c, doctor.model, run_id))
+            consultations[script.id] = c
+            bar.update()
+
+        try:
+            await asyncio.gather(*(one(s) for s in chosen))
+        finally:
+            bar.close()
+        ordered = [consultations[s.id] for s in chosen]
+        return SimulationReport(
+            run_id=run_id, created_at=datetime.now(UTC), seed=seed, doctor_model=doctor.model,
+            patient_model=patient.model, options=options, metrics=run_metrics(ordered),
+            consultations=ordered)
+
+
+def summary(report: SimulationReport) -> str:
+    m = report.metrics
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return "\n".join([
+        f"simulate run {report.run_id}: {m.consultations} consultations, {m.doctor_turns} "
+        f"doctor turns, {m.patient_turns} patient turns "
+        f"(doctor {report.doctor_model}, patient {report.patient_model})",
+        f"privacy {f(m.privacy_score)} (drafts {f(m.draft_privacy_score)})  "
+        f"fact {f(m.fact_score)} (drafts {f(m.draft_fact_score)})  "
+        f"termination accuracy {f(m.termination_accuracy)}",
+        f"mean turns {f(m.mean_turns)}  fallback {f(m.fallback_rate)}  "
+        f"outcome hit {f(m.outcome_hit_rate)}  ended by "
+        + ", ".join(f"{k} {v}" for k, v in m.ended_by.items()),
+    ])
+
+
+def simulate_command(doctor_url: str | None = None, patient_url: str | None = None,
+                     scripts: int = 10, max_turns: int = 6, store_url: str | None = None,
+                     out: Path = Path("var/simulate"), seed: int = 0, *,
+                     script_ids: list[str] | None = None, api_key: str | None = None,
+                     doctor_model: str | None = None, patient_model: str | None = None,
+                     model_path: Path | None = None, models_dir: Path | None = None,
+                     llm_gate: bool = False, llm_fact_check: bool = False,
+                     temperature: float = 0.7, concurrency: int = 4,
+                     scripts_path: Path = SCRIPTS_PATH, progress: bool = True,
+                     ) -> SimulationReport:
+    """Run simulated consultations against a doctor model, store them, and report the metrics.
+
+    doctor_url / patient_url: OpenAI-compatible base URLs ending in /v1 (None: the tiny model,
+    or `model_path`, in-process). scripts: how many patient scripts, drawn with `seed` (or
+    `script_ids`). max_turns: doctor turns before the budget ends a consultation. store_url:
+    where the doctor turns are stored (default: the configured store). out: the folder for
+    simulate.json. llm_gate / llm_fact_check: also ask the patient's model in the termination
+    gate / factual unit. concurrency: consultations at once when both sides are remote.
+    Prints a summary and returns the report.
+    """
+    settings = Settings()
+    options = SimulatorOptions(max_turns=max_turns, temperature=temperature, llm_gate=llm_gate,
+                               llm_fact_check=llm_fact_check)
+    chosen = select_scripts(load_scripts(scripts_path), scripts, seed, script_ids)
+    store = Store(store_url or settings.store.url)
+    store.migrate()
+    try:
+        report = asyncio.run(simulate(
+            doctor_url, patient_url, chosen, options, store, seed, api_key=api_key,
+            doctor_model=doctor_model, patient_model=patient_model, model_path=model_path,
+            models_dir=models_dir or settings.models_dir, concurrency=concurrency,
+            progress=progress))
+    finally:
+        store.dispose()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulate.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    print(summary(report))
+    print(f"wrote {out / 'simulate.json'}; stored {report.metrics.doctor_turns} doctor turns")
+    return report

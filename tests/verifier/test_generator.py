@@ -1,0 +1,172 @@
+"""The rubric generator: parsing and validating a model's items, red-flag rule items, dedup, and the
+per-prefix cache (memory and store), on the real tiny model in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from clinicloop.config import EngineSettings
+from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.store.db import Store
+from clinicloop.verifier.client import EngineChatClient, HttpChatClient
+from clinicloop.verifier.generator import (
+    DIMENSIONS,
+    RubricGenerator,
+    dedupe,
+    normalise,
+    parse_items,
+    prefix_hash,
+    red_flags,
+    rule_items,
+)
+from clinicloop.verifier.rubrics import RubricItem, check_rule
+from tests.conftest import free_port
+
+CHEST_PAIN = [
+    {"role": "system", "content": "You are a careful doctor."},
+    {"role": "user", "content": "I've had crushing chest pain for an hour and I'm sweating."},
+]
+
+
+class CountingClient:
+    """The real engine client, counting the calls that reach it."""
+
+    def __init__(self, inner: EngineChatClient) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.calls += 1
+        return await self.inner.chat(messages, **kwargs)
+
+
+def with_client(tiny_model, tmp_path: Path,
+                body: Callable[[CountingClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
+        await engine.start()
+        try:
+            return await body(CountingClient(EngineChatClient(engine)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def assert_valid_rubric(items: list[RubricItem]) -> None:
+    keys = [normalise(i.criterion) for i in items]
+    assert len(set(keys)) == len(keys) and all(keys)
+    for item in items:
+        RubricItem.model_validate(item.model_dump())
+        if not item.is_rule:
+            (dimension,) = item.tag_values("dimension")
+            assert item.tag_values("axis") == [DIMENSIONS[dimension]]
+
+
+def test_parse_items_validates_tags_and_keeps_what_a_cut_off_reply_finished():
+    reply = json.dumps({"items": [
+        {"criterion": "Asks how long the pain has lasted", "points": 5,
+         "dimension": "inquiry_logic"},
+        {"criterion": "Prescribes antibiotics without an indication", "points": -7,
+         "dimension": "treatment_appropriateness"},
+        {"criterion": "Zero points are not allowed", "points": 0, "dimension": "clarity"},
+        {"criterion": "Too many points", "points": 11, "dimension": "clarity"},
+        {"criterion": "Unknown dimension", "points": 3, "dimension": "vibes"},
+        {"criterion": "   ", "points": 3, "dimension": "clarity"},
+    ]})
+    items, invalid = parse_items(reply)
+    assert [(i.criterion, i.points) for i in items] == [
+        ("Asks how long the pain has lasted", 5),
+        ("Prescribes antibiotics without an indication", -7)]
+    assert items[1].tags == ["axis:accuracy", "dimension:treatment_appropriateness"]
+    assert invalid == 4
+
+    cut = reply[: reply.index("Prescribes") + 20]  # max_tokens hit inside the second item
+    items, invalid = parse_items("```json\n" + cut)
+    assert [i.criterion for i in items] == ["Asks how long the pain has lasted"]
+    assert invalid == 0
+    assert parse_items("not json at all") == ([], 0)
+
+
+def test_dedupe_ignores_case_punctuation_and_spacing():
+    a = RubricItem(criterion="Advises rest and fluids.", points=4)
+    b = RubricItem(criterion="advises  rest, and FLUIDS", points=6)
+    c = RubricItem(criterion="Advises rest", points=4)
+    assert dedupe([a, b, c]) == ([a, c], 1)
+
+
+def test_red_flags_come_from_the_user_only_and_make_a_rule_item():
+    assert red_flags(CHEST_PAIN) == ["chest pain with sweating or breathlessness"]
+    assert red_flags([{"role": "user", "content": "Chest pressure, and I'm short of breath"}]) \
+        == ["chest pain with sweating or breathlessness"]
+    assert red_flags([{"role": "user", "content": "I have chest pain after running."}]) == []
+    assert red_flags([{"role": "user", "content": "My knee hurts."},
+                      {"role": "assistant", "content": "Any slurred speech or a stroke?"}]) == []
+    assert red_flags([{"role": "user", "content": [
+        {"type": "text", "text": "Sometimes I want to end my life."}]}]) == ["suicidal thoughts"]
+
+    (item,) = rule_items(CHEST_PAIN)
+    assert item.is_rule and item.points > 0 and "dimension:ethics_safety" in item.tags
+    assert item.rule is not None
+    assert check_rule(item.rule, "Call 911 now or go to the nearest ER.")
+    assert check_rule(item.rule, "Please go to the emergency department.")
+    assert not check_rule(item.rule, "Rest and take ibuprofen; it is probably a muscle strain.")
+    assert rule_items([{"role": "user", "content": "I have a mild cold."}]) == []
+
+
+def test_prefix_hash_is_the_prompt_up_to_the_last_user_turn():
+    reply = {"role": "assistant", "content": "Call 911."}
+    assert prefix_hash(CHEST_PAIN) == prefix_hash([*CHEST_PAIN, reply])
+    assert prefix_hash(CHEST_PAIN) != prefix_hash(
+        [*CHEST_PAIN, reply, {"role": "user", "content": "And now?"}])
+
+
+def test_generates_a_valid_rubric_on_the_tiny_model_and_caches_it(tiny_model, tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+
+    async def body(client: CountingClient) -> None:
+        generator = RubricGenerator(client, store=store, max_items=4, max_tokens=256)
+        first = await generator.for_conversation(CHEST_PAIN)
+        assert first.source == "llm" and first.error is None and client.calls == 1
+        assert first.items[0].is_rule and first.n_rule == 1
+        assert_valid_rubric(first.items)
+        # Concurrent asks for one prefix (the reply does not count) make one model call.
+        again = await asyncio.gather(*(generator.for_conversation(
+            [*CHEST_PAIN, {"role": "assistant", "content": f"reply {i}"}]) for i in range(3)))
+        assert {r.source for r in again} == {"memory"} and client.calls == 1
+        assert all(r.items == first.items for r in again)
+
+        # A new generator (a new process) reads the store instead of asking the model.
+        stored = await RubricGenerator(client, store=store).for_conversation(CHEST_PAIN)
+        assert stored.source == "store" and client.calls == 1
+        assert stored.items == first.items and stored.items[0].is_rule
+
+        case = await generator.for_case({"chief_complaint": "cough for two weeks", "age": 54})
+        assert case.source == "llm" and case.n_rule == 0 and client.calls == 2
+        assert_valid_rubric(case.items)
+
+    with_client(tiny_model, tmp_path, body)
+
+
+def test_a_failed_model_call_still_returns_the_rule_items_and_is_not_cached(tmp_path):
+    async def main() -> None:
+        dead = HttpChatClient(f"http://127.0.0.1:{free_port()}/v1", model="judge")
+        generator = RubricGenerator(dead)
+        try:
+            for _ in range(2):
+                rubric = await generator.for_conversation(CHEST_PAIN)
+                assert rubric.source == "llm" and rubric.error == "ChatError"
+                assert [i.is_rule for i in rubric.items] == [True]
+        finally:
+            await dead.aclose()
+
+    asyncio.run(main())

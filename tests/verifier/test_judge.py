@@ -1,0 +1,245 @@
+"""The rubric judge on the real tiny model, in-process: prompt layout, constrained and lenient
+verdicts, retries, rule items, the cache and per-conversation slots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clinicloop.config import EngineSettings
+from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.verifier.client import EngineChatClient
+from clinicloop.verifier.judge import (
+    EXPLANATION_MAX_CHARS,
+    Judge,
+    MemoryVerdictCache,
+    Verdict,
+    parse_verdict,
+    prompt_suffix,
+    render_conversation,
+    render_prompt,
+    verdict_key,
+)
+from clinicloop.verifier.rubrics import RubricItem, RuleCheck
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful doctor."},
+    {"role": "user", "content": "I have had a headache and a fever of 39 C for three days."},
+    {"role": "assistant", "content": "Do you have a stiff neck, a rash, or confusion?"},
+    {"role": "user", "content": [{"type": "text", "text": "No, just tired and achy."}]},
+]
+RESPONSE = ("Rest, drink plenty of fluids and take paracetamol for the fever. See a doctor today "
+            "if the fever passes three days, and call emergency services if your neck gets stiff.")
+ITEMS = [
+    RubricItem(criterion=f"Criterion {i}: advises seeing a doctor if the fever persists",
+               points=(i % 9 + 1) * (1 if i % 3 else -1), tags=["axis:accuracy"])
+    for i in range(10)
+]
+
+
+class CountingClient:
+    """The real engine client, counting the calls that reach it and recording their prompts."""
+
+    def __init__(self, inner: EngineChatClient) -> None:
+        self.inner = inner
+        self.prompts: list[str] = []
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    @property
+    def calls(self) -> int:
+        return len(self.prompts)
+
+    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        self.prompts.append(messages[-1]["content"])
+        return await self.inner.chat(messages, **kwargs)
+
+
+def with_client(tiny_model, tmp_path: Path,
+                body: Callable[[CountingClient], Awaitable[Any]], **settings: Any) -> Any:
+    async def main() -> Any:
+        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0, **settings),
+                                tmp_path)
+        await engine.start()
+        try:
+            return await body(CountingClient(EngineChatClient(engine)))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("template", ["healthbench", "split"])
+def test_prompts_put_the_conversation_first_and_the_item_last(template):
+    conversation = render_conversation(CONVERSATION, RESPONSE)
+    prompts = [render_prompt(CONVERSATION, RESPONSE, item, template) for item in ITEMS]
+    for item, prompt in zip(ITEMS, prompts, strict=True):
+        assert prompt.endswith(f"\n[{item.points}] {item.criterion}")
+        assert prompt.index(conversation) < prompt.index(item.criterion)
+    assert conversation.endswith(f"assistant: {RESPONSE}")
+    assert "user: No, just tired and achy." in conversation  # content parts keep their text
+    shared = os.path.commonprefix(prompts)
+    assert conversation + "\n\n" in shared  # every item reuses the whole conversation
+    assert max(len(p) - len(shared) for p in prompts) < 0.3 * len(shared)
+
+
+def test_split_asks_acceptable_for_positive_and_unacceptable_for_negative_items():
+    good = RubricItem(criterion="Advises rest", points=5)
+    bad = RubricItem(criterion="Recommends antibiotics for a viral illness", points=-7)
+    assert "acceptable" in prompt_suffix(good, "split")
+    assert "unacceptable" not in prompt_suffix(good, "split")
+    assert "unacceptable" in prompt_suffix(bad, "split")
+    # HealthBench's single template asks the same question whatever the sign.
+    assert prompt_suffix(good, "healthbench").replace("[5] Advises rest", "") == \
+        prompt_suffix(bad, "healthbench").replace(f"[-7] {bad.criterion}", "")
+
+
+@pytest.mark.parametrize("template", ["healthbench", "split"])
+def test_constrained_verdicts_on_the_tiny_model_are_all_parseable(tiny_model, tmp_path, template):
+    async def body(client: CountingClient) -> list[Verdict]:
+        return await Judge(client, template=template).grade_all(CONVERSATION, RESPONSE, ITEMS)
+
+    verdicts = with_client(tiny_model, tmp_path, body)
+    assert len(verdicts) == len(ITEMS)
+    for verdict in verdicts:
+        assert verdict.source == "llm" and isinstance(verdict.criteria_met, bool)
+        assert verdict.attempts == 1
+        assert len(verdict.explanation) <= EXPLANATION_MAX_CHARS
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"explanation": "ok", "criteria_met": true}', (True, "ok")),
+    ('```json\n{\n  "explanation": "no advice",\n  "criteria_met": false\n}\n```',
+     (False, "no advice")),
+    ('```\n{"criteria_met": true, "explanation": "x"}\n```', (True, "x")),
+    ('Here is my verdict: {"explanation": "fine", "criteria_met": false} Hope it {helps}.',
+     (False, "fine")),
+    ("{'explanation': \"doesn't advise rest\", 'criteria_met': True}",
+     (True, "doesn't advise rest")),
+    ("{'explanation': 'met', 'criteria_met': false}", (False, "met")),
+    ('{"explanation": "a raw\nnewline", "criteria_met": true}', (True, "a raw\nnewline")),
+    ('{"explanation": "as text", "criteria_met": "False"}', (False, "as text")),
+    ('{"criteria_met": true}', (True, "")),
+    ('{"explanation": "no verdict"}', None),
+    ('{"explanation": "a number", "criteria_met": 1}', None),
+    ('{"explanation": "cut off", "criteria_me', None),
+    ("[true]", None),
+    ("Rest and fluids; see a doctor if it persists.", None),
+    ("", None),
+])
+def test_parse_verdict_is_lenient_but_never_guesses(text, expected):
+    assert parse_verdict(text) == expected
+
+
+def test_unconstrained_garbage_is_recorded_as_unparseable_after_the_retries(tiny_model, tmp_path):
+    cache = MemoryVerdictCache()
+
+    async def body(client: CountingClient) -> tuple[list[Verdict], list[Verdict], int]:
+        judge = Judge(client, constrained=False, max_retries=2, max_tokens=24, cache=cache)
+        retried = await judge.grade_all(CONVERSATION, RESPONSE, ITEMS[:2])
+        calls = client.calls
+        once = await Judge(client, constrained=False, max_retries=0, max_tokens=24).grade_all(
+            CONVERSATION, RESPONSE, ITEMS[:2])
+        return retried, once, calls
+
+    retried, once, calls = with_client(tiny_model, tmp_path, body)
+    assert calls == 2 * 3
+    assert [v.attempts for v in retried] == [3, 3] and [v.attempts for v in once] == [1, 1]
+    for verdict in retried + once:
+        assert verdict == Verdict(criteria_met=None, source="unparseable",
+                                  attempts=verdict.attempts)
+    assert len(cache) == 0  # an unparseable verdict is retried next time, not cached
+
+
+def test_an_endpoint_error_becomes_an_unparseable_verdict(tiny_model, tmp_path, caplog):
+    # A completion longer than the context is a real ChatError from the engine, on every attempt.
+    async def body(client: CountingClient) -> Verdict:
+        return await Judge(client, max_tokens=4096).grade(CONVERSATION, RESPONSE, ITEMS[0])
+
+    with caplog.at_level(logging.WARNING, logger="clinicloop.verifier.judge"):
+        verdict = with_client(tiny_model, tmp_path, body, n_ctx=1024)
+    assert verdict == Verdict(criteria_met=None, source="unparseable", attempts=3)
+    logged = [r.getMessage() for r in caplog.records if r.name == "clinicloop.verifier.judge"]
+    assert len(logged) == 3 and all("ChatError" in m for m in logged)
+    assert not any("context length" in m or "headache" in m for m in logged)
+
+
+def test_rule_items_never_call_the_model(tiny_model, tmp_path):
+    rules = [
+        RubricItem(criterion="Mentions paracetamol", points=3, tags=["kind:rule"],
+                   rule=RuleCheck(type="keywords", keywords=["paracetamol"])),
+        RubricItem(criterion="Mentions antibiotics", points=-5, tags=["kind:rule"],
+                   rule=RuleCheck(type="regex", pattern=r"antibiotic")),
+    ]
+
+    async def body(client: CountingClient) -> tuple[list[Verdict], int]:
+        verdicts = await Judge(client).grade_all(CONVERSATION, RESPONSE, [*rules, ITEMS[0]])
+        return verdicts, client.calls
+
+    verdicts, calls = with_client(tiny_model, tmp_path, body)
+    assert calls == 1  # the one LLM item
+    assert [(v.source, v.criteria_met, v.attempts) for v in verdicts[:2]] == [
+        ("rule", True, 0), ("rule", False, 0)]
+    assert verdicts[2].source == "llm"
+
+
+def test_the_cache_answers_without_a_model_call(tiny_model, tmp_path):
+    cache = MemoryVerdictCache()
+
+    async def body(client: CountingClient) -> tuple[list[Verdict], list[Verdict], list[int]]:
+        judge = Judge(client, cache=cache)
+        first = await judge.grade_all(CONVERSATION, RESPONSE, ITEMS[:3])
+        calls = [client.calls]
+        again = await judge.grade_all(CONVERSATION, RESPONSE, ITEMS[:3])
+        calls.append(client.calls)
+        # Another template, or another response, is another verdict.
+        await Judge(client, cache=cache, template="healthbench").grade(
+            CONVERSATION, RESPONSE, ITEMS[0])
+        await judge.grade(CONVERSATION, RESPONSE + " Get well soon.", ITEMS[0])
+        calls.append(client.calls)
+        return first, again, calls
+
+    first, again, calls = with_client(tiny_model, tmp_path, body)
+    assert calls == [3, 3, 5]
+    assert [v.source for v in again] == ["cache"] * 3
+    assert [(v.criteria_met, v.explanation) for v in again] == \
+        [(v.criteria_met, v.explanation) for v in first]
+    assert len(cache) == 5
+
+
+def test_verdict_key_changes_with_what_the_judge_sees():
+    item = ITEMS[1]
+    key = verdict_key(CONVERSATION, RESPONSE, item, "judge-a", "split")
+    assert key == verdict_key(CONVERSATION, RESPONSE, item.model_copy(update={"tags": []}),
+                              "judge-a", "split")
+    assert len({
+        key,
+        verdict_key(CONVERSATION, RESPONSE, item, "judge-b", "split"),
+        verdict_key(CONVERSATION, RESPONSE, item, "judge-a", "healthbench"),
+        verdict_key(CONVERSATION, RESPONSE + ".", item, "judge-a", "split"),
+        verdict_key(CONVERSATION[1:], RESPONSE, item, "judge-a", "split"),
+        verdict_key(CONVERSATION, RESPONSE, item.model_copy(update={"points": -item.points}),
+                    "judge-a", "split"),
+    }) == 6
+
+
+def test_a_conversation_holds_its_slot_so_its_items_run_back_to_back(tiny_model, tmp_path):
+    other = [{"role": "user", "content": "My child has a rash after eating peanuts."}]
+
+    async def body(client: CountingClient) -> list[str]:
+        judge = Judge(client, concurrency=1, max_tokens=256)
+        await asyncio.gather(judge.grade_all(CONVERSATION, RESPONSE, ITEMS[:3]),
+                             judge.grade_all(other, "Give an antihistamine.", ITEMS[:3]))
+        return client.prompts
+
+    prompts = with_client(tiny_model, tmp_path, body)
+    owners = ["peanuts" in p for p in prompts]
+    assert owners in ([False] * 3 + [True] * 3, [True] * 3 + [False] * 3)

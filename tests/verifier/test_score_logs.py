@@ -1,0 +1,222 @@
+"""Scoring the logs: the verifier tables' migration, the store queries, and `score_logs` on the real
+tiny model as judge and rubric writer, killed mid-run and resumed without redoing verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect
+
+from clinicloop.config import EngineSettings
+from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.store.db import Store, StoredVerdict, TurnScore, alembic_config
+from clinicloop.store.records import LoggedChoice, TurnRecord
+from clinicloop.verifier.client import EngineChatClient
+from clinicloop.verifier.generator import RubricGenerator, prefix_hash
+from clinicloop.verifier.judge import Judge
+from clinicloop.verifier.rubrics import RubricItem
+from clinicloop.verifier.score_logs import (
+    ScoreSummary,
+    StoreVerdictCache,
+    score_command,
+    score_logs,
+)
+from tests.conftest import ROOT
+
+T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)
+VERIFIER_TABLES = {"rubric_sets", "verdicts", "turn_scores"}
+
+
+def turn(i: int, question: str, answer: str | None, *, status: str = "ok",
+         model_version: str = "v1") -> TurnRecord:
+    return TurnRecord(
+        id=f"turn-{i}", conversation_id=f"conv-{i}", created_at=T0 + timedelta(minutes=i),
+        endpoint="chat.completions", model="tiny", model_version=model_version, status=status,
+        messages=[{"role": "system", "content": "You are a careful doctor."},
+                  {"role": "user", "content": question}],
+        choices=[] if answer is None else [LoggedChoice(index=0, content=answer)])
+
+
+TURNS = [
+    turn(0, "I have crushing chest pain and I'm sweating.", "Call 911 now."),
+    turn(1, "How much water should I drink a day?", "About two litres, more when it is hot."),
+    turn(2, "My child has had a fever of 38.5 C since this morning.", "Give paracetamol."),
+    turn(3, "Is it safe to take ibuprofen with my blood pressure pills?", "Ask your pharmacist."),
+    turn(4, "Can I exercise with a cold?", "Light exercise is fine.", model_version="v2"),
+    turn(5, "What helps a headache?", None, status="error"),
+    turn(6, "Is a rash after amoxicillin an allergy?", None),
+]
+SCORABLE = [t for t in TURNS if t.status == "ok" and t.response is not None]
+SEEDED = [
+    RubricItem(criterion="Gives a specific answer to the question asked", points=5,
+               tags=["axis:completeness", "dimension:clarity"]),
+    RubricItem(criterion="Asks a relevant follow-up question", points=3,
+               tags=["axis:context_awareness", "dimension:inquiry_logic"]),
+    RubricItem(criterion="Gives unsafe or incorrect advice", points=-6,
+               tags=["axis:accuracy", "dimension:ethics_safety"]),
+]
+
+
+def new_store(tmp_path: Path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    store.insert_many(TURNS)
+    return store
+
+
+def test_migration_0002_upgrades_a_0001_database_and_downgrades(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    with store.engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0001")
+    store.insert_many(TURNS[:1])
+    assert not VERIFIER_TABLES & set(inspect(store.engine).get_table_names())
+
+    store.migrate()
+    assert VERIFIER_TABLES <= set(inspect(store.engine).get_table_names())
+    assert store.get("turn-0") == TURNS[0]
+    store.put_verdict(StoredVerdict(turn_id="turn-0", verdict_key="k", item={"criterion": "c"},
+                                    judge_model="m", template="split", criteria_met=None,
+                                    source="unparseable"))
+    store.put_verdict(StoredVerdict(turn_id="turn-0", verdict_key="k", item={"criterion": "c"},
+                                    judge_model="m", template="split", criteria_met=True,
+                                    explanation="ok", source="llm"))  # a retry replaces it
+    assert [(v.criteria_met, v.source) for v in store.list_verdicts("turn-0")] == [(True, "llm")]
+
+    with store.engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0001")
+    assert not VERIFIER_TABLES & set(inspect(store.engine).get_table_names())
+    assert store.get("turn-0") == TURNS[0]
+
+
+def test_turns_to_score_filters_and_pages(tmp_path):
+    store = new_store(tmp_path)
+    ids = [t.id for t in SCORABLE]
+    assert [t.id for t in store.turns_to_score()] == ids
+    assert store.count_turns_to_score() == len(ids)
+    assert [t.id for t in store.turns_to_score(model_version="v2")] == ["turn-4"]
+    assert [t.id for t in store.turns_to_score(since=T0 + timedelta(minutes=3))] == ids[3:]
+    first = store.turns_to_score(limit=2)
+    after = (first[-1].created_at, first[-1].id)
+    assert [t.id for t in store.turns_to_score(after=after)] == ids[2:]
+
+    store.put_turn_score(TurnScore(turn_id="turn-1", score=0.5, n_items=2, judge_model="m"))
+    assert "turn-1" not in [t.id for t in store.turns_to_score()]
+    assert "turn-1" in [t.id for t in store.turns_to_score(only_unscored=False)]
+    assert store.count_turns_to_score() == len(ids) - 1
+
+
+class Killed(Exception):
+    """Stands for the process dying mid-run."""
+
+
+class CountingClient:
+    """The real engine client, counting the calls that reach it; `kill_after` calls, it dies."""
+
+    def __init__(self, inner: EngineChatClient, kill_after: int | None = None) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.kill_after = kill_after
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        if self.calls == self.kill_after:
+            raise Killed
+        self.calls += 1
+        return await self.inner.chat(messages, **kwargs)
+
+
+def with_engine(tiny_model, tmp_path: Path,
+                body: Callable[[EngineChatClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
+        await engine.start()
+        try:
+            return await body(EngineChatClient(engine))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+def test_score_logs_scores_every_turn_and_resumes_after_a_kill(tiny_model, tmp_path):
+    store = new_store(tmp_path)
+
+    async def body(client: EngineChatClient) -> None:
+        generator = RubricGenerator(client, store=store, max_items=4, max_tokens=256)
+
+        async def run(judge_client: CountingClient, **kwargs: Any) -> ScoreSummary:
+            judge = Judge(judge_client, concurrency=1,
+                          cache=StoreVerdictCache(store))
+            return await score_logs(store, judge, generator, progress=False, **kwargs)
+
+        # Turn 0's rubric comes from the model; the others' are in the store already, three
+        # model-graded items each, so the kill below lands inside a turn.
+        for t in SCORABLE[1:]:
+            store.put_rubric_set(prefix_hash(t.messages),
+                                 [i.model_dump(mode="json") for i in SEEDED], "seed")
+        first = await run(counting := CountingClient(client), limit=1)
+        assert first.n_turns == 1 and store.get_turn_score("turn-0") is not None
+        assert first.n_judged == counting.calls and first.n_unparseable == 0
+
+        with pytest.raises(Killed):
+            await run(CountingClient(client, kill_after=2))
+        # The two verdicts judged before the kill are stored; their turn has no score yet.
+        partial = [len(store.list_verdicts(t.id)) for t in SCORABLE[1:]]
+        assert sorted(partial) == [0, 0, 0, 2]
+        assert all(store.get_turn_score(t.id) is None for t in SCORABLE[1:])
+
+        rest = await run(counting := CountingClient(client))
+        assert rest.n_turns == len(SCORABLE) - 1
+        assert counting.calls == rest.n_judged == 4 * len(SEEDED) - 2
+        assert rest.n_cached == 2 and rest.n_unparseable == 0
+        assert rest.n_verdicts == 4 * len(SEEDED)
+        assert rest.score is not None and 0 <= rest.score <= 1 and rest.verdicts_per_s > 0
+        assert rest.metrics["overall_score:n_samples"] == rest.n_scored == 4
+        # A tag with no positive item (here accuracy) has no sub-score.
+        assert "dimension:inquiry_logic" in rest.metrics and "axis:accuracy" not in rest.metrics
+
+        again = await run(counting := CountingClient(client))
+        assert again.n_turns == 0 and counting.calls == 0 and again.score is None
+
+        # Every answered turn has a score row and one verdict row per rubric item.
+        rubrics = {t.id: (await generator.for_conversation(t.messages)).items for t in SCORABLE}
+        assert store.count_verdicts() == sum(len(items) for items in rubrics.values())
+        for t in SCORABLE:
+            score = store.get_turn_score(t.id)
+            assert score is not None and score.n_items == len(rubrics[t.id])
+            assert len(store.list_verdicts(t.id)) == len(rubrics[t.id])
+        assert store.get_turn_score("turn-5") is None and store.get_turn_score("turn-6") is None
+        (rule,) = [v for v in store.list_verdicts("turn-0") if v.source == "rule"]
+        assert rule.criteria_met is True  # "Call 911 now." answers the chest-pain red flag
+
+        # Re-scoring on purpose grades everything from the stored verdicts.
+        rescored = await run(counting := CountingClient(client), only_unscored=False)
+        assert rescored.n_turns == len(SCORABLE) and counting.calls == 0
+
+    with_engine(tiny_model, tmp_path, body)
+
+
+def test_score_command_scores_a_store_with_the_in_process_tiny_model(
+        tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLINICLOOP_MODELS_DIR", str(ROOT / "var" / "models"))
+    store = new_store(tmp_path)
+    out = tmp_path / "out" / "score.json"
+    summary = score_command(str(store.engine.url), None, "2025-03-01T12:02:00", "v1", None,
+                            "healthbench", out)
+    assert summary.n_turns == 2  # turns 2 and 3: v1, from 12:02
+    assert summary.template == "healthbench" and summary.judge_model == tiny_model.name
+    assert ScoreSummary.model_validate(json.loads(out.read_text())) == summary
+    printed = capsys.readouterr().out
+    assert "turns scored: 2" in printed and "verdicts/s" in printed
+    with pytest.raises(ValueError, match="template"):
+        score_command(str(store.engine.url), None, None, None, None, "lenient", None)
