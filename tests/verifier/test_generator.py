@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.store.db import Store
-from clinicloop.verifier.client import EngineChatClient, HttpChatClient
+from clinicloop.verifier.client import HttpChatClient
 from clinicloop.verifier.generator import (
     DIMENSIONS,
     RubricGenerator,
@@ -25,40 +20,12 @@ from clinicloop.verifier.generator import (
 )
 from clinicloop.verifier.rubrics import RubricItem, check_rule
 from tests.conftest import free_port
+from tests.verifier.clients import CountingClient, with_client
 
 CHEST_PAIN = [
     {"role": "system", "content": "You are a careful doctor."},
     {"role": "user", "content": "I've had crushing chest pain for an hour and I'm sweating."},
 ]
-
-
-class CountingClient:
-    """The real engine client, counting the calls that reach it."""
-
-    def __init__(self, inner: EngineChatClient) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        self.calls += 1
-        return await self.inner.chat(messages, **kwargs)
-
-
-def with_client(tiny_model, tmp_path: Path,
-                body: Callable[[CountingClient], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
-        await engine.start()
-        try:
-            return await body(CountingClient(EngineChatClient(engine)))
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 def assert_valid_rubric(items: list[RubricItem]) -> None:

@@ -6,15 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import (
     EXPLANATION_MAX_CHARS,
     Judge,
@@ -27,6 +21,7 @@ from clinicloop.verifier.judge import (
     verdict_key,
 )
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
+from tests.verifier.clients import CountingClient, with_client
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful doctor."},
@@ -41,40 +36,6 @@ ITEMS = [
                points=(i % 9 + 1) * (1 if i % 3 else -1), tags=["axis:accuracy"])
     for i in range(10)
 ]
-
-
-class CountingClient:
-    """The real engine client, counting the calls that reach it and recording their prompts."""
-
-    def __init__(self, inner: EngineChatClient) -> None:
-        self.inner = inner
-        self.prompts: list[str] = []
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    @property
-    def calls(self) -> int:
-        return len(self.prompts)
-
-    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        self.prompts.append(messages[-1]["content"])
-        return await self.inner.chat(messages, **kwargs)
-
-
-def with_client(tiny_model, tmp_path: Path,
-                body: Callable[[CountingClient], Awaitable[Any]], **settings: Any) -> Any:
-    async def main() -> Any:
-        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0, **settings),
-                                tmp_path)
-        await engine.start()
-        try:
-            return await body(CountingClient(EngineChatClient(engine)))
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("template", ["healthbench", "split"])

@@ -3,9 +3,7 @@ tiny model as judge and rubric writer, killed mid-run and resumed without redoin
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,8 +12,6 @@ import pytest
 from alembic import command
 from sqlalchemy import inspect
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.store.db import Store, StoredVerdict, TurnScore, alembic_config
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.client import EngineChatClient
@@ -29,6 +25,7 @@ from clinicloop.verifier.score_logs import (
     score_logs,
 )
 from tests.conftest import ROOT
+from tests.verifier.clients import CountingClient, Killed, with_engine
 
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)
 VERIFIER_TABLES = {"rubric_sets", "verdicts", "turn_scores"}
@@ -112,40 +109,6 @@ def test_turns_to_score_filters_and_pages(tmp_path):
     assert store.count_turns_to_score() == len(ids) - 1
 
 
-class Killed(Exception):
-    """Stands for the process dying mid-run."""
-
-
-class CountingClient:
-    """The real engine client, counting the calls that reach it; `kill_after` calls, it dies."""
-
-    def __init__(self, inner: EngineChatClient, kill_after: int | None = None) -> None:
-        self.inner = inner
-        self.calls = 0
-        self.kill_after = kill_after
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        if self.calls == self.kill_after:
-            raise Killed
-        self.calls += 1
-        return await self.inner.chat(messages, **kwargs)
-
-
-def with_engine(tiny_model, tmp_path: Path,
-                body: Callable[[EngineChatClient], Awaitable[Any]]) -> Any:
-    async def main() -> Any:
-        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
-        await engine.start()
-        try:
-            return await body(EngineChatClient(engine))
-        finally:
-            await engine.close()
-
-    return asyncio.run(main())
 
 
 def test_score_logs_scores_every_turn_and_resumes_after_a_kill(tiny_model, tmp_path):
