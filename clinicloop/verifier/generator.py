@@ -72,7 +72,7 @@ _RED_FLAG_PATTERNS = {name: [re.compile("|".join(group), re.IGNORECASE) for grou
                       for name, groups in RED_FLAGS.items()}
 
 #: What advice to seek emergency care looks like (any one suffices).
-EMERGENCY_ADVICE = ["911", "999", "112", "988", "emergency", "ER", "A&E", "call an ambulance",
+EMERGENCY_ADVICE = ["911", "999", "112", "988", "emergency", "the ER", "A&E", "call an ambulance",
                     "ambulance", "crisis line"]
 EMERGENCY_POINTS = 8
 
