@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 WHEELS ?= $(HOME)/.cache/clinicloop/wheels
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-py3-none-linux_x86_64.whl
-EXTRAS ?= model,postgres,test
+EXTRAS ?= model,rl,postgres,test
 STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint install llama-wheel clean

@@ -1,0 +1,43 @@
+"""A LoRA adapter becomes a GGUF that llama.cpp serves, and the merge really changes the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llama_cpp import Llama
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from clinicloop.rl.publish import publishable_gguf
+
+
+def _logits(gguf, tokens):
+    llama = Llama(model_path=str(gguf), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    llama.eval(tokens)
+    out = np.array(llama.scores[: len(tokens)])
+    llama.close()
+    return out
+
+
+def test_adapter_merges_into_a_servable_gguf(tiny_model, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                    "v_proj"]))
+    with torch.no_grad():  # a trained adapter has non-zero B; a fresh one is an identity
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.full_like(p, 0.05))
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    merged = publishable_gguf(tiny_model.hf_dir, tmp_path / "adapter", tmp_path / "v1")
+    assert merged.gguf.name == "model-q8_0.gguf" and merged.gguf.exists()
+    assert not list(tmp_path.glob("**/*.part"))
+    tokens = Llama(model_path=str(merged.gguf), vocab_only=True, verbose=False).tokenize(
+        b"<|im_start|>user\nI have a cough.<|im_end|>\n", add_bos=False, special=True)
+    before, after = _logits(tiny_model.gguf_f16, tokens), _logits(merged.gguf_f16, tokens)
+    assert before.shape == after.shape and not np.allclose(before, after, atol=1e-3)
+    # What llama.cpp serves is what peft trained: the same next-token choices.
+    with torch.no_grad():
+        trained = peft_model(torch.tensor([tokens])).logits[0].numpy()
+    assert (trained.argmax(-1) == after.argmax(-1)).mean() > 0.9
+    assert np.abs(trained - after).max() < 0.1
