@@ -29,6 +29,9 @@ class EngineSettings(BaseModel):
     model_path: Path | None = Field(
         None, description="GGUF file for `llamacpp`. Unset: build and serve the tiny model."
     )
+    lora_path: Path | None = Field(
+        None, description="`llamacpp`: a LoRA adapter GGUF applied on top of `model_path`."
+    )
     served_model_name: str | None = Field(
         None, description="Model id shown in /v1/models. Default: the model file's stem."
     )
@@ -95,6 +98,22 @@ class ServerSettings(BaseModel):
     max_top_logprobs: int = Field(20, description="Largest `top_logprobs` accepted.")
 
 
+class RegistrySettings(BaseModel):
+    dir: Path = Field(
+        Path("var/registry"),
+        description="Where the model registry (`registry.json`) lives. On first start the "
+        "configured model is registered there as version `base`; afterwards the registry's "
+        "active version is served.",
+    )
+    sticky_conversations: int = Field(
+        10_000, ge=1,
+        description="Conversations remembered to keep each on the version it began on.",
+    )
+    sticky_ttl_s: float = Field(
+        3600.0, gt=0, description="A conversation idle this long starts over on the routing rule."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLINICLOOP_", env_nested_delimiter="__", extra="forbid"
@@ -103,6 +122,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     models_dir: Path = Field(Path("var/models"), description="Where built models are cached.")
 
     @classmethod

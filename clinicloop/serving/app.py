@@ -3,6 +3,8 @@
 `create_app(settings)` returns a FastAPI app whose lifespan starts the log writer, then loads the
 engine in the background (so /health answers 503 while a model loads), and on shutdown drains the
 writer after the engine stops. Nothing is global: each app owns its engine, writer and metrics.
+On the llama.cpp engine the model is served through the versioned engine (`versions.py`), whose
+registry and admin routes let a new version be swapped in while serving.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clinicloop.config import Settings
+from clinicloop.serving.admin.api_router import router as admin_router
 from clinicloop.serving.admission import Admission
 from clinicloop.serving.auth import KeyRing
 from clinicloop.serving.chat_completion.api_router import router as chat_router
@@ -30,6 +33,8 @@ from clinicloop.serving.errors import error_response, install_error_handlers
 from clinicloop.serving.generation import Services
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.models.api_router import router as models_router
+from clinicloop.serving.registry import Registry
+from clinicloop.serving.versions import VersionedEngine
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,10 @@ def _make_writer(settings: Settings) -> Any:
 
 def create_app(settings: Settings, *, engine: Engine | None = None,
                writer: Any = None) -> FastAPI:
+    versions: VersionedEngine | None = None
+    if engine is None and settings.engine.kind == "llamacpp":
+        # GGUF files are served as registry versions, so they can be swapped while serving.
+        engine = versions = VersionedEngine(settings, Registry(settings.registry.dir))
     engine = engine or make_engine(settings)
     writer = writer or _make_writer(settings)
     keys = KeyRing(settings.server.api_keys, settings.server.admin_keys)
@@ -114,6 +123,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app = FastAPI(title="clinicloop", version="0.1.0", lifespan=lifespan)
     app.state.keys = keys
     app.state.services = services
+    app.state.versions = versions
     app.state.chat = ChatCompletionHandler(services, settings.server.max_top_logprobs)
     app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
     install_error_handlers(app)
@@ -121,6 +131,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.include_router(chat_router)
     app.include_router(completion_router)
     app.include_router(models_router)
+    app.include_router(admin_router)
 
     metrics.watch(lambda: {
         "vllm:num_requests_running": ("Requests generating.", admission.running),

@@ -22,6 +22,7 @@ from clinicloop.serving.engines.base import Delta, Engine, EngineError, Event, T
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.protocol import UsageInfo, new_id, now
+from clinicloop.serving.versions import RoutedStream
 from clinicloop.store.records import LoggedChoice, TurnRecord
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -86,12 +87,16 @@ class GenerationRun:
         self._admitted = False
 
     async def open(self, events: AsyncIterator[Event]) -> None:
-        """Admit the request and pull the engine's first event, so that a bad request or a full
-        server is an HTTP error rather than a broken stream."""
+        """Admit the request, route it to a model version (a versioned engine's stream), and pull
+        the engine's first event, so that a bad request or a full server is an HTTP error rather
+        than a broken stream. Routing after admission means a request queued across a swap
+        starts on the new version (unless its conversation began on the old one)."""
         await self.s.admission.acquire()
         self._admitted = True
         self._events = events
         try:
+            if isinstance(events, RoutedStream):
+                self.version = events.route(self.conversation)
             async with asyncio.timeout(self.s.request_timeout_s):
                 self._first = await anext(events)
         except EngineError as exc:

@@ -60,6 +60,8 @@ class LlamaCppEngine(Engine):
         self.models_dir = models_dir
         self.model_name = settings.served_model_name or "loading"
         self.model_version = "loading"
+        #: The GGUF file served, once loaded (the tiny model's path is known only then).
+        self.model_path: Path | None = None
         self._llama: Any = None
         self._template: ChatTemplate | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamacpp")
@@ -80,6 +82,9 @@ class LlamaCppEngine(Engine):
         path = self._resolve_model()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model not found: {path}")
+        lora = self.settings.lora_path
+        if lora is not None and not lora.is_file():
+            raise FileNotFoundError(f"LoRA adapter GGUF not found: {lora}")
         llama = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=self.settings.n_ctx,
@@ -87,6 +92,7 @@ class LlamaCppEngine(Engine):
             n_threads_batch=self.settings.n_threads,
             n_batch=self.settings.n_batch,
             n_gpu_layers=self.settings.n_gpu_layers,
+            lora_path=None if lora is None else str(lora),
             verbose=False,
         )
         source = llama.metadata.get("tokenizer.chat_template")
@@ -103,6 +109,7 @@ class LlamaCppEngine(Engine):
         if self.settings.served_model_name is None and self.settings.model_path is not None:
             self.model_name = path.stem
         self.model_version = file_version(path)
+        self.model_path = path
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)

@@ -1,0 +1,1 @@
+"""Admin routes for model versions: list, register, activate, canary, rollback (admin key)."""

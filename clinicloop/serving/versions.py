@@ -1,0 +1,348 @@
+"""The versioned engine: serves the registry's versions, routes each conversation, swaps safely.
+
+`VersionedEngine` is the `Engine` the gateway talks to when it serves GGUF files on llama.cpp. It
+holds one started `LlamaCppEngine` per loaded version. A request is routed when it is admitted:
+a conversation seen before stays on the version it began on (a bounded, expiring LRU map); a new
+one goes to the canary with probability `share`, decided by a hash of its id so the split is
+deterministic, else to the active version.
+
+Every change (activate, canary, rollback) loads the version it needs first; if loading fails
+nothing changes and the old version keeps serving. Only then is the registry written and the
+in-memory pointer moved. Requests in flight hold a reference to the engine they started on and
+finish there; an engine that is no longer active, canary or pinned by a conversation is closed
+once its last request ends.
+
+Conversations pinned to a version that a rollback or a cleared canary retires are unpinned: a
+version taken out of service for cause should not keep serving the conversations it began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from clinicloop.config import EngineSettings, Settings
+from clinicloop.serving.engines.base import (
+    Engine,
+    EngineUnavailable,
+    Event,
+    SamplingParams,
+)
+from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.serving.registry import Canary, Registry, RegistryError, Version
+
+log = logging.getLogger(__name__)
+
+
+class VersionLoadError(Exception):
+    """A version's engine failed to load; nothing was changed."""
+
+
+@dataclass
+class _Slot:
+    version: Version
+    engine: LlamaCppEngine
+    in_flight: int = 0
+
+
+@dataclass
+class _Pin:
+    version: str
+    last_used: float
+
+
+def canary_bucket(conversation: str) -> float:
+    """A conversation's fixed point in [0, 1): below the canary share means the canary."""
+    return int.from_bytes(hashlib.sha256(conversation.encode()).digest()[:8], "big") / 2.0**64
+
+
+class RoutedStream:
+    """An engine stream whose version is chosen late: by `route(conversation)` once the gateway
+    has admitted the request, or at the first event (as the active version) when nobody routed
+    it. Holds a reference on that version's engine until closed."""
+
+    def __init__(self, versions: VersionedEngine,
+                 open_stream: Callable[[Engine], AsyncIterator[Event]]) -> None:
+        self._versions = versions
+        self._open = open_stream
+        self._slot: _Slot | None = None
+        self._inner: AsyncIterator[Event] | None = None
+        self._closed = False
+        self.version: str | None = None
+
+    def route(self, conversation: str | None) -> str:
+        """Pick the version and start its stream; returns the version id. A request the engine
+        refuses raises here, holding the reference until `aclose`."""
+        self._slot = self._versions.lease(conversation)
+        self.version = self._slot.version.id
+        self._inner = self._open(self._slot.engine)
+        return self.version
+
+    def __aiter__(self) -> RoutedStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._slot is None:
+            try:
+                self.route(None)
+            except BaseException:
+                await self.aclose()
+                raise
+        assert self._inner is not None
+        return await anext(self._inner)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        inner, self._inner = self._inner, None
+        slot, self._slot = self._slot, None
+        try:
+            if inner is not None:
+                await inner.aclose()  # type: ignore[attr-defined]
+        finally:
+            if slot is not None:
+                self._versions.release(slot)
+
+
+class VersionedEngine(Engine):
+    # One llama.cpp engine decodes one request at a time, and the gateway admits as many requests
+    # as this says. Keeping it at one over all versions means a swap or a canary never runs two
+    # models on the same cores at once: requests queue in admission, none is dropped, and a
+    # queued request is routed when it starts, so after a swap it starts on the new version.
+    max_concurrency = 1
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings.engine
+        self.models_dir = settings.models_dir
+        self.registry = registry
+        self.model_name = settings.engine.served_model_name or "loading"
+        self._slots: dict[str, _Slot] = {}
+        self._active: str | None = None
+        self._canary: Canary | None = None
+        self._pins: OrderedDict[str, _Pin] = OrderedDict()
+        self._pinned: Counter[str] = Counter()
+        self._max_pins = settings.registry.sticky_conversations
+        self._pin_ttl_s = settings.registry.sticky_ttl_s
+        self._changing = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property  # type: ignore[override]
+    def model_version(self) -> str:
+        return self._active or "loading"
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    @property
+    def canary(self) -> Canary | None:
+        return self._canary
+
+    def loaded(self) -> dict[str, int]:
+        """Loaded version ids and the requests each is serving now."""
+        return {vid: slot.in_flight for vid, slot in self._slots.items()}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._changing:
+            await self._start()
+
+    async def _start(self) -> None:
+        state = await asyncio.to_thread(self.registry.read)
+        first: LlamaCppEngine | None = None
+        if state.active is None:
+            # First start: the configured model (possibly the tiny one, built now) becomes `base`.
+            first = await self._started(self.settings)
+            assert first.model_path is not None
+            state = await asyncio.to_thread(self.registry.bootstrap, first.model_path,
+                                            first.model_name)
+        root = next(v for v in state.versions.values() if v.parent is None)
+        configured = self.settings.model_path
+        if configured is not None and configured.resolve() != root.model_path:
+            log.warning("engine.model_path differs from the registry's base (%s): serving the "
+                        "registry's versions; move %s away to start from the configured model",
+                        root.model_path, self.registry.path.parent)
+        if self.settings.served_model_name is None:
+            self.model_name = state.model_name or root.model_path.stem
+        active = state.version(state.active or "")
+        if first is not None:
+            assert first.model_path is not None
+            if active.kind == "gguf" and active.model_path == first.model_path.resolve():
+                first.model_name = self.model_name
+                self._slots[active.id] = _Slot(active, first)
+            else:  # another process bootstrapped the registry first
+                await first.close()
+        await self._load(active)
+        self._active = active.id
+        if state.canary is not None:
+            try:
+                await self._load(state.version(state.canary.version))
+                self._canary = state.canary
+            except (VersionLoadError, RegistryError) as exc:
+                log.error("canary dropped: %s", exc)
+                await asyncio.to_thread(self.registry.clear_canary)
+
+    async def close(self) -> None:
+        slots, self._slots = list(self._slots.values()), {}
+        await asyncio.gather(*(s.engine.close() for s in slots), *self._closing)
+
+    def healthy(self) -> bool:
+        slot = self._slots.get(self._active or "")
+        return slot is not None and slot.engine.healthy()
+
+    async def _load(self, version: Version) -> _Slot:
+        slot = self._slots.get(version.id)
+        if slot is not None:
+            return slot
+        settings = self.settings.model_copy(update={
+            "model_path": version.model_path, "lora_path": version.lora_path,
+            "served_model_name": self.model_name,
+        })
+        try:
+            engine = await self._started(settings)
+        except Exception as exc:
+            raise VersionLoadError(
+                f"version {version.id!r} failed to load: {type(exc).__name__}: {exc}") from exc
+        log.info("version %s loaded from %s", version.id, version.lora_path or version.model_path)
+        slot = self._slots[version.id] = _Slot(version, engine)
+        return slot
+
+    async def _started(self, settings: EngineSettings) -> LlamaCppEngine:
+        engine = LlamaCppEngine(settings, self.models_dir)
+        try:
+            await engine.start()
+        except BaseException:
+            await engine.close()  # its worker thread
+            raise
+        return engine
+
+    # -- changes (admin) ----------------------------------------------------------------------
+
+    async def activate(self, version_id: str) -> Version:
+        async with self._changing:
+            slot = await self._load(await self._version(version_id))
+            try:
+                await asyncio.to_thread(self.registry.activate, version_id)
+                self._active = version_id
+                if self._canary is not None and self._canary.version == version_id:
+                    self._canary = None
+            finally:
+                self._retire()
+        log.info("version %s active", version_id)
+        return slot.version
+
+    async def set_canary(self, version_id: str, share: float) -> Canary:
+        async with self._changing:
+            await self._load(await self._version(version_id))
+            try:
+                canary = await asyncio.to_thread(self.registry.set_canary, version_id, share)
+                if self._canary is not None and self._canary.version != version_id:
+                    self._unpin(self._canary.version)
+                self._canary = canary
+            finally:
+                self._retire()
+        return canary
+
+    async def clear_canary(self) -> None:
+        async with self._changing:
+            await asyncio.to_thread(self.registry.clear_canary)
+            if self._canary is not None:
+                self._unpin(self._canary.version)
+            self._canary = None
+            self._retire()
+
+    async def rollback(self) -> Version:
+        async with self._changing:
+            previous = (await asyncio.to_thread(self.registry.read)).previous()
+            if previous is None:
+                raise RegistryError("no earlier version to roll back to")
+            await self._load(previous)
+            try:
+                await asyncio.to_thread(self.registry.rollback, expect=previous.id)
+                retired, self._active = self._active, previous.id
+                if self._canary is not None and self._canary.version == previous.id:
+                    self._canary = None
+                if retired is not None:
+                    self._unpin(retired)
+            finally:
+                self._retire()
+        log.info("rolled back to version %s", previous.id)
+        return previous
+
+    async def _version(self, version_id: str) -> Version:
+        return (await asyncio.to_thread(self.registry.read)).version(version_id)
+
+    # -- routing ------------------------------------------------------------------------------
+
+    def lease(self, conversation: str | None) -> _Slot:
+        """The slot that serves this conversation's next request, referenced until `release`."""
+        version_id = self._route(conversation)
+        slot = self._slots.get(version_id or "")
+        if slot is None:
+            raise EngineUnavailable("the model is not loaded")
+        slot.in_flight += 1
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        slot.in_flight -= 1
+        self._retire()
+
+    def _route(self, conversation: str | None) -> str | None:
+        if self._active is None or conversation is None:
+            return self._active
+        now = time.monotonic()
+        while self._pins and next(iter(self._pins.values())).last_used < now - self._pin_ttl_s:
+            self._drop_pin(next(iter(self._pins)))
+        pin = self._pins.get(conversation)
+        if pin is not None:
+            pin.last_used = now
+            self._pins.move_to_end(conversation)
+            return pin.version
+        canary = self._canary
+        version = (canary.version if canary is not None
+                   and canary_bucket(conversation) < canary.share else self._active)
+        while len(self._pins) >= self._max_pins:
+            self._drop_pin(next(iter(self._pins)))
+        self._pins[conversation] = _Pin(version, now)
+        self._pinned[version] += 1
+        return version
+
+    def _drop_pin(self, conversation: str) -> None:
+        version = self._pins.pop(conversation).version
+        self._pinned[version] -= 1
+        if not self._pinned[version]:
+            del self._pinned[version]
+
+    def _unpin(self, version_id: str) -> None:
+        for conversation in [c for c, p in self._pins.items() if p.version == version_id]:
+            self._drop_pin(conversation)
+
+    def _retire(self) -> None:
+        """Close every engine nothing needs: not active, not canary, not pinned, not serving."""
+        needed = {self._active, *self._pinned}
+        if self._canary is not None:
+            needed.add(self._canary.version)
+        for vid, slot in list(self._slots.items()):
+            if vid not in needed and slot.in_flight == 0:
+                del self._slots[vid]
+                task = asyncio.create_task(slot.engine.close())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                log.info("version %s unloaded", vid)
+
+    # -- Engine -------------------------------------------------------------------------------
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
+             template_kwargs: dict[str, Any]) -> RoutedStream:
+        return RoutedStream(self, lambda engine: engine.chat(messages, params, template_kwargs))
+
+    def complete(self, prompt: str, params: SamplingParams) -> RoutedStream:
+        return RoutedStream(self, lambda engine: engine.complete(prompt, params))

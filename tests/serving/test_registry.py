@@ -1,0 +1,135 @@
+"""The model registry file: round trip, rules, rollback history, and concurrent writers (threads and
+processes) that must lose nothing while readers only ever see a whole file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from pathlib import Path
+
+import pytest
+
+from clinicloop.serving.registry import (
+    BASE_ID,
+    Registry,
+    RegistryError,
+    UnknownVersion,
+    VersionConflict,
+)
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    out = {}
+    for name in ("base.gguf", "merged.gguf", "adapter.gguf"):
+        out[name] = tmp_path / name
+        out[name].write_bytes(b"GGUF" + name.encode())
+    return out
+
+
+@pytest.fixture
+def registry(tmp_path, files) -> Registry:
+    reg = Registry(tmp_path / "registry")
+    reg.bootstrap(files["base.gguf"], "tiny")
+    return reg
+
+
+def test_round_trip_and_rules(registry, files, tmp_path):
+    assert registry.read().active == BASE_ID and registry.get(BASE_ID).parent is None
+    v1 = registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+                           metrics={"held_out_score": 0.42})
+    lora = registry.register(parent="v1", kind="lora", model_path=files["base.gguf"],
+                             lora_path=files["adapter.gguf"], version_id="lora-1")
+    assert (v1.id, lora.id) == ("v1", "lora-1")
+    again = Registry(tmp_path / "registry")  # a fresh reader (another process) sees it all
+    assert [v.id for v in again.list()] == [BASE_ID, "v1", "lora-1"]
+    assert again.get("v1").metrics == {"held_out_score": 0.42}
+    assert again.get("lora-1").lora_path == files["adapter.gguf"].resolve()
+    assert again.get("v1").created_at.tzinfo is not None
+    raw = json.loads(again.path.read_text())
+    assert raw["active"] == BASE_ID and set(raw["versions"]) == {BASE_ID, "v1", "lora-1"}
+
+    # Re-registering the same files is a no-op (a publisher that crashed re-runs); other files
+    # under a taken id, an unknown parent, a missing file or a bad id are refused.
+    assert registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+                             version_id="v1") == v1
+    with pytest.raises(VersionConflict):
+        registry.register(parent=BASE_ID, kind="gguf", model_path=files["base.gguf"],
+                          version_id="v1")
+    with pytest.raises(UnknownVersion):
+        registry.register(parent="nope", kind="gguf", model_path=files["merged.gguf"])
+    with pytest.raises(RegistryError, match="file not found"):
+        registry.register(parent=BASE_ID, kind="gguf", model_path=tmp_path / "missing.gguf")
+    with pytest.raises(RegistryError, match="must match"):
+        registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+                          version_id="../evil")
+    with pytest.raises(RegistryError, match="lora_path"):
+        registry.register(parent=BASE_ID, kind="lora", model_path=files["base.gguf"])
+    # Bootstrapping again changes nothing.
+    registry.bootstrap(files["merged.gguf"], "tiny")
+    assert registry.get(BASE_ID).model_path == files["base.gguf"].resolve()
+
+
+def test_activate_canary_and_rollback_history(registry, files):
+    for name in ("v1", "v2"):
+        registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+                          version_id=name)
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback()
+    with pytest.raises(RegistryError, match="already active"):
+        registry.set_canary(BASE_ID, 0.5)
+    assert registry.set_canary("v1", 0.25).share == 0.25
+    registry.activate("v1")  # promoting the canary clears it
+    assert registry.read().canary is None
+    registry.activate("v2")
+    with pytest.raises(VersionConflict):
+        registry.rollback(expect=BASE_ID)
+    # Rollback walks back one activation at a time rather than flipping between two.
+    assert registry.rollback(expect="v1").id == "v1"
+    assert registry.rollback().id == BASE_ID
+    state = registry.read()
+    assert state.active == BASE_ID and [a.version for a in state.history] == [BASE_ID]
+    registry.set_canary("v2", 1.0)
+    registry.clear_canary()
+    assert registry.read().canary is None
+
+
+def _register_many(directory: str, model: str, prefix: str, count: int) -> None:
+    registry = Registry(Path(directory))
+    for i in range(count):
+        registry.register(parent=BASE_ID, kind="gguf", model_path=Path(model),
+                          version_id=f"{prefix}-{i}")
+
+
+def test_concurrent_writers_lose_nothing_and_readers_see_whole_files(registry, files):
+    directory, model = str(registry.path.parent), str(files["merged.gguf"])
+    stop = threading.Event()
+    reads: list[int] = []
+    failures: list[Exception] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                reads.append(len(registry.read().versions))
+            except Exception as exc:  # a torn file would fail to parse
+                failures.append(exc)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_register_many, args=(directory, model, f"p{n}", 15))
+             for n in range(2)]
+    threads = [threading.Thread(target=_register_many, args=(directory, model, f"t{n}", 15))
+               for n in range(2)]
+    for worker in (*procs, *threads):
+        worker.start()
+    for worker in (*procs, *threads):
+        worker.join(60)
+    stop.set()
+    watcher.join()
+    assert all(p.exitcode == 0 for p in procs)
+    assert not failures and reads and reads == sorted(reads)
+    ids = set(registry.read().versions)
+    assert ids == {BASE_ID} | {f"{w}-{i}" for w in ("p0", "p1", "t0", "t1") for i in range(15)}
+    assert not list(registry.path.parent.glob(".registry-*"))  # no temp file left behind
