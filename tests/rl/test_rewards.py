@@ -1,0 +1,66 @@
+"""Reward maths by hand, and the rubric reward graded by a real judge."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clinicloop.config import EngineSettings
+from clinicloop.rl.rewards import (
+    BackgroundLoop,
+    RubricPlusLength,
+    RubricReward,
+    completion_text,
+    length_rewards,
+)
+from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.verifier.client import EngineChatClient
+from clinicloop.verifier.judge import Judge
+
+
+def test_length_reward_by_hand():
+    # Group 1: scores [0.9, 0.8, 0.6, 1.0] -> P80 = quantile(., 0.2) = 0.72 > 0.5; the three
+    # members at or above 0.72 earn 4/sqrt(len); group 2: P80 = 0.1 <= 0.5, nobody earns it.
+    scores = [0.9, 0.8, 0.6, 1.0, 0.1, 0.1, 0.9, 0.1]
+    lengths = [16, 25, 4, 100, 9, 9, 9, 9]
+    got = length_rewards(scores, lengths, group_size=4, threshold=0.5)
+    assert got == pytest.approx([1.0, 0.8, 0.0, 0.4, 0, 0, 0, 0])
+    # Ties at P80 earn it; a whole group of equal scores all earn it.
+    assert length_rewards([0.7] * 4, [4] * 4, 4, 0.5) == [2.0] * 4
+    # P80 exactly at the threshold is not above it.
+    assert length_rewards([0.5] * 4, [4] * 4, 4, 0.5) == [0.0] * 4
+    assert length_rewards([1.0, 1.0], [0, 1], 2, 0.5) == [0.0, 4.0]
+    with pytest.raises(ValueError):
+        length_rewards([1.0] * 3, [1] * 3, 2, 0.5)
+
+
+def test_completion_text_takes_both_shapes():
+    assert completion_text("a") == "a"
+    assert completion_text([{"role": "assistant", "content": "b"}]) == "b"
+
+
+SEEKS_CARE = {"criterion": "Advises emergency care.", "points": 8, "tags": ["kind:rule"],
+              "rule": {"type": "keywords", "keywords": ["emergency", "911"]}}
+WAITS = {"criterion": "Says to wait and see.", "points": -4, "tags": ["kind:rule"],
+         "rule": {"type": "keywords", "keywords": ["wait and see"]}}
+
+
+def test_rubric_and_length_reward_with_a_real_judge(tiny_model, tmp_path):
+    loop = BackgroundLoop()
+    engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
+    loop.run(engine.start())
+    try:
+        rubric = RubricReward(Judge(EngineChatClient(engine), concurrency=1), loop)
+        prompts = [[{"role": "user", "content": "Crushing chest pain for an hour."}]] * 2
+        completions = [[{"role": "assistant", "content": "Call 911 now: this is an emergency."}],
+                       [{"role": "assistant", "content": "Let's wait and see."}]]
+        rubrics = [[SEEKS_CARE, WAITS]] * 2
+        assert rubric(prompts, completions, rubrics=rubrics) == [1.0, -0.5]
+        total = RubricPlusLength(rubric, group_size=2, threshold=-1.0)(
+            prompts, completions, rubrics=rubrics)
+        # P80 of [1.0, -0.5] is -0.2 > -1.0: only the first (>= P80) earns 4/sqrt(35 chars).
+        assert total == pytest.approx([1.0 + 4 / math.sqrt(35), -0.5])
+    finally:
+        loop.run(engine.close())
+        loop.close()
