@@ -20,7 +20,10 @@ verify_app = typer.Typer(
     help="The verifier: simulate consultations, score logged conversations with rubrics.",
     no_args_is_help=True)
 app.add_typer(model_app, name="model")
+rl_app = typer.Typer(help="Retrain the policy with GRPO (TRL) from rubric rewards.",
+                     no_args_is_help=True)
 app.add_typer(verify_app, name="verify")
+app.add_typer(rl_app, name="rl")
 app.add_typer(keys_app, name="keys")
 app.add_typer(store_app, name="store")
 
@@ -144,6 +147,28 @@ def verify_simulate(
 
     simulate_command(doctor_url, patient_url, scripts, max_turns, store_url, out, seed,
                      llm_gate=llm_gate, llm_fact_check=llm_fact_check)
+
+
+@rl_app.command("stage-rule")
+def rl_stage_rule(
+    steps: Annotated[int, typer.Option(help="GRPO optimizer steps.")] = 20,
+    prompts: Annotated[int, typer.Option(help="Red-flag prompts to train on.")] = 32,
+    model_dir: Annotated[Path | None, typer.Option(
+        help="HF policy directory (default: the tiny model).")] = None,
+    out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
+        "var/rl/stage-rule"),
+) -> None:
+    """Rule-based stage: GRPO (the paper's options) with a LoRA on verifiable prompts, the
+    corpus's red-flag consultations, rewarded when the reply advises emergency care."""
+    from clinicloop.model.tiny import build_tiny
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.stages import rule_stage
+
+    policy = model_dir or build_tiny("tiny", out_root=Settings().models_dir).hf_dir
+    result = rule_stage(policy, out, PaperGRPOConfig(max_steps=steps), n_prompts=prompts)
+    curve = ", ".join(f"{r:.2f}" for r in result.reward_curve)
+    typer.echo(f"adapter: {result.adapter_dir}\nreward per step: {curve}\n"
+               f"wall time: {result.wall_s:.1f} s")
 
 
 if __name__ == "__main__":

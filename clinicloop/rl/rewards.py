@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clinicloop.verifier.judge import Judge
-from clinicloop.verifier.rubrics import RubricItem
+from clinicloop.verifier.rubrics import RubricItem, check_rule
 from clinicloop.verifier.scoring import score_example
 
 T = TypeVar("T")
@@ -118,3 +118,16 @@ class RubricPlusLength:
         lengths = [self._length(completion_text(c)) for c in completions]
         bonus = length_rewards(scores, lengths, self.group_size, self.threshold)
         return [s + b for s, b in zip(scores, bonus, strict=True)]
+
+
+def rule_reward(prompts: list[Any], completions: list[Any], rubrics: list[list[dict[str, Any]]],
+                **_: Any) -> list[float]:
+    """Verifiable answers: the HealthBench score over the rubric's `kind:rule` items alone,
+    checked mechanically (no judge model); 0 when no positive rule item applies."""
+    rewards = []
+    for completion, raw in zip(completions, rubrics, strict=True):
+        items = [i for i in map(RubricItem.model_validate, raw) if i.is_rule]
+        text = completion_text(completion)
+        score = score_example(items, [check_rule(i.rule, text) for i in items if i.rule])
+        rewards.append(0.0 if score is None else score)
+    return rewards

@@ -32,7 +32,8 @@ def test_a_short_grpo_run_saves_an_adapter(tiny_model, tmp_path):
         "My father has chest pain spreading to his left arm. What should I do?",
         "I have a mild cough since yesterday.")]
     config = PaperGRPOConfig(max_steps=2, max_completion_length=24)
-    result = train_grpo(config, tiny_model.hf_dir, rows, [mentions_emergency, brevity], tmp_path / "run")
+    result = train_grpo(config, tiny_model.hf_dir, rows, [mentions_emergency, brevity],
+                        tmp_path / "run")
     assert len(result.reward_curve) == 2
     assert (result.adapter_dir / "adapter_config.json").exists()
     assert (tmp_path / "run" / "train.json").exists()
