@@ -4,14 +4,31 @@ Baichuan-M2 §3.3 changes four things from vanilla GRPO; TRL has each as an opti
 no KL term (`beta=0`), clip-higher (`epsilon_high` > `epsilon`), a loss normalised by a constant
 maximum length (`loss_type="dr_grpo"`) and advantages that are reward minus the group mean without
 dividing by the group's std (`scale_rewards="none"`). TRL's defaults differ (`loss_type="dapo"`,
-`scale_rewards="group"`), so `to_trl` sets every one of them explicitly. Checked against TRL 1.16.0.
+`scale_rewards="group"`), so `to_trl` sets every one of them explicitly, together with the TRL
+options that would silently change the algorithm if their defaults moved: one policy update per
+generation batch (`num_iterations=1`), token-level importance ratios, no extra clipping (`delta`),
+all tokens in the loss, rewards summed before the group mean is taken
+(`multi_objective_aggregation="sum_then_normalize"`: rubric + length is one reward, as in the
+paper). Checked against TRL 1.16.0 (`trl/trainer/grpo_config.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # TRL and peft are the `rl` extra: imported when a run is configured
+    from peft import LoraConfig
+    from trl import GRPOConfig
+
+#: TRL options the paper's algorithm assumes; set so that a TRL release changing a default cannot
+#: change what is trained.
+PINNED_TRL_OPTIONS: dict[str, Any] = {
+    "num_iterations": 1, "importance_sampling_level": "token", "delta": None,
+    "mask_truncated_completions": False, "top_entropy_quantile": 1.0, "entropy_coef": 0.0,
+    "multi_objective_aggregation": "sum_then_normalize",
+}
 
 
 @dataclass
@@ -44,27 +61,33 @@ class PaperGRPOConfig:
     length_threshold: float = field(default=0.5, metadata={
         "help": "The length reward applies only when the group's P80 rubric score is above this."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate rollouts with vLLM (GPU)."})
-    use_cpu: bool = field(default=True, metadata={"help": "Train on the CPU."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "With `use_vllm`: `colocate` runs vLLM in the training process on the same GPU; "
+                "`server` uses a separate `trl vllm-serve`."})
+    use_cpu: bool = field(default=True, metadata={"help": "Train on the CPU (False on a GPU)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 training (GPU only)."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
 
-    def to_trl(self, output_dir: Path, **overrides: Any) -> Any:
+    def to_trl(self, output_dir: Path, **overrides: Any) -> GRPOConfig:
         """TRL's `GRPOConfig` with every paper option set explicitly."""
         from trl import GRPOConfig
 
         options: dict[str, Any] = dict(
             output_dir=str(output_dir), beta=self.beta, epsilon=self.epsilon,
             epsilon_high=self.epsilon_high, loss_type=self.loss_type,
-            scale_rewards=self.scale_rewards, num_generations=self.num_generations,
+            scale_rewards=self.scale_rewards, **PINNED_TRL_OPTIONS,
+            num_generations=self.num_generations,
             max_completion_length=self.max_completion_length, temperature=self.temperature,
             learning_rate=self.learning_rate, max_steps=self.max_steps,
             per_device_train_batch_size=self.per_device_train_batch_size,
-            use_vllm=self.use_vllm, use_cpu=self.use_cpu, bf16=False, seed=self.seed,
+            use_vllm=self.use_vllm, vllm_mode=self.vllm_mode, use_cpu=self.use_cpu,
+            bf16=self.bf16, seed=self.seed,
             logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         )
         options.update(overrides)
         return GRPOConfig(**options)
 
-    def lora(self) -> Any:
+    def lora(self) -> LoraConfig:
         from peft import LoraConfig
 
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha,

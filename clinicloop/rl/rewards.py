@@ -9,6 +9,8 @@
   the `num_generations` completions of one prompt consecutively, which is how groups are cut.
   `len(o)` counts tokens when a tokenizer is given, else characters.
 - `RubricPlusLength`: rubric + length, the paper's reward for the rubric stage.
+- `rule_reward`: verifiable answers, the score over the rubric's `kind:rule` items checked
+  mechanically (1.0 or 0.0 for a single positive rule item); no model.
 
 The judge is async and TRL calls rewards synchronously, so the judge runs on a `BackgroundLoop`:
 one event loop in its own thread, which is also where its engine was started.
@@ -47,6 +49,12 @@ class BackgroundLoop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+    def __enter__(self) -> BackgroundLoop:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def completion_text(completion: Any) -> str:

@@ -13,10 +13,13 @@ from clinicloop.rl.rewards import (
     RubricReward,
     completion_text,
     length_rewards,
+    rule_reward,
 )
 from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge
+from clinicloop.verifier.rubrics import RubricItem
+from clinicloop.verifier.scoring import score_example
 
 
 def test_length_reward_by_hand():
@@ -46,21 +49,45 @@ WAITS = {"criterion": "Says to wait and see.", "points": -4, "tags": ["kind:rule
          "rule": {"type": "keywords", "keywords": ["wait and see"]}}
 
 
+EXPLAINS = {"criterion": "Explains why chest pain needs urgent assessment.", "points": 4,
+            "tags": ["axis:completeness"]}
+
+
 def test_rubric_and_length_reward_with_a_real_judge(tiny_model, tmp_path):
-    loop = BackgroundLoop()
-    engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
-    loop.run(engine.start())
-    try:
-        rubric = RubricReward(Judge(EngineChatClient(engine), concurrency=1), loop)
-        prompts = [[{"role": "user", "content": "Crushing chest pain for an hour."}]] * 2
-        completions = [[{"role": "assistant", "content": "Call 911 now: this is an emergency."}],
-                       [{"role": "assistant", "content": "Let's wait and see."}]]
-        rubrics = [[SEEKS_CARE, WAITS]] * 2
-        assert rubric(prompts, completions, rubrics=rubrics) == [1.0, -0.5]
-        total = RubricPlusLength(rubric, group_size=2, threshold=-1.0)(
-            prompts, completions, rubrics=rubrics)
-        # P80 of [1.0, -0.5] is -0.2 > -1.0: only the first (>= P80) earns 4/sqrt(35 chars).
-        assert total == pytest.approx([1.0 + 4 / math.sqrt(35), -0.5])
-    finally:
-        loop.run(engine.close())
-        loop.close()
+    with BackgroundLoop() as loop:
+        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0), tmp_path)
+        loop.run(engine.start())
+        try:
+            judge = Judge(EngineChatClient(engine), concurrency=1)
+            rubric = RubricReward(judge, loop)
+            prompts = [[{"role": "user", "content": "Crushing chest pain for an hour."}]] * 2
+            completions = [
+                [{"role": "assistant", "content": "Call 911 now: this is an emergency."}],
+                [{"role": "assistant", "content": "Let's wait and see."}]]
+            # Rule items alone: graded mechanically, so the scores are known.
+            rules = [[SEEKS_CARE, WAITS]] * 2
+            assert rubric(prompts, completions, rubrics=rules) == [1.0, -0.5]
+            total = RubricPlusLength(rubric, group_size=2, threshold=-1.0)(
+                prompts, completions, rubrics=rules)
+            # P80 of [1.0, -0.5] is -0.2 > -1.0: only the first (>= P80) earns 4/sqrt(35 chars).
+            assert total == pytest.approx([1.0 + 4 / math.sqrt(35), -0.5])
+
+            # With an item the model judges: the reward is the HealthBench score of its verdicts
+            # (greedy, so the same verdicts come back), unparseable ones left out.
+            mixed = [[SEEKS_CARE, WAITS, EXPLAINS]] * 2
+            got = rubric(prompts, completions, rubrics=mixed)
+            items = [RubricItem.model_validate(i) for i in mixed[0]]
+            for prompt, completion, reward in zip(prompts, completions, got, strict=True):
+                verdicts = loop.run(judge.grade_all(prompt, completion[0]["content"], items))
+                assert verdicts[2].source in ("llm", "unparseable")
+                met = [v.criteria_met for v in verdicts]
+                assert reward == pytest.approx(score_example(items, met))
+            # met / not met / unparseable: 12/12, 8/12, 8/8 and 0/12, -4/12, -4/8.
+            assert got[0] in (1.0, pytest.approx(8 / 12))
+            assert got[1] in (0.0, pytest.approx(-4 / 12), -0.5)
+        finally:
+            loop.run(engine.close())
+
+
+def test_rule_reward_without_a_positive_rule_item_is_zero():
+    assert rule_reward([None], ["Call 911."], [[WAITS]]) == [0.0]
