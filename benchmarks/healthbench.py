@@ -25,10 +25,10 @@ from typing import Any
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from clinicloop.verifier.client import ChatError, HttpChatClient
+from clinicloop.verifier.client import ChatError, HttpChatClient, open_client
 from clinicloop.verifier.judge import Judge, Verdict
 from clinicloop.verifier.rubrics import Example, read_jsonl
-from clinicloop.verifier.score_logs import resolved_http_client, sub_score_names
+from clinicloop.verifier.score_logs import sub_score_names
 from clinicloop.verifier.scoring import ExampleGrades, aggregate, score_example
 
 MODEL_ATTEMPTS = 3
@@ -75,25 +75,25 @@ async def answer(model: HttpChatClient, example: Example, max_tokens: int) -> st
 async def run(args: argparse.Namespace) -> Outcome:
     examples = sample(list(read_jsonl(args.data)), args.examples, args.seed)
     model = HttpChatClient(args.model_url, model=args.model, concurrency=args.concurrency)
-    judge_client = await resolved_http_client(args.judge_url, model=args.judge_model,
-                                              concurrency=args.concurrency)
-    judge = Judge(judge_client, template=args.template, concurrency=args.concurrency)
     started = time.perf_counter()
-    try:
-        with tqdm(total=len(examples), unit="example", desc="healthbench") as bar:
+    async with open_client(args.judge_url, model=args.judge_model,
+                           concurrency=args.concurrency) as judge_client:
+        judge = Judge(judge_client, template=args.template, concurrency=args.concurrency)
+        try:
+            with tqdm(total=len(examples), unit="example", desc="healthbench") as bar:
 
-            async def one(example: Example) -> Graded | None:
-                response = await answer(model, example, args.max_tokens)
-                graded = None if response is None else Graded(
-                    example=example, response=response,
-                    verdicts=await judge.grade_all(example.prompt, response, example.rubrics))
-                bar.update(1)
-                return graded
+                async def one(example: Example) -> Graded | None:
+                    response = await answer(model, example, args.max_tokens)
+                    graded = None if response is None else Graded(
+                        example=example, response=response,
+                        verdicts=await judge.grade_all(example.prompt, response,
+                                                       example.rubrics))
+                    bar.update(1)
+                    return graded
 
-            results = await asyncio.gather(*map(one, examples))
-    finally:
-        await model.aclose()
-        await judge_client.aclose()
+                results = await asyncio.gather(*map(one, examples))
+        finally:
+            await model.aclose()
     graded = [g for g in results if g is not None]
     return Outcome(graded=graded, failed=len(results) - len(graded), model=model.model,
                    judge_model=judge_client.model, wall_s=time.perf_counter() - started)

@@ -30,12 +30,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clinicloop.config import EngineSettings
 from clinicloop.model.corpus import load_corpus
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.grpo import TrainResult, train_grpo
 from clinicloop.rl.rewards import BackgroundLoop, RubricPlusLength, RubricReward, rule_reward
-from clinicloop.verifier.client import ChatClient, EngineChatClient, HttpChatClient
+from clinicloop.verifier.client import ChatClient, open_client
 from clinicloop.verifier.generator import (
     EMERGENCY_ADVICE,
     EMERGENCY_POINTS,
@@ -66,27 +65,17 @@ class Endpoint(BaseModel):
 
 
 @contextmanager
-def open_client(loop: BackgroundLoop, endpoint: Endpoint,
-                models_dir: Path) -> Iterator[ChatClient]:
+def client_on(loop: BackgroundLoop, endpoint: Endpoint, models_dir: Path) -> Iterator[ChatClient]:
     """A client for `endpoint` whose calls run on `loop` (where an in-process engine lives)."""
-    if endpoint.url:
-        client = HttpChatClient(endpoint.url, api_key=endpoint.api_key, model=endpoint.model)
-        try:
-            yield client
-        finally:
-            loop.run(client.aclose())
-        return
-    if endpoint.gguf is None:
+    if endpoint.url is None and endpoint.gguf is None:
         raise ValueError("an endpoint needs a url or a gguf")
-    from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-
-    engine = LlamaCppEngine(EngineSettings(model_path=endpoint.gguf, n_ctx=endpoint.n_ctx),
-                            models_dir)
-    loop.run(engine.start())
+    opened = open_client(endpoint.url, api_key=endpoint.api_key, model=endpoint.model,
+                         gguf=endpoint.gguf, models_dir=models_dir, n_ctx=endpoint.n_ctx)
+    client = loop.run(opened.__aenter__())
     try:
-        yield EngineChatClient(engine)
+        yield client
     finally:
-        loop.run(engine.close())
+        loop.run(opened.__aexit__(None, None, None))
 
 
 def corpus_prompts(topic: str | None = None, n: int | None = None,
@@ -172,7 +161,7 @@ def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
     """Rubric-based GRPO on `rows` (e.g. `healthbench_rows(path)`), or on `n_prompts` corpus
     prompts with rubrics the verifier writes."""
     config = config or PaperGRPOConfig()
-    with BackgroundLoop() as loop, open_client(loop, verifier, models_dir) as client:
+    with BackgroundLoop() as loop, client_on(loop, verifier, models_dir) as client:
         if rows is None:
             generator = RubricGenerator(client, seed=config.seed)
             rows = loop.run(rubric_rows(corpus_prompts(None, n_prompts, config.seed), generator))
@@ -190,9 +179,9 @@ def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifie
     options = SimulatorOptions(max_turns=max_turns)
     with ExitStack() as stack:
         loop = stack.enter_context(BackgroundLoop())
-        verifier_client = stack.enter_context(open_client(loop, verifier, models_dir))
+        verifier_client = stack.enter_context(client_on(loop, verifier, models_dir))
         policy_client = verifier_client if policy == verifier else stack.enter_context(
-            open_client(loop, policy, models_dir))
+            client_on(loop, policy, models_dir))
         slices = loop.run(dialogue_slices(scripts, policy_client, verifier_client, options,
                                           config.seed))
         rows = loop.run(rubric_rows(slices, RubricGenerator(verifier_client, seed=config.seed)))

@@ -10,10 +10,14 @@ engine can (a grammar on llama.cpp).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from clinicloop.config import EngineSettings
 from clinicloop.serving.engines.base import Delta, Engine, SamplingParams
 
 
@@ -106,3 +110,29 @@ class EngineChatClient:
 
     async def aclose(self) -> None:
         return None
+
+
+@asynccontextmanager
+async def open_client(url: str | None = None, *, api_key: str | None = None,
+                      model: str | None = None, gguf: Path | None = None,
+                      models_dir: Path = Path("var/models"), n_ctx: int = 4096,
+                      concurrency: int = 8) -> AsyncIterator[ChatClient]:
+    """A client for an OpenAI-compatible base URL, else for `gguf` run in-process (the tiny
+    model when None); closed on exit. An HTTP client's model is resolved on open, so `.model`
+    names it from the first use (verdict cache keys and stored rows depend on it)."""
+    if url:
+        client = HttpChatClient(url, api_key=api_key, model=model, concurrency=concurrency)
+        try:
+            await client.resolve_model()
+            yield client
+        finally:
+            await client.aclose()
+        return
+    from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine(EngineSettings(model_path=gguf, n_ctx=n_ctx), models_dir)
+    await engine.start()
+    try:
+        yield EngineChatClient(engine)
+    finally:
+        await engine.close()

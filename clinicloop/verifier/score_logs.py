@@ -22,10 +22,10 @@ from typing import Any, cast, get_args
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from clinicloop.config import EngineSettings, Settings
+from clinicloop.config import Settings
 from clinicloop.store.db import Store, StoredVerdict, TurnScore
 from clinicloop.store.records import TurnRecord
-from clinicloop.verifier.client import ChatClient, EngineChatClient, HttpChatClient
+from clinicloop.verifier.client import open_client
 from clinicloop.verifier.generator import RubricGenerator
 from clinicloop.verifier.judge import Judge, Template, Verdict, verdict_key
 from clinicloop.verifier.rubrics import RubricItem
@@ -183,38 +183,13 @@ def sub_score_names(metrics: dict[str, float]) -> list[str]:
     return sorted(k for k in metrics if ":" in k and not k.endswith(("n_samples", "bootstrap_std")))
 
 
-async def resolved_http_client(base_url: str, *, model: str | None = None,
-                               concurrency: int = 8) -> HttpChatClient:
-    """An HttpChatClient whose `model` is known before the first call: verdict cache keys and
-    stored rows name the judge model, so it must not read "" until a request resolves it."""
-    client = HttpChatClient(base_url, model=model, concurrency=concurrency)
-    if model is None:
-        await client.resolve_model()
-    return client
-
-
 async def _score(store: Store, judge_url: str | None, template: Template,
                  **filters: Any) -> ScoreSummary:
-    engine = None
-    client: ChatClient
-    if judge_url is None:
-        from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-
-        engine = LlamaCppEngine(EngineSettings(), Settings().models_dir)  # the tiny model
-        await engine.start()
-        client = EngineChatClient(engine)
-    else:
-        client = await resolved_http_client(judge_url)
-    try:
+    async with open_client(judge_url, models_dir=Settings().models_dir) as client:
         # One sequence at a time in-process: a second conversation would evict the prefix cache.
         judge = Judge(client, template=template, cache=StoreVerdictCache(store),
-                      concurrency=1 if engine is not None else 8)
+                      concurrency=8 if judge_url else 1)
         return await score_logs(store, judge, RubricGenerator(client, store=store), **filters)
-    finally:
-        if engine is not None:
-            await engine.close()
-        else:
-            await client.aclose()
 
 
 def score_command(store_url: str, judge_url: str | None, since: str | None,

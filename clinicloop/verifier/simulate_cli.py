@@ -25,10 +25,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from clinicloop.config import EngineSettings, Settings
+from clinicloop.config import Settings
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
-from clinicloop.verifier.client import ChatClient, EngineChatClient, HttpChatClient
+from clinicloop.verifier.client import ChatClient, open_client
 from clinicloop.verifier.patients import SCRIPTS_PATH, PatientScript, load_scripts
 from clinicloop.verifier.simulator import Consultation, PatientSimulator, SimulatorOptions
 
@@ -120,21 +120,16 @@ async def _clients(doctor_url: str | None, patient_url: str | None, api_key: str
     async with AsyncExitStack() as stack:
         local: ChatClient | None = None
         if doctor_url is None or patient_url is None:
-            from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-
             # One engine serves both sides: it runs one sequence at a time anyway.
-            engine = LlamaCppEngine(EngineSettings(model_path=model_path, n_ctx=4096), models_dir)
-            await engine.start()
-            stack.push_async_callback(engine.close)
-            local = EngineChatClient(engine)
+            local = await stack.enter_async_context(
+                open_client(gguf=model_path, models_dir=models_dir))
 
-        def remote(url: str, model: str | None) -> ChatClient:
-            client = HttpChatClient(url, api_key=api_key, model=model)
-            stack.push_async_callback(client.aclose)
-            return client
+        async def remote(url: str, model: str | None) -> ChatClient:
+            return await stack.enter_async_context(open_client(url, api_key=api_key,
+                                                               model=model))
 
-        doctor = remote(doctor_url, doctor_model) if doctor_url else local
-        patient = remote(patient_url, patient_model) if patient_url else local
+        doctor = await remote(doctor_url, doctor_model) if doctor_url else local
+        patient = await remote(patient_url, patient_model) if patient_url else local
         assert doctor is not None and patient is not None
         yield doctor, patient
 
