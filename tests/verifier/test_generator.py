@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from clinicloop.model.corpus import load_corpus
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import HttpChatClient
 from clinicloop.verifier.generator import (
@@ -18,6 +19,7 @@ from clinicloop.verifier.generator import (
     red_flags,
     rule_items,
 )
+from clinicloop.verifier.patients import load_scripts
 from clinicloop.verifier.rubrics import RubricItem, check_rule
 from tests.conftest import free_port
 from tests.verifier.clients import CountingClient, with_client
@@ -71,7 +73,8 @@ def test_dedupe_ignores_case_punctuation_and_spacing():
 
 
 def test_red_flags_come_from_the_user_only_and_make_a_rule_item():
-    assert red_flags(CHEST_PAIN) == ["chest pain with sweating or breathlessness"]
+    assert red_flags(CHEST_PAIN) == ["chest pain with sweating or breathlessness",
+                                     "chest pain lasting more than 15 minutes"]
     assert red_flags([{"role": "user", "content": "Chest pressure, and I'm short of breath"}]) \
         == ["chest pain with sweating or breathlessness"]
     assert red_flags([{"role": "user", "content": "I have chest pain after running."}]) == []
@@ -87,6 +90,48 @@ def test_red_flags_come_from_the_user_only_and_make_a_rule_item():
     assert check_rule(item.rule, "Please go to the emergency department.")
     assert not check_rule(item.rule, "Rest and take ibuprofen; it is probably a muscle strain.")
     assert rule_items([{"role": "user", "content": "I have a mild cold."}]) == []
+
+
+def _user(*texts: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": t} for t in texts]
+
+
+def test_red_flags_catch_every_emergency_script_and_no_other():
+    scripts = load_scripts()
+    emergencies = {s.id: s.record for s in scripts if s.outcome.red_flag}
+    assert len(emergencies) == 11
+    missed = [id_ for id_, r in emergencies.items()
+              if not red_flags(_user(f"{r.chief_complaint} {r.present_illness}"))]
+    assert missed == []
+    # Pain with spotting, and fever with headache and vomiting, are not emergencies by themselves:
+    # feeling faint, light hurting the eyes and a non-blanching rash come in the present illness.
+    assert {id_ for id_, r in emergencies.items() if not red_flags(_user(r.chief_complaint))} \
+        == {"gyn-ectopic", "infect-meningitis"}
+
+    false_alarms = {}
+    for script in scripts:
+        if script.outcome.red_flag:
+            continue
+        record = script.record  # all the simulated patient may say, denials included
+        said = _user(f"{record.chief_complaint} {record.present_illness}",
+                     *(f.statement for f in [*record.facts, *record.hidden]))
+        if flags := red_flags(said):
+            false_alarms[script.id] = flags
+    assert false_alarms == {}
+
+
+def test_red_flags_on_the_training_corpus_user_turns():
+    turns: dict[str, int] = {}
+    flagged: dict[str, int] = {}
+    for row in load_corpus():
+        for message in row["messages"]:
+            if message["role"] == "user":
+                turns[row["topic"]] = turns.get(row["topic"], 0) + 1
+                flagged[row["topic"]] = flagged.get(row["topic"], 0) + bool(red_flags([message]))
+    assert {"symptom", "follow_up", "medication", "clarify", "red_flag"} <= set(turns)
+    # Measured: 0 false alarms (1 before: "no fainting"), and all 104 red-flag turns (20 before).
+    assert sum(n for topic, n in flagged.items() if topic != "red_flag") == 0
+    assert flagged["red_flag"] == turns["red_flag"] >= 104
 
 
 def test_prefix_hash_is_the_prompt_up_to_the_last_user_turn():
