@@ -1,5 +1,6 @@
 # make serve: set up .venv and serve the embedded default on 127.0.0.1:$(PORT)
 # make test:  set up .venv and run the test suite
+# make demo:  the whole loop on the tiny model: serve, log, score, retrain, gate, hot-swap
 # llama-cpp-python has no Linux wheel on PyPI; it is built from source once into $(WHEELS) (about
 # 7-16 minutes on 2 cores) and every later install, in any clone on this machine, reuses it.
 
@@ -14,7 +15,7 @@ LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-py3-none-linux_x86
 EXTRAS ?= model,rl,postgres,test
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint install llama-wheel clean
+.PHONY: serve test demo lint install llama-wheel clean
 
 serve: $(STAMP)
 	$(BIN)/clinicloop serve --host $(HOST) --port $(PORT)
@@ -22,8 +23,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check clinicloop tests benchmarks
+	$(BIN)/ruff check clinicloop tests benchmarks scripts
 
 install: $(STAMP)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clinicloop.config import Settings
+
+if TYPE_CHECKING:
+    from clinicloop.rl.grpo import TrainResult
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Build models offline.", no_args_is_help=True)
@@ -149,26 +153,136 @@ def verify_simulate(
                      llm_gate=llm_gate, llm_fact_check=llm_fact_check)
 
 
+def _policy_dir(model_dir: Path | None) -> Path:
+    from clinicloop.model.tiny import build_tiny
+
+    return model_dir or build_tiny("tiny", out_root=Settings().models_dir).hf_dir
+
+
+def _echo_training(result: TrainResult) -> None:
+    curve = ", ".join(f"{r:.2f}" for r in result.reward_curve)
+    typer.echo(f"adapter: {result.adapter_dir}\nreward per step: {curve}\n"
+               f"wall time: {result.wall_s:.1f} s")
+
+
+PolicyDir = Annotated[Path | None, typer.Option(
+    "--model-dir", help="HF policy directory (default: the tiny model).")]
+Steps = Annotated[int, typer.Option(help="GRPO optimizer steps.")]
+VerifierUrl = Annotated[str | None, typer.Option(
+    help="Judge and rubric generator: an OpenAI-compatible base URL ending in /v1 (default: the "
+         "tiny model in-process).")]
+
+
 @rl_app.command("stage-rule")
 def rl_stage_rule(
-    steps: Annotated[int, typer.Option(help="GRPO optimizer steps.")] = 20,
+    steps: Steps = 20,
     prompts: Annotated[int, typer.Option(help="Red-flag prompts to train on.")] = 32,
-    model_dir: Annotated[Path | None, typer.Option(
-        help="HF policy directory (default: the tiny model).")] = None,
+    model_dir: PolicyDir = None,
     out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
         "var/rl/stage-rule"),
 ) -> None:
     """Rule-based stage: GRPO (the paper's options) with a LoRA on verifiable prompts, the
     corpus's red-flag consultations, rewarded when the reply advises emergency care."""
-    from clinicloop.model.tiny import build_tiny
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.stages import rule_stage
 
-    policy = model_dir or build_tiny("tiny", out_root=Settings().models_dir).hf_dir
-    result = rule_stage(policy, out, PaperGRPOConfig(max_steps=steps), n_prompts=prompts)
-    curve = ", ".join(f"{r:.2f}" for r in result.reward_curve)
-    typer.echo(f"adapter: {result.adapter_dir}\nreward per step: {curve}\n"
-               f"wall time: {result.wall_s:.1f} s")
+    _echo_training(rule_stage(_policy_dir(model_dir), out, PaperGRPOConfig(max_steps=steps),
+                              n_prompts=prompts))
+
+
+@rl_app.command("stage-rubric")
+def rl_stage_rubric(
+    steps: Steps = 20,
+    data: Annotated[Path | None, typer.Option(
+        help="HealthBench-format JSONL with the prompts and rubrics to train on (canaried rows "
+             "are refused). Default: corpus prompts with rubrics the verifier writes.")] = None,
+    prompts: Annotated[int, typer.Option(help="Corpus prompts, without --data.")] = 32,
+    verifier_url: VerifierUrl = None,
+    model_dir: PolicyDir = None,
+    out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
+        "var/rl/stage-rubric"),
+) -> None:
+    """Rubric-based stage: GRPO rewarded by the judge's HealthBench score of each completion
+    against its prompt's rubric, plus the paper's length reward."""
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.stages import Endpoint, healthbench_rows, rubric_stage
+
+    rows = None if data is None else healthbench_rows(data)
+    _echo_training(rubric_stage(_policy_dir(model_dir), out, Endpoint(url=verifier_url),
+                                PaperGRPOConfig(max_steps=steps), rows=rows, n_prompts=prompts,
+                                models_dir=Settings().models_dir))
+
+
+@rl_app.command("stage-multiturn")
+def rl_stage_multiturn(
+    steps: Steps = 20,
+    scripts: Annotated[int, typer.Option(help="Patient scripts to consult.")] = 16,
+    max_turns: Annotated[int, typer.Option(help="Doctor turns per consultation.")] = 3,
+    policy_url: Annotated[str | None, typer.Option(
+        help="The policy as a chat model for the consultations, e.g. a `vllm serve` of "
+             "--model-dir (default: the tiny model's GGUF in-process).")] = None,
+    verifier_url: VerifierUrl = None,
+    model_dir: PolicyDir = None,
+    seed: Annotated[int, typer.Option(help="Which scripts, where dialogues are cut.")] = 0,
+    out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
+        "var/rl/stage-multiturn"),
+) -> None:
+    """Multi-turn stage: the policy consults the patient simulator; each dialogue is cut after a
+    patient turn, the generator writes fresh rubrics for that slice, and the policy's next reply
+    is what GRPO scores."""
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.stages import Endpoint, multiturn_stage
+    from clinicloop.verifier.patients import load_scripts
+    from clinicloop.verifier.simulate_cli import select_scripts
+
+    chosen = select_scripts(load_scripts(), scripts, seed)
+    _echo_training(multiturn_stage(
+        _policy_dir(model_dir), out, Endpoint(url=policy_url), Endpoint(url=verifier_url),
+        chosen, PaperGRPOConfig(max_steps=steps, seed=seed), max_turns=max_turns,
+        models_dir=Settings().models_dir))
+
+
+@rl_app.command("refresh")
+def rl_refresh(
+    stage: Annotated[str, typer.Option(
+        help="`rubric`: generated rubrics graded by the judge plus the length reward; `rule`: "
+             "only the rubrics' machine-checked items.")] = "rubric",
+    steps: Steps = 20,
+    max_score: Annotated[float | None, typer.Option(
+        help="Train only on prompts whose logged reply scored at most this.")] = None,
+    margin: Annotated[float, typer.Option(
+        help="Publish if the held-out score is at least serving's minus this.")] = 0.0,
+    canary_share: Annotated[float | None, typer.Option(
+        help="Put a passing candidate on canary with this share instead of activating it.")
+    ] = None,
+    judge_url: VerifierUrl = None,
+    server_url: Annotated[str | None, typer.Option(
+        help="The running server, e.g. http://127.0.0.1:8000: the swap goes through its admin "
+             "API (key from CLINICLOOP_ADMIN_KEY). Without it only the registry file changes.")
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(
+        "--model-dir", help="HF weights of the serving version (default: what the registry "
+                            "records for it).")] = None,
+    run_id: Annotated[str | None, typer.Option(
+        help="Resume this run (default: the latest unfinished run, else a new one).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are kept.")] = Path("var/rl/refresh"),
+) -> None:
+    """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
+    serving version -> publish and hot-swap. Resumable: re-run after a crash to continue."""
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
+
+    settings = Settings()
+    options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
+                             canary_share=canary_share, judge_url=judge_url,
+                             grpo=PaperGRPOConfig(max_steps=steps))
+    paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
+                  runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
+                  admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"))
+    job = refresh(paths, options, run_id=run_id, policy_hf=model_dir)
+    report = json.loads((job.run_dir / "report.json").read_text())
+    typer.echo(f"before={report['before']} after={report['after']} "
+               f"swapped={report['swapped']} report={job.run_dir / 'report.md'}")
 
 
 if __name__ == "__main__":

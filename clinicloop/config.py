@@ -32,6 +32,10 @@ class EngineSettings(BaseModel):
     lora_path: Path | None = Field(
         None, description="`llamacpp`: a LoRA adapter GGUF applied on top of `model_path`."
     )
+    hf_dir: Path | None = Field(
+        None, description="The HF weights `model_path` was exported from; `rl refresh` trains "
+        "them. Unset with the tiny model: its own."
+    )
     served_model_name: str | None = Field(
         None, description="Model id shown in /v1/models. Default: the model file's stem."
     )

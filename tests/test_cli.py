@@ -8,7 +8,8 @@ from clinicloop.cli import app
 COMMANDS = [[], ["serve"], ["model"], ["model", "build-tiny"], ["keys"], ["keys", "new"],
             ["store"], ["store", "migrate"], ["store", "redaction-recall"],
             ["verify"], ["verify", "score"], ["verify", "simulate"], ["rl"],
-            ["rl", "stage-rule"]]
+            ["rl", "stage-rule"], ["rl", "stage-rubric"], ["rl", "stage-multiturn"],
+            ["rl", "refresh"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -1,13 +1,15 @@
 """Train a LoRA on the HF policy with `trl.GRPOTrainer`, configured by `PaperGRPOConfig`.
 
-Nothing of ours runs in TRL's loop but the reward functions. Writes the adapter and `train.json`
-(reward curve, wall time) to `output_dir`.
+Nothing of ours runs in TRL's loop but the reward functions and a progress bar (which replaces
+TRL's printing of every step's log dict). Writes the adapter and `train.json` (reward curve, wall
+time) to `output_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,44 @@ class TrainResult:
     wall_s: float
 
 
+def quiet_deprecations() -> None:
+    """TRL 1.16 and peft 0.21 call transformers 5's deprecated gradient-checkpointing names on
+    every step and merge; the warnings say nothing a user can act on."""
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*",
+                            category=FutureWarning)
+
+
+def _reward_bar(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class RewardBar(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.bar = tqdm(total=total, desc="grpo", unit="step", disable=not enabled)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **_: Any) -> None:
+            if logs and "reward" in logs:
+                self.bar.set_postfix(reward=f"{float(logs['reward']):.3f}")
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.bar.close()
+
+    return RewardBar()
+
+
 def train_grpo(config: PaperGRPOConfig, model_dir: Path, rows: list[dict[str, Any]],
-               reward_funcs: list[Any], output_dir: Path) -> TrainResult:
+               reward_funcs: list[Any], output_dir: Path, progress: bool = True) -> TrainResult:
     """`rows`: dicts with a `prompt` (messages) plus whatever columns the rewards read."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOTrainer
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    quiet_deprecations()
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -38,6 +70,8 @@ def train_grpo(config: PaperGRPOConfig, model_dir: Path, rows: list[dict[str, An
         train_dataset=Dataset.from_list(rows),
         peft_config=config.lora(),
     )
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_reward_bar(config.max_steps, progress))
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started

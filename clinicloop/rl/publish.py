@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clinicloop.model.gguf_export import quantize_gguf, write_gguf_f16
+from clinicloop.rl.grpo import quiet_deprecations
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "chat_template.jinja", "generation_config.json")
@@ -33,6 +34,7 @@ def merge_lora(base_hf_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    quiet_deprecations()
     base = AutoModelForCausalLM.from_pretrained(base_hf_dir)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     part = out_dir.with_name(out_dir.name + ".part")

@@ -55,7 +55,8 @@ Row = dict[str, Any]  # a training row: `prompt` (messages) and `rubrics` (Rubri
 
 
 class Endpoint(BaseModel):
-    """Where a chat model is: an OpenAI-compatible base URL, else a GGUF run in-process."""
+    """Where a chat model is: an OpenAI-compatible base URL, else a GGUF run in-process (the
+    tiny model when neither is given)."""
 
     url: str | None = None
     gguf: Path | None = None
@@ -67,8 +68,6 @@ class Endpoint(BaseModel):
 @contextmanager
 def client_on(loop: BackgroundLoop, endpoint: Endpoint, models_dir: Path) -> Iterator[ChatClient]:
     """A client for `endpoint` whose calls run on `loop` (where an in-process engine lives)."""
-    if endpoint.url is None and endpoint.gguf is None:
-        raise ValueError("an endpoint needs a url or a gguf")
     opened = open_client(endpoint.url, api_key=endpoint.api_key, model=endpoint.model,
                          gguf=endpoint.gguf, models_dir=models_dir, n_ctx=endpoint.n_ctx)
     client = loop.run(opened.__aenter__())
@@ -148,9 +147,11 @@ def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
 
 
 def rule_stage(model_dir: Path, output_dir: Path, config: PaperGRPOConfig | None = None,
-               n_prompts: int | None = 32) -> TrainResult:
+               rows: list[Row] | None = None, n_prompts: int | None = 32) -> TrainResult:
+    """Rule-based GRPO on `rows` (rubrics with `kind:rule` items), or on `n_prompts` red-flag
+    prompts of the corpus."""
     config = config or PaperGRPOConfig()
-    rows = red_flag_rows(n_prompts, config.seed)
+    rows = red_flag_rows(n_prompts, config.seed) if rows is None else rows
     _write_rows(rows, output_dir)
     return train_grpo(config, model_dir, rows, [rule_reward], output_dir)
 

@@ -47,6 +47,8 @@ class Version(BaseModel):
     kind: Literal["gguf", "lora"]
     model_path: Path
     lora_path: Path | None = None
+    #: The HF weights the GGUF was exported from, which the RL refresh trains; None if unknown.
+    hf_dir: Path | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -115,8 +117,8 @@ class Registry:
         return self.read().ordered()
 
     def register(self, *, parent: str, kind: Literal["gguf", "lora"], model_path: Path,
-                 lora_path: Path | None = None, metrics: dict[str, Any] | None = None,
-                 version_id: str | None = None) -> Version:
+                 lora_path: Path | None = None, hf_dir: Path | None = None,
+                 metrics: dict[str, Any] | None = None, version_id: str | None = None) -> Version:
         """Add a version whose files exist. Registering the same id with the same files again
         returns the stored version, so a publisher that crashed after registering can re-run.
         Only `bootstrap` adds a version without a parent."""
@@ -130,7 +132,7 @@ class Registry:
                 version = Version(
                     id=vid, parent=parent, kind=kind, model_path=model_path.resolve(),
                     lora_path=None if lora_path is None else lora_path.resolve(),
-                    metrics=metrics or {})
+                    hf_dir=None if hf_dir is None else hf_dir.resolve(), metrics=metrics or {})
             except ValidationError as exc:
                 raise RegistryError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
             if vid in state.versions:
@@ -143,14 +145,16 @@ class Registry:
 
         return self._update(change)
 
-    def bootstrap(self, model_path: Path, model_name: str) -> RegistryState:
+    def bootstrap(self, model_path: Path, model_name: str,
+                  hf_dir: Path | None = None) -> RegistryState:
         """On an empty registry, register `model_path` as the base version and activate it."""
         def change(state: RegistryState) -> RegistryState:
             if state.active is None:
                 state.model_name = model_name
                 path = model_path.resolve()
-                state.versions[BASE_ID] = Version(id=BASE_ID, parent=None, kind="gguf",
-                                                  model_path=path)
+                state.versions[BASE_ID] = Version(
+                    id=BASE_ID, parent=None, kind="gguf", model_path=path,
+                    hf_dir=None if hf_dir is None else hf_dir.resolve())
                 state.active = BASE_ID
                 state.history.append(Activation(version=BASE_ID))
             return state

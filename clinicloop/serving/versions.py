@@ -163,7 +163,7 @@ class VersionedEngine(Engine):
             first = await self._started(self.settings)
             assert first.model_path is not None
             state = await asyncio.to_thread(self.registry.bootstrap, first.model_path,
-                                            first.model_name)
+                                            first.model_name, first.hf_dir)
         root = next(v for v in state.versions.values() if v.parent is None)
         configured = self.settings.model_path
         if configured is not None and configured.resolve() != root.model_path:
@@ -204,6 +204,7 @@ class VersionedEngine(Engine):
             return slot
         settings = self.settings.model_copy(update={
             "model_path": version.model_path, "lora_path": version.lora_path,
+            "hf_dir": version.hf_dir,
             "served_model_name": self.model_name,
         })
         try:

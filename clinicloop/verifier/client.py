@@ -115,11 +115,12 @@ class EngineChatClient:
 @asynccontextmanager
 async def open_client(url: str | None = None, *, api_key: str | None = None,
                       model: str | None = None, gguf: Path | None = None,
-                      models_dir: Path = Path("var/models"), n_ctx: int = 4096,
-                      concurrency: int = 8) -> AsyncIterator[ChatClient]:
+                      lora: Path | None = None, models_dir: Path = Path("var/models"),
+                      n_ctx: int = 4096, concurrency: int = 8) -> AsyncIterator[ChatClient]:
     """A client for an OpenAI-compatible base URL, else for `gguf` run in-process (the tiny
     model when None); closed on exit. An HTTP client's model is resolved on open, so `.model`
-    names it from the first use (verdict cache keys and stored rows depend on it)."""
+    names it from the first use (verdict cache keys and stored rows depend on it). `lora`: a
+    llama.cpp LoRA adapter GGUF applied on top of `gguf`."""
     if url:
         client = HttpChatClient(url, api_key=api_key, model=model, concurrency=concurrency)
         try:
@@ -130,7 +131,8 @@ async def open_client(url: str | None = None, *, api_key: str | None = None,
         return
     from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 
-    engine = LlamaCppEngine(EngineSettings(model_path=gguf, n_ctx=n_ctx), models_dir)
+    engine = LlamaCppEngine(EngineSettings(model_path=gguf, lora_path=lora, n_ctx=n_ctx),
+                            models_dir)
     await engine.start()
     try:
         yield EngineChatClient(engine)

@@ -135,7 +135,7 @@ async def _clients(doctor_url: str | None, patient_url: str | None, api_key: str
 
 
 async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list[PatientScript],
-                   options: SimulatorOptions, store: Store, seed: int, *,
+                   options: SimulatorOptions, store: Store | None, seed: int, *,
                    api_key: str | None = None, doctor_model: str | None = None,
                    patient_model: str | None = None, model_path: Path | None = None,
                    models_dir: Path = Path("var/models"), concurrency: int = 4,
@@ -153,8 +153,8 @@ async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list
         async def one(script: PatientScript) -> None:
             async with slots:
                 c = await simulator.consult(script, doctor, f"sim-{script.id}-{run_id}", seed)
-            # The HTTP client learns the model id on its first call.
-            await asyncio.to_thread(store.insert_many, turn_records(c, doctor.model, run_id))
+            if store is not None:  # None: the doctor endpoint logs its own traffic (ours does)
+                await asyncio.to_thread(store.insert_many, turn_records(c, doctor.model, run_id))
             consultations[script.id] = c
             bar.update()
 

@@ -75,7 +75,8 @@ async def register_version(body: RegisterRequest, request: Request) -> Version:
     with _errors():
         return await asyncio.to_thread(
             versions.registry.register, parent=body.parent, kind=body.kind,
-            model_path=body.model_path, lora_path=body.lora_path, metrics=body.metrics,
+            model_path=body.model_path, lora_path=body.lora_path, hf_dir=body.hf_dir,
+            metrics=body.metrics,
             version_id=body.id)
 
 

@@ -20,6 +20,7 @@ class RegisterRequest(BaseModel):
     kind: Literal["gguf", "lora"] = "gguf"
     model_path: Path = Field(description="The whole GGUF, or for `lora` the base GGUF.")
     lora_path: Path | None = Field(None, description="`lora`: the llama.cpp LoRA adapter GGUF.")
+    hf_dir: Path | None = Field(None, description="The HF weights the GGUF was made from.")
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 

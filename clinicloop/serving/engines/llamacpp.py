@@ -62,6 +62,7 @@ class LlamaCppEngine(Engine):
         self.model_version = "loading"
         #: The GGUF file served, once loaded (the tiny model's path is known only then).
         self.model_path: Path | None = None
+        self.hf_dir: Path | None = settings.hf_dir
         self._llama: Any = None
         self._template: ChatTemplate | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamacpp")
@@ -74,6 +75,7 @@ class LlamaCppEngine(Engine):
 
         tiny = build_tiny(self.settings.tiny_size, out_root=self.models_dir)
         self.model_name = self.settings.served_model_name or tiny.name
+        self.hf_dir = tiny.hf_dir
         return tiny.gguf_q8_0 if self.settings.tiny_quant == "q8_0" else tiny.gguf_f16
 
     def _load(self) -> None:

@@ -1,0 +1,409 @@
+"""`clinicloop rl refresh`: retrain the serving policy on its own logged traffic, gate the result on
+a held-out rubric set, and swap it in.
+
+A run is a directory under `runs_dir`; its steps run in order, each writing its output there and
+then being recorded as done in `state.json`:
+
+  prompts    logged prompts (`prompts.py`) with their rubrics -> train.jsonl, heldout.jsonl
+  baseline   the serving version answers the held-out prompts; the judge grades -> baseline.json
+  train      GRPO (TRL) trains a LoRA on the serving version's HF weights -> train/
+  publish    the adapter merged, written as GGUF and quantized -> candidate/
+  candidate  the candidate answers the same prompts, the same judge grades -> candidate.json
+  gate       `gate.decide` -> decision.json
+  swap       if the gate passed: registered as a version and activated (or put on canary)
+  report     report.json, report.md, reward_curve.png
+
+A re-run continues the latest unfinished run at its first step not done; a step killed midway
+starts over, and since every output is renamed into place, nothing half-written is ever read.
+Nothing touches serving before `swap`, which is idempotent (a fixed version id; activating the
+active version changes nothing), so a crash anywhere leaves the old version serving. A lock file
+stops two jobs at once. The run's options are stored with it, so a resumed run trains and grades
+exactly as it began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field
+
+from clinicloop.rl.config import PaperGRPOConfig
+from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
+from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
+from clinicloop.rl.publish import publishable_gguf
+from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
+from clinicloop.serving.registry import Registry, RegistryState, Version
+from clinicloop.store.db import Store
+from clinicloop.verifier.client import ChatClient, open_client
+from clinicloop.verifier.generator import RubricGenerator, rule_items
+from clinicloop.verifier.judge import Judge
+from clinicloop.verifier.rubrics import RubricItem
+
+STEPS = ("prompts", "baseline", "train", "publish", "candidate", "gate", "swap", "report")
+
+
+class RefreshBusy(RuntimeError):
+    """Another refresh job holds the lock."""
+
+
+class RefreshOptions(BaseModel):
+    """What a run trains and grades with; stored in the run, so a resumed run keeps them."""
+
+    stage: Literal["rule", "rubric"] = Field(
+        "rubric", description="`rubric`: the generator's rubric for each prompt, graded by the "
+        "judge, plus the length reward; `rule`: only the rubric's `kind:rule` items (verifiable, "
+        "checked without a model), and prompts with none are skipped.")
+    heldout_fraction: float = Field(0.2, description="Share of prompts (by hash) held out.")
+    max_score: float | None = Field(
+        None, description="Train only on prompts whose logged reply scored at most this.")
+    include_unscored: bool = Field(True, description="Keep prompts the verifier has not scored.")
+    since: datetime | None = Field(None, description="Only turns logged from this time on.")
+    max_train_prompts: int | None = Field(None, description="Cap on training prompts.")
+    eval_max_tokens: int = Field(128, description="Tokens per held-out answer (greedy).")
+    margin: float = Field(0.0, description="The candidate may score this much below serving.")
+    canary_share: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Put a passing candidate on canary with this share instead of activating.")
+    quant: str = Field("q8_0", description="GGUF type the candidate is served as.")
+    judge_url: str | None = Field(
+        None, description="Judge and rubric generator: an OpenAI-compatible base URL ending in "
+        "/v1 (default: the tiny model in-process).")
+    judge_model: str | None = Field(None, description="Model name at `judge_url`.")
+    grpo: PaperGRPOConfig = Field(default_factory=PaperGRPOConfig)
+
+
+class RunState(BaseModel):
+    run_id: str
+    created_at: datetime
+    options: RefreshOptions
+    serving_version: str
+    policy_hf: Path
+    done: dict[str, float] = Field(default_factory=dict, description="step -> seconds it took")
+    swapped: Literal["activated", "canary"] | None = None
+    version_id: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return "report" in self.done
+
+
+class Paths(BaseModel):
+    """Where a refresh reads and writes; not stored with a run (a resumed run may move hosts)."""
+
+    store_url: str
+    registry_dir: Path
+    runs_dir: Path = Path("var/rl/refresh")
+    models_dir: Path = Path("var/models")
+    server_url: str | None = Field(
+        None, description="A running clinicloop server: the swap goes through its admin API "
+        "(which loads the version first and refuses one that fails). Without it the registry "
+        "file is changed and the next server start serves the new version.")
+    admin_key: str | None = None
+    judge_api_key: str | None = None
+
+
+@contextmanager
+def refresh_lock(runs_dir: Path) -> Iterator[None]:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    with (runs_dir / "refresh.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RefreshBusy(f"another refresh is running (pid {lock.read().strip() or '?'})"
+                              ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    with part.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _dir_step(final: Path, build: Callable[[Path], object]) -> None:
+    """Build a directory under a temporary name and rename it into place."""
+    part = final.with_name(final.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    build(part)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(part, final)
+
+
+def _rows(prompts: list[LoggedPrompt], rubrics: list[list[RubricItem]]) -> list[dict[str, Any]]:
+    return [{"prompt_id": p.key, "prompt": p.messages,
+             "rubrics": [i.model_dump(mode="json") for i in items]}
+            for p, items in zip(prompts, rubrics, strict=True)]
+
+
+def _read_rows(path: Path) -> list[Row]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class Refresh:
+    def __init__(self, state: RunState, run_dir: Path, paths: Paths,
+                 progress: bool = True) -> None:
+        self.state = state
+        self.run_dir = run_dir
+        self.paths = paths
+        self.options = state.options
+        self.progress = progress
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, paths: Paths, options: RefreshOptions, *, run_id: str | None = None,
+             policy_hf: Path | None = None, progress: bool = True) -> Refresh:
+        """The run `run_id`, else the latest unfinished run, else a new run with `options`."""
+        runs = sorted(p for p in paths.runs_dir.glob("*/state.json"))
+        if run_id is not None:
+            found = paths.runs_dir / run_id / "state.json"
+            if not found.exists():
+                raise FileNotFoundError(f"no refresh run {run_id!r} in {paths.runs_dir}")
+            runs = [found]
+        for state_file in reversed(runs):
+            state = RunState.model_validate_json(state_file.read_text())
+            if not state.finished or run_id is not None:
+                job = cls(state, state_file.parent, paths, progress)
+                job._say(f"resuming at {job.next_step()} (with the options it began with)")
+                return job
+        registry = Registry(paths.registry_dir).read()
+        serving = _serving(registry)
+        hf = policy_hf or serving.hf_dir
+        if hf is None:
+            raise ValueError(f"the serving version {serving.id!r} records no HF weights to train; "
+                             "pass the policy's HF directory")
+        now = datetime.now(UTC)
+        new_id = f"{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
+        state = RunState(run_id=new_id, created_at=now, options=options,
+                         serving_version=serving.id, policy_hf=hf.resolve())
+        run_dir = paths.runs_dir / new_id
+        run_dir.mkdir(parents=True)
+        refresh = cls(state, run_dir, paths, progress)
+        refresh._save()
+        return refresh
+
+    def _save(self) -> None:
+        write_atomic(self.run_dir / "state.json", self.state.model_dump_json(indent=2))
+
+    def next_step(self) -> str | None:
+        return next((s for s in STEPS if s not in self.state.done), None)
+
+    def run(self) -> RunState:
+        """Run the steps not done yet; the caller holds `refresh_lock`."""
+        while (step := self.next_step()) is not None:
+            self._say(f"{step} ...")
+            started = time.perf_counter()
+            getattr(self, f"_step_{step}")()
+            self.state.done[step] = round(time.perf_counter() - started, 3)
+            self._save()
+        return self.state
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"refresh {self.state.run_id}: {text}", flush=True)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _step_prompts(self) -> None:
+        o = self.options
+        store = Store(self.paths.store_url)
+        try:
+            split = logged_prompts(store, heldout_fraction=o.heldout_fraction, since=o.since,
+                                   max_score=o.max_score, include_unscored=o.include_unscored)
+            train = split.train[: o.max_train_prompts]
+            rubrics = asyncio.run(self._rubrics(train + split.heldout, store))
+        finally:
+            store.dispose()
+        counts = {"seen": split.seen, "duplicates": split.duplicates, "filtered": split.filtered}
+        for name, prompts, items in (("train", train, rubrics[: len(train)]),
+                                     ("heldout", split.heldout, rubrics[len(train):])):
+            kept = [(p, i) for p, i in zip(prompts, items, strict=True)
+                    if any(item.points > 0 for item in i)]
+            counts[name] = len(kept)
+            counts[f"{name}_without_rubric"] = len(prompts) - len(kept)
+            rows = _rows([p for p, _ in kept], [i for _, i in kept])
+            write_atomic(self.run_dir / f"{name}.jsonl", "".join(
+                json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_atomic(self.run_dir / "prompts.json", json.dumps(counts, indent=2))
+        self._say(", ".join(f"{k} {v}" for k, v in counts.items()))
+        if not counts["train"] or not counts["heldout"]:
+            raise ValueError(f"not enough logged prompts with a rubric to train and evaluate "
+                             f"({counts['train']} train, {counts['heldout']} held out)")
+
+    async def _rubrics(self, prompts: list[LoggedPrompt], store: Store) -> list[list[RubricItem]]:
+        if self.options.stage == "rule":
+            return [rule_items(p.messages) for p in prompts]
+        async with self._judge_client() as client:
+            generator = RubricGenerator(client, store=store, seed=self.options.grpo.seed)
+            return [(await generator.for_conversation(p.messages)).items for p in prompts]
+
+    def _step_baseline(self) -> None:
+        version = Registry(self.paths.registry_dir).get(self.state.serving_version)
+        self._evaluate(version.model_path, version.lora_path, "baseline.json")
+
+    def _step_train(self) -> None:
+        o = self.options
+        rows = _read_rows(self.run_dir / "train.jsonl")
+
+        def train(out: Path) -> None:
+            if o.stage == "rule":
+                rule_stage(self.state.policy_hf, out, o.grpo, rows=rows)
+            else:
+                rubric_stage(self.state.policy_hf, out, self._judge_endpoint(), o.grpo,
+                             rows=rows, models_dir=self.paths.models_dir)
+
+        _dir_step(self.run_dir / "train", train)
+
+    def _step_publish(self) -> None:
+        _dir_step(self.run_dir / "candidate", lambda out: publishable_gguf(
+            self.state.policy_hf, self.run_dir / "train" / "adapter", out, self.options.quant))
+
+    def _step_candidate(self) -> None:
+        self._evaluate(self._candidate_gguf(), None, "candidate.json")
+
+    def _step_gate(self) -> None:
+        decision = decide(self._evaluation("candidate"), self._evaluation("baseline"),
+                          margin=self.options.margin)
+        write_atomic(self.run_dir / "decision.json", decision.model_dump_json(indent=2))
+        self._say(("publish: " if decision.publish else "refused: ") + "; ".join(decision.reasons))
+
+    def _step_swap(self) -> None:
+        decision = self.decision()
+        if not decision.publish:
+            return
+        version_id = f"rl-{self.state.run_id}"
+        body = {"id": version_id, "parent": self.state.serving_version, "kind": "gguf",
+                "model_path": str(self._candidate_gguf().resolve()),
+                "hf_dir": str((self.run_dir / "candidate" / "hf").resolve()),
+                "metrics": {"heldout_score": decision.candidate_score,
+                            "parent_heldout_score": decision.serving_score,
+                            "refresh_run": self.state.run_id, "stage": self.options.stage}}
+        share = self.options.canary_share
+        if self.paths.server_url:
+            active = self._swap_through_server(body, share)
+        else:
+            active = self._swap_in_registry(body, share)
+        self.state.version_id = version_id
+        self.state.swapped = "canary" if share is not None else "activated"
+        self._say(f"{self.state.swapped} {version_id} (active: {active})")
+
+    def _step_report(self) -> None:
+        from clinicloop.rl.report import write_report
+
+        write_report(self)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def decision(self) -> GateDecision:
+        return GateDecision.model_validate_json((self.run_dir / "decision.json").read_text())
+
+    def _evaluation(self, name: str) -> Evaluation:
+        return Evaluation.model_validate_json((self.run_dir / f"{name}.json").read_text())
+
+    def _candidate_gguf(self) -> Path:
+        return self.run_dir / "candidate" / f"model-{self.options.quant}.gguf"
+
+    def _judge_endpoint(self) -> Endpoint:
+        return Endpoint(url=self.options.judge_url, model=self.options.judge_model,
+                        api_key=self.paths.judge_api_key)
+
+    def _judge_client(self) -> Any:
+        return open_client(self.options.judge_url, api_key=self.paths.judge_api_key,
+                           model=self.options.judge_model, models_dir=self.paths.models_dir)
+
+    def _evaluate(self, gguf: Path, lora: Path | None, out: str) -> None:
+        examples = [HeldoutExample(prompt_id=r["prompt_id"], messages=r["prompt"],
+                                   rubrics=r["rubrics"])
+                    for r in _read_rows(self.run_dir / "heldout.jsonl")]
+
+        async def run() -> Evaluation:
+            async with AsyncExitStack() as stack:
+                policy: ChatClient = await stack.enter_async_context(open_client(
+                    gguf=gguf, lora=lora, models_dir=self.paths.models_dir))
+                judge_client = await stack.enter_async_context(self._judge_client())
+                local = self.options.judge_url is None
+                # In-process, interleaved conversations would evict each other's KV-cache prefix.
+                judge = Judge(judge_client, concurrency=1 if local else 8)
+                return await evaluate(policy, judge, examples,
+                                      max_tokens=self.options.eval_max_tokens,
+                                      seed=self.options.grpo.seed)
+
+        evaluation = asyncio.run(run())
+        write_atomic(self.run_dir / out, evaluation.model_dump_json(indent=2))
+        self._say(f"{out.removesuffix('.json')} score {evaluation.score}")
+
+    def _swap_in_registry(self, body: dict[str, Any], share: float | None) -> str:
+        registry = Registry(self.paths.registry_dir)
+        _check_serving(registry.read().active, self.state.serving_version, body["id"])
+        version = registry.register(
+            parent=body["parent"], kind="gguf", model_path=Path(body["model_path"]),
+            hf_dir=Path(body["hf_dir"]), metrics=body["metrics"], version_id=body["id"])
+        if share is None:
+            registry.activate(version.id)
+        else:
+            registry.set_canary(version.id, share)
+        return str(registry.read().active)
+
+    def _swap_through_server(self, body: dict[str, Any], share: float | None) -> str:
+        base = self.paths.server_url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
+        headers = {"Authorization": f"Bearer {self.paths.admin_key}"} \
+            if self.paths.admin_key else {}
+        with httpx.Client(base_url=f"{base}/admin/v1", headers=headers, timeout=600) as http:
+            _check_serving(_ok(http.get("/versions"))["active"], self.state.serving_version,
+                           body["id"])
+            _ok(http.post("/versions", json=body))
+            listing = _ok(http.post(f"/versions/{body['id']}/activate") if share is None else
+                          http.post("/canary", json={"version": body["id"], "share": share}))
+        return str(listing["active"])
+
+
+def _serving(state: RegistryState) -> Version:
+    if state.active is None:
+        raise ValueError("the registry has no active version: start the server once first")
+    return state.version(state.active)
+
+
+def _check_serving(active: str | None, expected: str, ours: str) -> None:
+    """Swap only onto the version the candidate was trained from and compared against."""
+    if active not in (expected, ours):
+        raise RuntimeError(f"the serving version changed from {expected!r} to {active!r} "
+                           "since this run began; start a new refresh")
+
+
+def _ok(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        raise RuntimeError(f"admin API {response.request.method} {response.request.url.path}: "
+                           f"{response.status_code} {response.text}")
+    return response.json()
+
+
+def refresh(paths: Paths, options: RefreshOptions | None = None, *, run_id: str | None = None,
+            policy_hf: Path | None = None, progress: bool = True) -> Refresh:
+    """Run (or resume) a refresh to its end; the finished `Refresh` holds its state and outputs."""
+    with refresh_lock(paths.runs_dir):
+        job = Refresh.open(paths, options or RefreshOptions(), run_id=run_id,
+                           policy_hf=policy_hf, progress=progress)
+        job.run()
+    return job

@@ -1,0 +1,128 @@
+"""The refresh run's report: `report.json` (everything, machine-readable), `report.md` (what a
+person reads: the decision, held-out scores before and after, the reward curve, a few answers that
+changed) and `reward_curve.png`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clinicloop.rl.refresh import Refresh
+
+EXAMPLES_SHOWN = 3
+
+
+def plot_reward_curve(curve: list[float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a server
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    steps = range(1, len(curve) + 1)
+    ax.plot(steps, curve, marker=".", linewidth=1, label="mean reward")
+    window = max(1, len(curve) // 5)
+    if window > 1:
+        tails = [curve[max(0, i - window + 1):i + 1] for i in range(len(curve))]
+        smooth = [sum(t) / len(t) for t in tails]
+        ax.plot(steps, smooth, linewidth=2, label=f"moving mean ({window})")
+    ax.set(xlabel="GRPO step", ylabel="reward", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _changed_answers(baseline: dict[str, list[str]], candidate: dict[str, list[str]],
+                     prompts: dict[str, Any]) -> list[dict[str, str]]:
+    shown = []
+    for prompt_id, before in baseline.items():
+        after = candidate.get(prompt_id, [])
+        if before and after and before[0] != after[0]:
+            last_user = prompts[prompt_id][-1]["content"]
+            shown.append({"prompt": last_user, "before": before[0], "after": after[0]})
+        if len(shown) == EXAMPLES_SHOWN:
+            break
+    return shown
+
+
+def write_report(job: Refresh) -> dict[str, Any]:
+    from clinicloop.rl.refresh import write_atomic
+
+    run = job.run_dir
+    state = job.state
+    baseline = json.loads((run / "baseline.json").read_text())
+    candidate = json.loads((run / "candidate.json").read_text())
+    decision = json.loads((run / "decision.json").read_text())
+    train = json.loads((run / "train" / "train.json").read_text())
+    prompts = {r["prompt_id"]: r["prompt"] for r in map(
+        json.loads, (run / "heldout.jsonl").read_text(encoding="utf-8").splitlines())}
+    report = {
+        "run_id": state.run_id, "created_at": state.created_at.isoformat(),
+        "options": state.options.model_dump(mode="json"),
+        "serving_version": state.serving_version, "policy_hf": str(state.policy_hf),
+        "prompts": json.loads((run / "prompts.json").read_text()),
+        "before": baseline["score"], "after": candidate["score"],
+        "baseline_metrics": baseline["metrics"], "candidate_metrics": candidate["metrics"],
+        "decision": decision, "swapped": state.swapped, "version_id": state.version_id,
+        "reward_curve": train["reward_curve"], "train_wall_s": train["wall_s"],
+        "step_seconds": state.done,
+        "changed_answers": _changed_answers(baseline["responses"], candidate["responses"],
+                                            prompts),
+        "files": {"report_md": str(run / "report.md"), "plot": str(run / "reward_curve.png")},
+    }
+    plot_reward_curve(train["reward_curve"], run / "reward_curve.png",
+                      f"refresh {state.run_id} ({state.options.stage} stage)")
+    write_atomic(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run / "report.md", _markdown(report))
+    return report
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    d = r["decision"]
+    p = r["prompts"]
+    outcome = (f"**{r['swapped']}** as `{r['version_id']}`" if r["swapped"] else
+               "**not published**")
+    lines = [
+        f"# Refresh {r['run_id']}",
+        "",
+        f"Trained from `{r['serving_version']}` ({r['options']['stage']} stage, "
+        f"{r['options']['grpo']['max_steps']} GRPO steps, {r['train_wall_s']:.1f} s); "
+        f"outcome: {outcome}.",
+        "",
+        "| held-out rubric score | serving | candidate |",
+        "| --- | --- | --- |",
+        f"| overall ({p['heldout']} prompts) | {_fmt(r['before'])} | {_fmt(r['after'])} |",
+    ]
+    for name in sorted(k for k in r["baseline_metrics"] if k.startswith("axis:")
+                       and k.count(":") == 1):
+        lines.append(f"| {name} | {_fmt(r['baseline_metrics'][name])} | "
+                     f"{_fmt(r['candidate_metrics'].get(name))} |")
+    lines += [
+        "",
+        f"Gate (margin {d['margin']}): {'; '.join(d['reasons'])}.",
+        "",
+        f"Prompts: {p['seen']} logged turns read, {p['duplicates']} duplicates, "
+        f"{p['filtered']} filtered by score, {p['train']} trained on "
+        f"({p['train_without_rubric']} without a gradable rubric skipped), {p['heldout']} held "
+        "out.",
+        "",
+        "![reward curve](reward_curve.png)",
+        "",
+        "Reward per step: " + ", ".join(f"{x:.2f}" for x in r["reward_curve"]),
+    ]
+    if r["changed_answers"]:
+        lines += ["", "## Held-out answers that changed", ""]
+        for ex in r["changed_answers"]:
+            lines += [f"- **patient:** {ex['prompt']}", f"  - before: {ex['before']}",
+                      f"  - after: {ex['after']}"]
+    lines += ["", "Steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["step_seconds"].items()),
+              ""]
+    return "\n".join(lines)

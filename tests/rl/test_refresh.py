@@ -1,0 +1,152 @@
+"""The refresh job on the real tiny model: logged prompts -> GRPO -> gate -> swap, in the registry
+and through a running server's admin API; the gate's refusal leaving serving untouched; a kill
+mid-training resumed without redoing finished steps; the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from clinicloop.rl.config import PaperGRPOConfig
+from clinicloop.rl.refresh import Paths, RefreshBusy, RefreshOptions, refresh, refresh_lock
+from clinicloop.rl.stages import corpus_prompts
+from clinicloop.serving.registry import BASE_ID, Registry
+from clinicloop.store.db import Store
+from clinicloop.store.records import LoggedChoice, TurnRecord
+from clinicloop.verifier.generator import rule_items
+from tests.conftest import ROOT, wait_until
+
+CLIENT_KEY, ADMIN_KEY = "sk-refresh-client", "sk-refresh-admin"
+FAST = PaperGRPOConfig(max_steps=6, max_completion_length=32, per_device_train_batch_size=8)
+
+
+def log_turns(store_url: str, n: int = 40) -> None:
+    """Logged consultations as the server stores them: red-flag prompts of the corpus (which the
+    rule stage trains on) and others (which have no rule item and are skipped)."""
+    prompts = corpus_prompts("red_flag", n, seed=3) + corpus_prompts("symptom", 8, seed=3)
+    store = Store(store_url)
+    store.migrate()
+    store.insert_many([TurnRecord(
+        conversation_id=f"c{i}", endpoint="chat.completions", model="tiny", model_version="base",
+        messages=p, choices=[LoggedChoice(index=0, content="Rest and drink fluids.",
+                                          finish_reason="stop")]) for i, p in enumerate(prompts)])
+    store.dispose()
+    assert sum(bool(rule_items(p)) for p in prompts) >= n // 2
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_model):
+    store_url = f"sqlite:///{tmp_path / 'clinicloop.db'}"
+    log_turns(store_url)
+    Registry(tmp_path / "registry").bootstrap(tiny_model.gguf_q8_0, tiny_model.name,
+                                              tiny_model.hf_dir)
+    return Paths(store_url=store_url, registry_dir=tmp_path / "registry",
+                 runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models")
+
+
+def test_a_passing_candidate_is_registered_and_activated_with_a_report(setup):
+    job = refresh(setup, RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST),
+                  progress=False)
+    state = Registry(setup.registry_dir).read()
+    version = state.version(f"rl-{job.state.run_id}")
+    assert state.active == version.id and version.parent == BASE_ID
+    assert version.model_path.is_file() and (version.hf_dir / "config.json").is_file()
+    report = json.loads((job.run_dir / "report.json").read_text())
+    assert report["swapped"] == "activated" and report["decision"]["publish"]
+    assert version.metrics["heldout_score"] == report["after"]
+    assert len(report["reward_curve"]) == FAST.max_steps
+    assert report["prompts"]["train"] > 0 and report["prompts"]["heldout"] > 0
+    assert report["prompts"]["train_without_rubric"] + report["prompts"][
+        "heldout_without_rubric"] == 8  # the symptom prompts: no rule item applies
+    # The held-out prompts never train.
+    train = {json.loads(x)["prompt_id"] for x in (job.run_dir / "train.jsonl").open()}
+    heldout = {json.loads(x)["prompt_id"] for x in (job.run_dir / "heldout.jsonl").open()}
+    assert train and heldout and not train & heldout
+    assert (job.run_dir / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "held-out rubric score" in (job.run_dir / "report.md").read_text()
+
+    # The next refresh trains from the new version's weights and is its child.
+    nxt = refresh(setup, RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST),
+                  progress=False)
+    assert nxt.state.run_id != job.state.run_id
+    assert nxt.state.serving_version == version.id and nxt.state.policy_hf == version.hf_dir
+    assert Registry(setup.registry_dir).get(f"rl-{nxt.state.run_id}").parent == version.id
+
+
+def test_a_refused_candidate_leaves_serving_untouched(setup):
+    before = Registry(setup.registry_dir).read()
+    # A negative margin demands an improvement; more than the whole score range is impossible.
+    job = refresh(setup, RefreshOptions(stage="rule", margin=-2.0, eval_max_tokens=48, grpo=FAST),
+                  progress=False)
+    assert not job.decision().publish and "below serving" in job.decision().reasons[0]
+    assert Registry(setup.registry_dir).read() == before
+    assert json.loads((job.run_dir / "report.json").read_text())["swapped"] is None
+
+
+def test_a_second_job_is_refused_while_one_holds_the_lock(setup):
+    with refresh_lock(setup.runs_dir), pytest.raises(RefreshBusy, match=f"pid {os.getpid()}"):
+        refresh(setup, RefreshOptions(stage="rule", grpo=FAST), progress=False)
+
+
+def test_killed_mid_training_resumes_without_redoing_finished_steps(setup, tmp_path):
+    env = {**os.environ, "CLINICLOOP_STORE__URL": setup.store_url,
+           "CLINICLOOP_REGISTRY__DIR": str(setup.registry_dir),
+           "CLINICLOOP_MODELS_DIR": str(setup.models_dir)}
+    command = [sys.executable, "-m", "clinicloop.cli", "rl", "refresh", "--stage", "rule",
+               "--steps", "30", "--margin", "1", "--runs-dir", str(setup.runs_dir)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: any(setup.runs_dir.glob("*/train.part")), 120, "training", proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (run_dir,) = [p.parent for p in setup.runs_dir.glob("*/state.json")]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert list(state["done"]) == ["prompts", "baseline"]
+    assert Registry(setup.registry_dir).read().active == BASE_ID  # serving untouched
+    baseline = (run_dir / "baseline.json").stat().st_mtime_ns
+
+    # No options given: the run continues with those it began with.
+    job = refresh(setup, progress=False)
+    assert job.run_dir == run_dir and job.state.finished
+    assert (run_dir / "baseline.json").stat().st_mtime_ns == baseline  # not redone
+    assert not (run_dir / "train.part").exists()
+    assert len(json.loads((run_dir / "report.json").read_text())["reward_curve"]) == 30
+    assert Registry(setup.registry_dir).read().active == f"rl-{job.state.run_id}"
+
+
+def test_the_swap_goes_through_the_servers_admin_api(server_factory, tiny_model, tmp_path):
+    server = server_factory({"CLINICLOOP_SERVER__API_KEYS": f'["{CLIENT_KEY}"]',
+                             "CLINICLOOP_SERVER__ADMIN_KEYS": f'["{ADMIN_KEY}"]',
+                             "CLINICLOOP_ENGINE__HF_DIR": str(tiny_model.hf_dir)})
+    home = server.db_path.parent
+    store_url = f"sqlite:///{server.db_path}"
+    log_turns(store_url)
+    paths = Paths(store_url=store_url, registry_dir=home / "var" / "registry",
+                  runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models",
+                  server_url=server.base_url, admin_key=ADMIN_KEY)
+    job = refresh(paths, RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48,
+                                        grpo=FAST), progress=False)
+    version = f"rl-{job.state.run_id}"
+    headers = {"authorization": f"Bearer {ADMIN_KEY}"}
+    listing = httpx.get(server.base_url + "/admin/v1/versions", headers=headers).json()
+    assert listing["active"] == version and version in {v["id"] for v in listing["loaded"]}
+    reply = httpx.post(server.v1 + "/chat/completions", timeout=60, headers={
+        "authorization": f"Bearer {CLIENT_KEY}"}, json={
+        "model": tiny_model.name, "messages": [{"role": "user", "content": "I have a headache."}],
+        "max_tokens": 8})
+    assert reply.status_code == 200, reply.text
+    reply = reply.json()
+    store = Store(store_url)
+    try:
+        wait_until(lambda: store.get(reply["id"]) is not None, 15, "the reply's log row")
+        assert store.get(reply["id"]).model_version == version
+    finally:
+        store.dispose()
