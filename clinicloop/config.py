@@ -21,6 +21,14 @@ from pydantic_settings import (
 )
 
 
+class SpeculativeSettings(BaseModel):
+    mode: Literal["off", "ngram"] = Field(
+        "off", description="`ngram`: prompt-lookup drafting for greedy requests (llamacpp)."
+    )
+    num_draft_tokens: int = Field(8, ge=1, description="Most tokens drafted per step.")
+    ngram: int = Field(3, ge=1, description="Tokens matched to find a draft.")
+
+
 class EngineSettings(BaseModel):
     kind: Literal["llamacpp", "openai"] = Field(
         "llamacpp",
@@ -45,7 +53,19 @@ class EngineSettings(BaseModel):
     tiny_quant: Literal["f16", "q8_0"] = Field("q8_0", description="Which tiny GGUF to serve.")
     n_ctx: int = Field(2048, description="Context length (tokens) per sequence.")
     n_threads: int = Field(1, description="llama.cpp threads; 1 is fastest on 2 shared cores.")
-    n_batch: int = Field(512, description="llama.cpp prompt-processing batch size.")
+    n_batch: int = Field(512, description="llama.cpp tokens per decode step (all sequences).")
+    n_parallel: int = Field(
+        4, ge=1, description="`llamacpp`: sequences decoded together (continuous batching)."
+    )
+    prefix_cache_slots: int = Field(
+        8, ge=0, description="`llamacpp`: idle conversations whose KV cache is kept for their next "
+        "turn (each holds n_ctx tokens of KV memory), least recently used replaced first."
+    )
+    speculative: SpeculativeSettings = Field(default_factory=lambda: SpeculativeSettings())
+    flash_attn: bool = Field(
+        False, description="`llamacpp`: flash attention. Off keeps greedy output independent of "
+        "batching, prefix reuse and drafting (its f16 accumulation does not)."
+    )
     n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (-1: all).")
     reasoning_parser: Literal["think", "none"] = Field(
         "think", description="`think`: text before `</think>` is returned as reasoning_content."

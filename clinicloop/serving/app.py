@@ -143,6 +143,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         "clinicloop:log_records_spooled": ("Log records spooled while the store was down.",
                                            writer.spooled),
     }, lambda: engine.model_name)
+    metrics.watch_counters(engine.stats, lambda: engine.model_name)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -25,6 +25,27 @@ class _LiveGauges(Collector):
     def collect(self) -> Iterable[GaugeMetricFamily]:
         for name, (doc, value) in self._read().items():
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self._model()], value)
+            yield family
+
+
+_COUNTER_HELP = {
+    "spec_decode_num_drafts": "Draft proposals checked by speculative decoding.",
+    "spec_decode_num_draft_tokens": "Tokens proposed by speculative decoding.",
+    "spec_decode_num_accepted_tokens": "Draft tokens accepted by speculative decoding.",
+    "prefix_cache_hit_tokens": "Prompt tokens not prefilled thanks to a cached prefix.",
+}
+
+
+class _EngineCounters(Collector):
+    def __init__(self, read: Callable[[], dict[str, int]], model: Callable[[], str]) -> None:
+        self._read = read
+        self._model = model
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        for name, value in self._read().items():
+            family = CounterMetricFamily(f"vllm:{name}", _COUNTER_HELP.get(name, name),
+                                         labels=["model_name"])
             family.add_metric([self._model()], value)
             yield family
 
@@ -54,6 +75,12 @@ class Metrics:
               model: Callable[[], str]) -> None:
         """Export live values (name -> (help, value)) at each scrape."""
         self.registry.register(_LiveGauges(read, model))
+
+    def watch_counters(self, read: Callable[[], dict[str, int]],
+                       model: Callable[[], str]) -> None:
+        """Export an engine's cumulative counters (name -> total) as `vllm:<name>` at each
+        scrape, e.g. `vllm:spec_decode_num_drafts` (`_total` in the exposition, as vLLM's)."""
+        self.registry.register(_EngineCounters(read, model))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

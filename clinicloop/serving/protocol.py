@@ -50,6 +50,8 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past the "
+                             "end-of-sequence token up to max_tokens (benchmarks).")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
@@ -69,7 +71,8 @@ class SamplingRequest(OpenAIModel):
                         **extra: Any) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, n=self.n,
-            seed=self.seed, stop=self.stop_list(), top_logprobs=top_logprobs, **extra,
+            seed=self.seed, stop=self.stop_list(), top_logprobs=top_logprobs,
+            ignore_eos=self.ignore_eos, **extra,
         )
 
 

@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,14 +113,12 @@ class RoutedStream:
 
 
 class VersionedEngine(Engine):
-    # One llama.cpp engine decodes one request at a time, and the gateway admits as many requests
-    # as this says. Keeping it at one over all versions means a swap or a canary never runs two
-    # models on the same cores at once: requests queue in admission, none is dropped, and a
-    # queued request is routed when it starts, so after a swap it starts on the new version.
-    max_concurrency = 1
-
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings.engine
+        # The gateway admits this many requests over all versions: during a swap or a canary two
+        # models share the cores, the rest queue in admission (none is dropped), and a queued
+        # request is routed when it starts, so after a swap it starts on the new version.
+        self.max_concurrency = settings.engine.n_parallel
         self.models_dir = settings.models_dir
         self.registry = registry
         self.model_name = settings.engine.served_model_name or "loading"
@@ -132,6 +131,10 @@ class VersionedEngine(Engine):
         self._pin_ttl_s = settings.registry.sticky_ttl_s
         self._changing = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
+        #: Counters of engines already closed, so the exported totals never go down.
+        self._closed_stats: Counter[str] = Counter()
+        #: The version a change is loading: kept even though nothing routes to it yet.
+        self._staged: str | None = None
 
     @property  # type: ignore[override]
     def model_version(self) -> str:
@@ -198,7 +201,15 @@ class VersionedEngine(Engine):
         slot = self._slots.get(self._active or "")
         return slot is not None and slot.engine.healthy()
 
+    def stats(self) -> dict[str, int]:
+        total = Counter(self._closed_stats)
+        for slot in self._slots.values():
+            total.update(slot.engine.stats())
+        return dict(total)
+
     async def _load(self, version: Version) -> _Slot:
+        # A request that ends while a change is under way must not retire what it loads.
+        self._staged = version.id
         slot = self._slots.get(version.id)
         if slot is not None:
             return slot
@@ -227,54 +238,54 @@ class VersionedEngine(Engine):
 
     # -- changes (admin) ----------------------------------------------------------------------
 
-    async def activate(self, version_id: str) -> Version:
+    @asynccontextmanager
+    async def _change(self) -> AsyncIterator[None]:
+        """One change at a time; however it ends, engines nothing needs any more are closed."""
         async with self._changing:
-            slot = await self._load(await self._version(version_id))
             try:
-                await asyncio.to_thread(self.registry.activate, version_id)
-                self._active = version_id
-                if self._canary is not None and self._canary.version == version_id:
-                    self._canary = None
+                yield
             finally:
+                self._staged = None
                 self._retire()
+
+    async def activate(self, version_id: str) -> Version:
+        async with self._change():
+            slot = await self._load(await self._version(version_id))
+            await asyncio.to_thread(self.registry.activate, version_id)
+            self._active = version_id
+            if self._canary is not None and self._canary.version == version_id:
+                self._canary = None
         log.info("version %s active", version_id)
         return slot.version
 
     async def set_canary(self, version_id: str, share: float) -> Canary:
-        async with self._changing:
+        async with self._change():
             await self._load(await self._version(version_id))
-            try:
-                canary = await asyncio.to_thread(self.registry.set_canary, version_id, share)
-                if self._canary is not None and self._canary.version != version_id:
-                    self._unpin(self._canary.version)
-                self._canary = canary
-            finally:
-                self._retire()
+            canary = await asyncio.to_thread(self.registry.set_canary, version_id, share)
+            if self._canary is not None and self._canary.version != version_id:
+                self._unpin(self._canary.version)
+            self._canary = canary
         return canary
 
     async def clear_canary(self) -> None:
-        async with self._changing:
+        async with self._change():
             await asyncio.to_thread(self.registry.clear_canary)
             if self._canary is not None:
                 self._unpin(self._canary.version)
             self._canary = None
-            self._retire()
 
     async def rollback(self) -> Version:
-        async with self._changing:
+        async with self._change():
             previous = (await asyncio.to_thread(self.registry.read)).previous()
             if previous is None:
                 raise RegistryError("no earlier version to roll back to")
             await self._load(previous)
-            try:
-                await asyncio.to_thread(self.registry.rollback, expect=previous.id)
-                retired, self._active = self._active, previous.id
-                if self._canary is not None and self._canary.version == previous.id:
-                    self._canary = None
-                if retired is not None:
-                    self._unpin(retired)
-            finally:
-                self._retire()
+            await asyncio.to_thread(self.registry.rollback, expect=previous.id)
+            retired, self._active = self._active, previous.id
+            if self._canary is not None and self._canary.version == previous.id:
+                self._canary = None
+            if retired is not None:
+                self._unpin(retired)
         log.info("rolled back to version %s", previous.id)
         return previous
 
@@ -328,12 +339,13 @@ class VersionedEngine(Engine):
 
     def _retire(self) -> None:
         """Close every engine nothing needs: not active, not canary, not pinned, not serving."""
-        needed = {self._active, *self._pinned}
+        needed = {self._active, self._staged, *self._pinned}
         if self._canary is not None:
             needed.add(self._canary.version)
         for vid, slot in list(self._slots.items()):
             if vid not in needed and slot.in_flight == 0:
                 del self._slots[vid]
+                self._closed_stats.update(slot.engine.stats())
                 task = asyncio.create_task(slot.engine.close())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)

@@ -28,6 +28,7 @@ def keyed(server_factory):
     return server_factory({
         "CLINICLOOP_SERVER__API_KEYS": f'["{hash_key(CLIENT_KEY)}"]',
         "CLINICLOOP_SERVER__ADMIN_KEYS": f'["{ADMIN_KEY}"]',
+        "CLINICLOOP_SERVER__MAX_RUNNING": "1",
         "CLINICLOOP_SERVER__MAX_WAITING": "0",
         "CLINICLOOP_SERVER__MAX_BODY_BYTES": "4096",
     })

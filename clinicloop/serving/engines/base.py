@@ -41,6 +41,7 @@ class SamplingParams:
     top_logprobs: int | None = None  # None: no logprobs; 0..k: the sampled token plus k top
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
 
 
 @dataclass
@@ -99,6 +100,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool:
         """False while loading, or when the engine (or its upstream) is dead."""
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters of the decode loop, exported as `vllm:<name>` counters."""
+        return {}
 
     @abc.abstractmethod
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,

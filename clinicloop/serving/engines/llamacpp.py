@@ -1,24 +1,21 @@
 """In-process llama.cpp engine (llama-cpp-python) over one GGUF file: the embedded default.
 
-One `Llama` context, driven from a single worker thread; requests run one at a time
-(`max_concurrency = 1`) and the gateway queues the rest. Consecutive requests that share a prompt
-prefix (the turns of one conversation) reuse its KV cache through `Llama.generate`'s prefix match.
-Logprobs come from the last logits row, so no `logits_all` buffer of n_ctx × n_vocab is needed.
+`Llama` loads the model and tokenizer; decoding runs on a context of our own with one KV-cache
+sequence per slot, driven by `BatchScheduler` (continuous batching, prefix reuse across turns,
+prompt-lookup drafting; see `batching.py`). This module turns requests into token sequences
+(chat template, context-length check, grammar) and the scheduler's tokens back into events (stop
+strings, the reasoning split). Logprobs come from each sequence's own logits row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hashlib
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from clinicloop.config import EngineSettings
 from clinicloop.serving.chat_template import ChatTemplate
@@ -30,14 +27,13 @@ from clinicloop.serving.engines.base import (
     Event,
     SamplingParams,
     TokenLogprob,
-    TopLogprob,
     Usage,
 )
+from clinicloop.serving.engines.batching import DONE, BatchScheduler, Request
 from clinicloop.serving.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
 _LAX_CHAR_RULE = r'char ::= [^"\\]'
 _STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F]'
 
@@ -53,8 +49,6 @@ def file_version(path: Path) -> str:
 
 
 class LlamaCppEngine(Engine):
-    max_concurrency = 1
-
     def __init__(self, settings: EngineSettings, models_dir: Path) -> None:
         self.settings = settings
         self.models_dir = models_dir
@@ -64,9 +58,11 @@ class LlamaCppEngine(Engine):
         self.model_path: Path | None = None
         self.hf_dir: Path | None = settings.hf_dir
         self._llama: Any = None
+        self._context: Any = None
+        self._scheduler: BatchScheduler | None = None
+        self.max_concurrency = settings.n_parallel
         self._template: ChatTemplate | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamacpp")
-        self._dead = False
 
     def _resolve_model(self) -> Path:
         if self.settings.model_path is not None:
@@ -87,15 +83,11 @@ class LlamaCppEngine(Engine):
         lora = self.settings.lora_path
         if lora is not None and not lora.is_file():
             raise FileNotFoundError(f"LoRA adapter GGUF not found: {lora}")
+        # `Llama` is the model, tokenizer and LoRA adapter; its own context stays minimal.
         llama = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=self.settings.n_ctx,
-            n_threads=self.settings.n_threads,
-            n_threads_batch=self.settings.n_threads,
-            n_batch=self.settings.n_batch,
+            model_path=str(path), n_ctx=64, n_batch=64, n_threads=self.settings.n_threads,
             n_gpu_layers=self.settings.n_gpu_layers,
-            lora_path=None if lora is None else str(lora),
-            verbose=False,
+            lora_path=None if lora is None else str(lora), verbose=False,
         )
         source = llama.metadata.get("tokenizer.chat_template")
         if not source:
@@ -108,10 +100,44 @@ class LlamaCppEngine(Engine):
             source, bos_token=token_text(llama.token_bos()), eos_token=token_text(llama.token_eos())
         )
         self._llama = llama
+        self._context, self._scheduler = self._batching(llama)
         if self.settings.served_model_name is None and self.settings.model_path is not None:
             self.model_name = path.stem
         self.model_version = file_version(path)
         self.model_path = path
+
+    def _batching(self, llama: Any) -> tuple[Any, BatchScheduler]:
+        import ctypes
+
+        import llama_cpp
+        from llama_cpp import _internals
+
+        s = self.settings
+        n_slots = s.n_parallel + s.prefix_cache_slots
+        params = llama_cpp.llama_context_default_params()
+        # A KV stream of n_ctx cells per slot: a sequence attends to its own cells only, in
+        # position order, so its output does not depend on what else is cached or decoded.
+        params.n_ctx = s.n_ctx * n_slots
+        params.n_batch = params.n_ubatch = s.n_batch
+        params.n_seq_max = n_slots
+        params.kv_unified = False
+        # Flash attention's f16 accumulation makes a token's logits depend on how its prompt
+        # was split into batches; without it, prefix reuse and drafting are exact.
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.n_threads = params.n_threads_batch = s.n_threads
+        context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        if llama._lora_adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
+            scales = (ctypes.c_float * 1)(llama.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, scales):
+                raise RuntimeError(f"could not apply the LoRA adapter {s.lora_path}")
+        spec = s.speculative
+        scheduler = BatchScheduler(
+            llama, context.ctx, n_parallel=s.n_parallel, n_slots=n_slots, n_batch=s.n_batch,
+            n_ctx_seq=s.n_ctx, draft_ngram=spec.ngram if spec.mode == "ngram" else 0,
+            draft_max=spec.num_draft_tokens)
+        return context, scheduler
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
@@ -121,12 +147,28 @@ class LlamaCppEngine(Engine):
         self._executor.shutdown(wait=True)
 
     def _unload(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.close()
+            self._scheduler = None
+        if self._context is not None:
+            self._context.close()
+            self._context = None
         if self._llama is not None:
             self._llama.close()
             self._llama = None
 
     def healthy(self) -> bool:
-        return self._llama is not None and not self._dead
+        return self._scheduler is not None and not self._scheduler.dead
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters of the decode loop (speculative decoding, prefix reuse)."""
+        if self._scheduler is None:
+            return {}
+        spec = self._scheduler.spec
+        return {"spec_decode_num_drafts": spec.num_drafts,
+                "spec_decode_num_draft_tokens": spec.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": spec.num_accepted_tokens,
+                "prefix_cache_hit_tokens": self._scheduler.prefix_hits}
 
     @property
     def n_ctx(self) -> int:
@@ -168,23 +210,23 @@ class LlamaCppEngine(Engine):
             )
         return tokens, params.max_tokens or room
 
-    def _grammar(self, params: SamplingParams) -> Any:
+    def _grammar(self, params: SamplingParams) -> str | None:
+        """The GBNF that constrains the output, parsed once here so a bad one is a 400."""
         import json
 
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
+        if params.json_schema is None:
+            return JSON_GBNF if params.json_object else None
         try:
-            if params.json_schema is not None:
-                gbnf = json_schema_to_gbnf(json.dumps(params.json_schema))
-                # The binding's string rule lets raw control characters into JSON strings, which
-                # strict parsers reject; llama.cpp's own converter excludes them, as we do here.
-                gbnf = gbnf.replace(_LAX_CHAR_RULE, _STRICT_CHAR_RULE)
-                return LlamaGrammar.from_string(gbnf, verbose=False)
+            gbnf = json_schema_to_gbnf(json.dumps(params.json_schema))
+            # The binding's string rule lets raw control characters into JSON strings, which
+            # strict parsers reject; llama.cpp's own converter excludes them, as we do here.
+            gbnf = gbnf.replace(_LAX_CHAR_RULE, _STRICT_CHAR_RULE)
+            LlamaGrammar.from_string(gbnf, verbose=False)
         except Exception as exc:
             raise EngineError(f"unsupported JSON schema: {exc}", param="response_format") from exc
-        if params.json_object:
-            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        return None
+        return gbnf
 
     async def _generate(
         self, prompt: str, params: SamplingParams, splitter: Callable[[], ReasoningSplitter | None]
@@ -207,20 +249,25 @@ class LlamaCppEngine(Engine):
 
     async def _sequence(
         self, index: int, tokens: list[int], max_tokens: int, seed: int | None,
-        params: SamplingParams, grammar: Any, splitter: ReasoningSplitter | None,
+        params: SamplingParams, grammar: str | None, splitter: ReasoningSplitter | None,
     ) -> AsyncIterator[Delta | int]:
-        """One choice: decode in the worker thread, post-process text here. Yields Deltas, then
-        the number of tokens generated."""
+        """One choice: decoded by the scheduler's thread, post-processed here. Yields Deltas,
+        then the number of tokens generated."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
 
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        job = loop.run_in_executor(
-            self._executor, self._decode, tokens, max_tokens, seed, params, grammar, cancel, emit
-        )
+        scheduler = self._scheduler
+        assert scheduler is not None
+        request = Request(prompt=tokens, max_tokens=max_tokens, temperature=params.temperature,
+                          top_p=params.top_p, seed=seed, grammar=grammar,
+                          top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos,
+                          emit=emit)
+        cancel = request.cancel
+        scheduler.submit(request)
+        done = False
         stops = StopMatcher(params.stop)
         pending_logprobs: list[TokenLogprob] = []
         pending_tokens = 0
@@ -228,7 +275,8 @@ class LlamaCppEngine(Engine):
         try:
             while True:
                 item = await queue.get()
-                if item is _DONE:
+                if item is DONE:
+                    done = True
                     break
                 kind, payload, logprob = item
                 if kind == "finish":
@@ -254,60 +302,10 @@ class LlamaCppEngine(Engine):
             yield last
         finally:
             cancel.set()
-            generated = await job
-        yield generated
-
-    def _decode(self, tokens: list[int], max_tokens: int, seed: int | None,
-                params: SamplingParams, grammar: Any, cancel: threading.Event,
-                emit: Callable[[Any], None]) -> int:
-        """Worker thread: sample tokens and emit ("token", text, logprob) items."""
-        import llama_cpp
-
-        llama = self._llama
-        llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        vocab = llama_cpp.llama_model_get_vocab(llama.model)
-        generated = 0
-        finish = "length"
-        try:
-            for token in llama.generate(
-                tokens, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature,
-                repeat_penalty=1.0, grammar=grammar,
-            ):
-                if cancel.is_set():
-                    finish = "stop"
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                logprob = None
-                if params.top_logprobs is not None:
-                    logprob = self._logprob(token, params.top_logprobs)
-                emit(("token", decoder.decode(llama.detokenize([token], special=True)), logprob))
-                if generated >= max_tokens:
-                    break
-        except Exception:
-            log.exception("llama.cpp decode failed")
-            self._dead = True
-            finish = "error"
-        emit(("finish", finish, None))
-        emit(_DONE)
-        return generated
-
-    def _logprob(self, token: int, top: int) -> TokenLogprob:
-        llama = self._llama
-        logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),))
-        logprobs = logits - np.logaddexp.reduce(logits.astype(np.float64))
-
-        def entry(tid: int) -> TopLogprob:
-            raw = llama.detokenize([int(tid)], special=True)
-            return TopLogprob(raw.decode("utf-8", "replace"), float(logprobs[tid]), list(raw))
-
-        best = np.argsort(-logprobs)[:top] if top else []
-        chosen = entry(token)
-        return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes,
-                            top=[entry(int(t)) for t in best])
+            scheduler.wake()
+            while not done:  # the scheduler ends every request it was given with DONE
+                done = await queue.get() is DONE
+        yield request.generated
 
 
 def _split(index: int, text: str, splitter: ReasoningSplitter | None,

@@ -181,6 +181,8 @@ class OpenAIUpstreamEngine(Engine):
             body["max_tokens"] = params.max_tokens
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.ignore_eos:
+            body["ignore_eos"] = True
         if params.stop:
             body["stop"] = params.stop
         if params.json_schema is not None:

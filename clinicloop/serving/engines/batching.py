@@ -1,0 +1,402 @@
+"""Continuous batching over one llama.cpp context: the in-process engine's decode loop.
+
+One worker thread owns the context. Requests (one per sequence) are admitted between decode steps
+into free sequence slots; every step puts one token of each decoding sequence (plus its draft
+tokens, when drafting) and a budget of prompt tokens of the sequences still prefilling into one
+`llama_decode`, so several sequences advance per step and none waits for another to finish.
+
+Each slot is a KV-cache sequence with a stream of cells of its own (`kv_unified` off): a sequence
+attends only to its own cells, in position order, so what it generates does not depend on what
+else is cached or decoded with it (greedy output is the same alone, batched, or after a reuse).
+
+Prefix reuse: a slot keeps the tokens its KV cache holds after its request ends. A new request
+takes the idle slot whose cache its prompt continues for the most tokens (a later turn of the same
+conversation) and prefills only the rest; with no such slot it takes an empty or the least
+recently used one, and copies a busy slot's stream first when that one shares a longer prefix
+(`llama_memory_seq_cp`: e.g. the same system prompt). There are more slots than sequences decoded
+at once (`n_parallel`), so that many idle conversations stay cached.
+
+Prompt-lookup drafting (greedy requests without a grammar or logprobs): the last `ngram` tokens
+are looked up earlier in the sequence and the tokens that followed are proposed as a draft; one
+decode checks them all, the longest prefix that greedy decoding would have produced is accepted,
+plus the model's own next token, and the rejected positions are removed from the KV cache. Drafts
+start short and double while wholly accepted; a sequence whose draft was wholly rejected does not
+draft for the next few steps, so text that does not repeat its context costs little.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clinicloop.serving.engines.base import TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
+
+#: Share of an idle slot's last prompt a new prompt must continue for the slot to be reused.
+SIMILARITY = 0.5
+#: Steps a sequence does not draft after a draft it wholly rejected.
+DRAFT_PAUSE = 4
+#: The last item a request's `emit` receives.
+DONE = object()
+
+
+@dataclass
+class Request:
+    """One sequence to generate, as the engine submits it, and its state while it runs."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    grammar: str | None  # GBNF
+    top_logprobs: int | None
+    ignore_eos: bool
+    #: Called from the worker thread with ("token", text, logprob), then ("finish", reason,
+    #: None), then `DONE`.
+    emit: Callable[[Any], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+    # -- worker state
+    slot: Slot | None = None
+    sampler: Any = None
+    pending: list[int] = field(default_factory=list)  # tokens still to feed the model
+    draft_pause: int = 0  # steps left without drafting
+    draft_len: int = 2  # how many tokens to draft next: grows while drafts are accepted
+    decoder: Any = None
+
+    @property
+    def drafting_allowed(self) -> bool:
+        return self.temperature <= 0 and self.grammar is None and self.top_logprobs is None
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what its KV cells hold, in order
+    prompt_len: int = 0  # the prompt of the last request it served
+    busy: Request | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class SpecStats:
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def lookup_draft(history: list[int], ngram: int, max_draft: int) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
+    if len(history) <= ngram:
+        return []
+    key = history[-ngram:]
+    for start in range(len(history) - ngram - 1, -1, -1):
+        if history[start:start + ngram] == key:
+            follow = history[start + ngram:start + ngram + max_draft]
+            return follow[: len(history) - ngram - start]
+    return []
+
+
+class BatchScheduler:
+    """Owns `ctx` (a llama.cpp context built with `n_slots` sequences) and its worker thread."""
+
+    def __init__(self, llama: Any, ctx: Any, *, n_parallel: int, n_slots: int, n_batch: int,
+                 n_ctx_seq: int, draft_ngram: int = 0, draft_max: int = 8) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.llama = llama
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        self.n_vocab = llama.n_vocab()
+        self.n_parallel = n_parallel
+        self.n_batch = n_batch
+        self.n_ctx_seq = n_ctx_seq
+        self.draft_ngram = draft_ngram
+        self.draft_max = draft_max
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.spec = SpecStats()
+        self.prefix_hits = 0  # prompt tokens not prefilled thanks to a cached prefix
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._waiting: list[Request] = []
+        self._running: list[Request] = []
+        self._wake = threading.Event()
+        self._stopped = False
+        self.dead = False
+        self._thread = threading.Thread(target=self._loop, name="llamacpp-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads ------------------------------------------------------------
+
+    def submit(self, seq: Request) -> None:
+        if self.dead:
+            self._finish(seq, "error")
+            return
+        self._inbox.put(seq)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """A sequence was cancelled: let the worker notice without waiting for a step."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        self._wake.set()
+        self._thread.join()
+        self._lib.llama_batch_free(self._batch)
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            self._admit()
+            if not self._running:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self._step()
+            except Exception:
+                log.exception("llama.cpp batch decode failed")
+                self.dead = True
+                for seq in self._running + self._waiting:
+                    self._finish(seq, "error")
+                self._running, self._waiting = [], []
+                return
+        for seq in self._running + self._waiting:
+            self._finish(seq, "stop")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                seq = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if seq is not None:
+                self._waiting.append(seq)
+
+    def _admit(self) -> None:
+        for seq in [s for s in self._waiting if s.cancel.is_set()]:
+            self._waiting.remove(seq)
+            self._finish(seq, "stop")
+        while self._waiting and len(self._running) < self.n_parallel:
+            seq = self._waiting.pop(0)
+            self._place(seq)
+            seq.sampler = self._sampler(seq)
+            seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            self._running.append(seq)
+
+    def _place(self, seq: Request) -> None:
+        """Give `seq` a slot whose KV cache already holds as much of its prompt as possible."""
+        lib = self._lib
+        usable = len(seq.prompt) - 1  # the last prompt token is always fed: its logits start it
+
+        def reuse(slot: Slot) -> int:
+            return min(common_prefix(slot.tokens, seq.prompt), usable)
+
+        # A cache is a hit when the prompt continues most of the last prompt it served (a later
+        # turn, a retry: generated tokens seldom match how the reply is re-tokenized); a
+        # small overlap (a shared opening) does not justify destroying another conversation's
+        # cache, so then an empty slot, else the least recently used one, is taken.
+        idle = [s for s in self.slots if s.busy is None]
+        hits = [s for s in idle if s.tokens and reuse(s) >= SIMILARITY * s.prompt_len]
+        slot = (max(hits, key=reuse) if hits
+                else min(idle, key=lambda s: (bool(s.tokens), s.last_used)))
+        kept = reuse(slot)
+        donor = max((s for s in self.slots if s.busy is not None), key=reuse, default=None)
+        if donor is not None and reuse(donor) > kept:
+            kept = reuse(donor)
+            # Each sequence has a stream of its own: a copy is of the whole stream, then trimmed.
+            lib.llama_memory_seq_cp(self.memory, donor.seq_id, slot.seq_id, -1, -1)
+        lib.llama_memory_seq_rm(self.memory, slot.seq_id, kept, -1)
+        slot.tokens = seq.prompt[:kept]
+        slot.prompt_len = len(seq.prompt)
+        slot.busy = seq
+        seq.slot = slot
+        seq.pending = seq.prompt[kept:]
+        self.prefix_hits += kept
+
+    def _sampler(self, seq: Request) -> Any:
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if seq.grammar is not None:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(
+                self.vocab, seq.grammar.encode(), b"root"))
+        if seq.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(seq.top_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(seq.temperature))
+            seed = lib.LLAMA_DEFAULT_SEED if seq.seed is None else seq.seed & 0xFFFFFFFF
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        """One decode over every running sequence; then sample, emit and retire."""
+        for seq in [s for s in self._running if s.cancel.is_set()]:
+            self._retire(seq, "stop")
+        feeds: list[_Feed] = []
+        budget = self.n_batch
+        decoding = [s for s in self._running if len(s.pending) == 1]
+        for seq in decoding:  # every decoding sequence advances each step: fair streaming
+            draft = self._draft(seq, budget - len(decoding)) if seq.drafting_allowed else []
+            feeds.append(_Feed(seq, seq.pending + draft, draft))
+            budget -= 1 + len(draft)
+        for seq in (s for s in self._running if len(s.pending) > 1):
+            if budget <= 0:
+                break
+            feeds.append(_Feed(seq, seq.pending[:budget], []))
+            budget -= len(feeds[-1].tokens)
+        if not feeds:
+            return
+        self._decode(feeds)
+        for feed in feeds:
+            seq, slot = feed.seq, feed.seq.slot
+            assert slot is not None
+            slot.tokens.extend(feed.tokens)
+            seq.pending = seq.pending[len(feed.tokens) - len(feed.draft):]
+            if feed.logits_at is not None:
+                self._sample(feed)
+
+    def _draft(self, seq: Request, room: int) -> list[int]:
+        if not self.draft_ngram or room <= 0:
+            return []
+        if seq.draft_pause:
+            seq.draft_pause -= 1
+            return []
+        assert seq.slot is not None
+        n = min(seq.draft_len, self.draft_max, room, seq.max_tokens - seq.generated - 1,
+                self.n_ctx_seq - len(seq.slot.tokens) - 2)
+        if n <= 0:
+            return []
+        return lookup_draft(seq.slot.tokens + seq.pending, self.draft_ngram, n)
+
+    def _decode(self, feeds: list[_Feed]) -> None:
+        lib, batch = self._lib, self._batch
+        n = 0
+        for feed in feeds:
+            assert feed.seq.slot is not None
+            pos0 = len(feed.seq.slot.tokens)
+            completes = len(feed.tokens) - len(feed.draft) >= len(feed.seq.pending)
+            first = len(feed.tokens) - 1 - len(feed.draft)
+            feed.logits_at = n + first if completes else None
+            for i, token in enumerate(feed.tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos0 + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = feed.seq.slot.seq_id
+                batch.logits[n] = completes and i >= first
+                n += 1
+        batch.n_tokens = n
+        status = lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _sample(self, feed: _Feed) -> None:
+        """Sample after a decode; with a draft, accept the prefix greedy decoding agrees with."""
+        seq, slot = feed.seq, feed.seq.slot
+        assert feed.logits_at is not None and slot is not None
+        lib = self._lib
+        out: list[tuple[int, int]] = []  # (token, its logits row)
+        for i in range(len(feed.draft) + 1):
+            row = feed.logits_at + i
+            token = lib.llama_sampler_sample(seq.sampler, self.ctx, row)
+            out.append((token, row))
+            if i == len(feed.draft) or token != feed.draft[i]:
+                break
+        if feed.draft:
+            accepted = len(out) - 1
+            seq.draft_pause = 0 if accepted else DRAFT_PAUSE
+            seq.draft_len = 2 * len(feed.draft) if accepted == len(feed.draft) else accepted + 1
+            self.spec.num_drafts += 1
+            self.spec.num_draft_tokens += len(feed.draft)
+            self.spec.num_accepted_tokens += accepted
+            keep = len(slot.tokens) - len(feed.draft) + accepted
+            if keep < len(slot.tokens):  # drop the rejected draft positions
+                lib.llama_memory_seq_rm(self.memory, slot.seq_id, keep, -1)
+                del slot.tokens[keep:]
+        for token, row in out:
+            if not self._emit_token(seq, token, row):
+                return
+        seq.pending = [out[-1][0]]
+
+    def _emit_token(self, seq: Request, token: int, row: int) -> bool:
+        """Emit one generated token; False when the sequence has ended (and is retired)."""
+        lib = self._lib
+        if seq.cancel.is_set():
+            self._retire(seq, "stop")
+            return False
+        eog = lib.llama_vocab_is_eog(self.vocab, token)
+        if eog and not seq.ignore_eos:
+            self._retire(seq, "stop")
+            return False
+        seq.generated += 1
+        logprob = None if seq.top_logprobs is None else self._logprob(token, row,
+                                                                     seq.top_logprobs)
+        text = "" if eog else seq.decoder.decode(self.llama.detokenize([token], special=True))
+        seq.emit(("token", text, logprob))
+        if seq.generated >= seq.max_tokens:
+            self._retire(seq, "length")
+            return False
+        return True
+
+    def _logprob(self, token: int, row: int, top: int) -> TokenLogprob:
+        pointer = self._lib.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        logprobs = logits - np.logaddexp.reduce(logits)
+
+        def entry(tid: int) -> TopLogprob:
+            raw = self.llama.detokenize([int(tid)], special=True)
+            return TopLogprob(raw.decode("utf-8", "replace"), float(logprobs[tid]), list(raw))
+
+        chosen = entry(token)
+        best = np.argsort(-logprobs)[:top] if top else []
+        return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes,
+                            top=[entry(int(t)) for t in best])
+
+    def _retire(self, seq: Request, reason: str) -> None:
+        self._running.remove(seq)
+        if seq.slot is not None:
+            seq.slot.busy = None
+            seq.slot.last_used = time.monotonic()
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Request, reason: str) -> None:
+        if seq.sampler is not None:
+            self._lib.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        seq.emit(("finish", reason, None))
+        seq.emit(DONE)
+
+
+@dataclass
+class _Feed:
+    """What one sequence puts into one decode: pending tokens (a prompt chunk, or the last sampled
+    token) and draft tokens after them."""
+
+    seq: Request
+    tokens: list[int]
+    draft: list[int]
+    logits_at: int | None = None  # batch row of its first logits, if it samples this step
