@@ -22,11 +22,13 @@ from pydantic_settings import (
 
 
 class SpeculativeSettings(BaseModel):
-    mode: Literal["off", "ngram"] = Field(
-        "off", description="`ngram`: prompt-lookup drafting for greedy requests (llamacpp)."
+    mode: Literal["off", "ngram", "draft_model", "eagle3"] = Field(
+        "off", description="`ngram`: prompt-lookup drafting for greedy requests; `draft_model`, "
+        "`eagle3`: a draft model (`draft_model`), for a vLLM upstream."
     )
     num_draft_tokens: int = Field(8, ge=1, description="Most tokens drafted per step.")
     ngram: int = Field(3, ge=1, description="Tokens matched to find a draft.")
+    draft_model: Path | None = Field(None, description="The draft (or EAGLE-3 head) checkpoint.")
 
 
 class EngineSettings(BaseModel):

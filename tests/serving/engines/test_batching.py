@@ -167,3 +167,17 @@ def test_sequences_decode_together_and_a_cancelled_one_frees_its_slot(tiny_model
     assert counts == [200] * 4 and n == GREEDY.max_tokens
     # All four had streamed before any finished: they were decoded together, not in turn.
     assert [kind for kind, _ in timeline[:4]] == ["first"] * 4
+
+
+def test_draft_model_modes_are_refused_by_the_embedded_engine(tiny_model, tmp_path):
+    engine = _engine(tiny_model, tmp_path, speculative=SpeculativeSettings(
+        mode="eagle3", draft_model=tiny_model.hf_dir))
+
+    async def start_then_close():
+        try:
+            await engine.start()
+        finally:
+            await engine.close()
+
+    with pytest.raises(ValueError, match="prompt lookup"):
+        asyncio.run(start_then_close())

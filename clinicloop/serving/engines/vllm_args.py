@@ -1,0 +1,57 @@
+"""The `vllm serve` command for a managed upstream, from the same engine settings the embedded
+engine reads, so a GPU deployment gets the same features: continuous batching up to
+`n_parallel` sequences, prefix caching, speculative decoding (n-gram prompt lookup, or an EAGLE-3
+/ draft model), the `</think>` reasoning split, and runtime LoRA loading for hot-swaps.
+
+Flags as `vllm serve --help` spells them (vLLM 0.1x); `--speculative-config` takes vLLM's JSON
+(`method`, `num_speculative_tokens`, `prompt_lookup_max` / `model`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from clinicloop.config import EngineSettings
+
+
+def speculative_config(settings: EngineSettings) -> dict[str, Any] | None:
+    spec = settings.speculative
+    if spec.mode == "off":
+        return None
+    config: dict[str, Any] = {"num_speculative_tokens": spec.num_draft_tokens}
+    if spec.mode == "ngram":
+        return {"method": "ngram", **config, "prompt_lookup_max": spec.ngram,
+                "prompt_lookup_min": 1}
+    if spec.draft_model is None:
+        raise ValueError(f"speculative.mode={spec.mode} needs speculative.draft_model")
+    method = "eagle3" if spec.mode == "eagle3" else "draft_model"
+    return {"method": method, "model": str(spec.draft_model), **config}
+
+
+def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127.0.0.1",
+                       port: int = 8001, enable_lora: bool = True,
+                       extra: list[str] | None = None) -> list[str]:
+    """`vllm serve <model> ...` for `model` (a HF directory or hub id of a checkpoint vLLM loads:
+    an AWQ/GPTQ compressed-tensors one is served with its Marlin kernels without forcing
+    `--quantization`)."""
+    command = ["vllm", "serve", model, "--host", host, "--port", str(port),
+               "--max-model-len", str(settings.n_ctx),
+               "--max-num-seqs", str(settings.n_parallel),
+               "--enable-prefix-caching"]
+    if settings.served_model_name:
+        command += ["--served-model-name", settings.served_model_name]
+    if settings.reasoning_parser == "think":
+        command += ["--reasoning-parser", "qwen3"]
+    if (spec := speculative_config(settings)) is not None:
+        command += ["--speculative-config", json.dumps(spec, separators=(",", ":"))]
+    if enable_lora:
+        # Hot-swaps load adapters at runtime (/v1/load_lora_adapter, `load_inplace`), which
+        # vLLM allows only with this environment flag set: see `vllm_serve_env`.
+        command += ["--enable-lora"]
+    return command + (extra or [])
+
+
+def vllm_serve_env(enable_lora: bool = True) -> dict[str, str]:
+    """Environment the command needs: runtime LoRA updating for hot-swaps."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
