@@ -266,6 +266,9 @@ def rl_refresh(
     run_id: Annotated[str | None, typer.Option(
         help="Resume this run (default: the latest unfinished run, else a new one).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are kept.")] = Path("var/rl/refresh"),
+    until: Annotated[str | None, typer.Option(
+        help="Stop after this step, e.g. `gate` to train and evaluate without publishing; "
+             "run again without it to continue.")] = None,
 ) -> None:
     """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
     serving version -> publish and hot-swap. Resumable: re-run after a crash to continue."""
@@ -279,7 +282,11 @@ def rl_refresh(
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
                   admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"))
-    job = refresh(paths, options, run_id=run_id, policy_hf=model_dir)
+    job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until)
+    if not job.state.finished:
+        typer.echo(f"stopped after {until}; run {job.state.run_id} continues at "
+                   f"{job.next_step()} ({job.run_dir})")
+        return
     report = json.loads((job.run_dir / "report.json").read_text())
     typer.echo(f"before={report['before']} after={report['after']} "
                f"swapped={report['swapped']} report={job.run_dir / 'report.md'}")

@@ -210,14 +210,20 @@ class Refresh:
     def next_step(self) -> str | None:
         return next((s for s in STEPS if s not in self.state.done), None)
 
-    def run(self) -> RunState:
-        """Run the steps not done yet; the caller holds `refresh_lock`."""
+    def run(self, until: str | None = None) -> RunState:
+        """Run the steps not done yet, stopping after `until` if given (e.g. "gate": train and
+        evaluate without publishing; a later run without it publishes). The caller holds
+        `refresh_lock`."""
+        if until is not None and until not in STEPS:
+            raise ValueError(f"until must be one of {', '.join(STEPS)}, not {until!r}")
         while (step := self.next_step()) is not None:
             self._say(f"{step} ...")
             started = time.perf_counter()
             getattr(self, f"_step_{step}")()
             self.state.done[step] = round(time.perf_counter() - started, 3)
             self._save()
+            if step == until:
+                break
         return self.state
 
     def _say(self, text: str) -> None:
@@ -400,10 +406,12 @@ def _ok(response: httpx.Response) -> Any:
 
 
 def refresh(paths: Paths, options: RefreshOptions | None = None, *, run_id: str | None = None,
-            policy_hf: Path | None = None, progress: bool = True) -> Refresh:
-    """Run (or resume) a refresh to its end; the finished `Refresh` holds its state and outputs."""
+            policy_hf: Path | None = None, until: str | None = None,
+            progress: bool = True) -> Refresh:
+    """Run (or resume) a refresh to its end, or to the step `until`; the `Refresh` holds its
+    state and outputs."""
     with refresh_lock(paths.runs_dir):
         job = Refresh.open(paths, options or RefreshOptions(), run_id=run_id,
                            policy_hf=policy_hf, progress=progress)
-        job.run()
+        job.run(until)
     return job

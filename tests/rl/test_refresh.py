@@ -150,3 +150,16 @@ def test_the_swap_goes_through_the_servers_admin_api(server_factory, tiny_model,
         assert store.get(reply["id"]).model_version == version
     finally:
         store.dispose()
+
+
+def test_no_swap_onto_a_version_that_changed_since_the_run_began(setup, tiny_model):
+    options = RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST)
+    job = refresh(setup, options, until="gate", progress=False)
+    assert job.decision().publish and job.next_step() == "swap"
+    registry = Registry(setup.registry_dir)
+    other = registry.register(parent=BASE_ID, kind="gguf", model_path=tiny_model.gguf_f16)
+    registry.activate(other.id)  # someone else swapped while the candidate waited
+    with pytest.raises(RuntimeError, match="serving version changed"):
+        refresh(setup, progress=False)
+    state = registry.read()
+    assert state.active == other.id and f"rl-{job.state.run_id}" not in state.versions
