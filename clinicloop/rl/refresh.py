@@ -43,6 +43,7 @@ from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide,
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
 from clinicloop.rl.publish import publishable_gguf
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
+from clinicloop.serving.admin.protocol import RegisterRequest
 from clinicloop.serving.registry import Registry, RegistryState, Version
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import ChatClient, open_client
@@ -151,13 +152,12 @@ def _dir_step(final: Path, build: Callable[[Path], object]) -> None:
     os.replace(part, final)
 
 
-def _rows(prompts: list[LoggedPrompt], rubrics: list[list[RubricItem]]) -> list[dict[str, Any]]:
-    return [{"prompt_id": p.key, "prompt": p.messages,
-             "rubrics": [i.model_dump(mode="json") for i in items]}
-            for p, items in zip(prompts, rubrics, strict=True)]
+def _row(prompt: LoggedPrompt, rubric: list[RubricItem]) -> Row:
+    return {"prompt_id": prompt.key, "prompt": prompt.messages,
+            "rubrics": [i.model_dump(mode="json") for i in rubric]}
 
 
-def _read_rows(path: Path) -> list[Row]:
+def read_rows(path: Path) -> list[Row]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
@@ -245,11 +245,10 @@ class Refresh:
         counts = {"seen": split.seen, "duplicates": split.duplicates, "filtered": split.filtered}
         for name, prompts, items in (("train", train, rubrics[: len(train)]),
                                      ("heldout", split.heldout, rubrics[len(train):])):
-            kept = [(p, i) for p, i in zip(prompts, items, strict=True)
+            rows = [_row(p, i) for p, i in zip(prompts, items, strict=True)
                     if any(item.points > 0 for item in i)]
-            counts[name] = len(kept)
-            counts[f"{name}_without_rubric"] = len(prompts) - len(kept)
-            rows = _rows([p for p, _ in kept], [i for _, i in kept])
+            counts[name] = len(rows)
+            counts[f"{name}_without_rubric"] = len(prompts) - len(rows)
             write_atomic(self.run_dir / f"{name}.jsonl", "".join(
                 json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         write_atomic(self.run_dir / "prompts.json", json.dumps(counts, indent=2))
@@ -261,7 +260,7 @@ class Refresh:
     async def _rubrics(self, prompts: list[LoggedPrompt], store: Store) -> list[list[RubricItem]]:
         if self.options.stage == "rule":
             return [rule_items(p.messages) for p in prompts]
-        async with self._judge_client() as client:
+        async with self._judge_endpoint().open(self.paths.models_dir) as client:
             generator = RubricGenerator(client, store=store, seed=self.options.grpo.seed)
             return [(await generator.for_conversation(p.messages)).items for p in prompts]
 
@@ -271,7 +270,7 @@ class Refresh:
 
     def _step_train(self) -> None:
         o = self.options
-        rows = _read_rows(self.run_dir / "train.jsonl")
+        rows = read_rows(self.run_dir / "train.jsonl")
 
         def train(out: Path) -> None:
             if o.stage == "rule":
@@ -283,14 +282,15 @@ class Refresh:
         _dir_step(self.run_dir / "train", train)
 
     def _step_publish(self) -> None:
-        _dir_step(self.run_dir / "candidate", lambda out: publishable_gguf(
-            self.state.policy_hf, self.run_dir / "train" / "adapter", out, self.options.quant))
+        # Every file publishing writes appears under its final name only when complete.
+        publishable_gguf(self.state.policy_hf, self.run_dir / "train" / "adapter",
+                         self.run_dir / "candidate", self.options.quant)
 
     def _step_candidate(self) -> None:
         self._evaluate(self._candidate_gguf(), None, "candidate.json")
 
     def _step_gate(self) -> None:
-        decision = decide(self._evaluation("candidate"), self._evaluation("baseline"),
+        decision = decide(self.evaluation("candidate"), self.evaluation("baseline"),
                           margin=self.options.margin)
         write_atomic(self.run_dir / "decision.json", decision.model_dump_json(indent=2))
         self._say(("publish: " if decision.publish else "refused: ") + "; ".join(decision.reasons))
@@ -299,18 +299,19 @@ class Refresh:
         decision = self.decision()
         if not decision.publish:
             return
-        version_id = f"rl-{self.state.run_id}"
-        body = {"id": version_id, "parent": self.state.serving_version, "kind": "gguf",
-                "model_path": str(self._candidate_gguf().resolve()),
-                "hf_dir": str((self.run_dir / "candidate" / "hf").resolve()),
-                "metrics": {"heldout_score": decision.candidate_score,
-                            "parent_heldout_score": decision.serving_score,
-                            "refresh_run": self.state.run_id, "stage": self.options.stage}}
+        version = RegisterRequest(
+            id=f"rl-{self.state.run_id}", parent=self.state.serving_version, kind="gguf",
+            model_path=self._candidate_gguf().resolve(),
+            hf_dir=(self.run_dir / "candidate" / "hf").resolve(),
+            metrics={"heldout_score": decision.candidate_score,
+                     "parent_heldout_score": decision.serving_score,
+                     "refresh_run": self.state.run_id, "stage": self.options.stage})
         share = self.options.canary_share
         if self.paths.server_url:
-            active = self._swap_through_server(body, share)
+            active = self._swap_through_server(version, share)
         else:
-            active = self._swap_in_registry(body, share)
+            active = self._swap_in_registry(version, share)
+        version_id = version.id
         self.state.version_id = version_id
         self.state.swapped = "canary" if share is not None else "activated"
         self._say(f"{self.state.swapped} {version_id} (active: {active})")
@@ -325,7 +326,8 @@ class Refresh:
     def decision(self) -> GateDecision:
         return GateDecision.model_validate_json((self.run_dir / "decision.json").read_text())
 
-    def _evaluation(self, name: str) -> Evaluation:
+    def evaluation(self, name: str) -> Evaluation:
+        """`baseline` or `candidate`."""
         return Evaluation.model_validate_json((self.run_dir / f"{name}.json").read_text())
 
     def _candidate_gguf(self) -> Path:
@@ -335,23 +337,17 @@ class Refresh:
         return Endpoint(url=self.options.judge_url, model=self.options.judge_model,
                         api_key=self.paths.judge_api_key)
 
-    def _judge_client(self) -> Any:
-        return open_client(self.options.judge_url, api_key=self.paths.judge_api_key,
-                           model=self.options.judge_model, models_dir=self.paths.models_dir)
-
     def _evaluate(self, gguf: Path, lora: Path | None, out: str) -> None:
         examples = [HeldoutExample(prompt_id=r["prompt_id"], messages=r["prompt"],
                                    rubrics=r["rubrics"])
-                    for r in _read_rows(self.run_dir / "heldout.jsonl")]
+                    for r in read_rows(self.run_dir / "heldout.jsonl")]
 
         async def run() -> Evaluation:
             async with AsyncExitStack() as stack:
                 policy: ChatClient = await stack.enter_async_context(open_client(
                     gguf=gguf, lora=lora, models_dir=self.paths.models_dir))
-                judge_client = await stack.enter_async_context(self._judge_client())
-                local = self.options.judge_url is None
-                # In-process, interleaved conversations would evict each other's KV-cache prefix.
-                judge = Judge(judge_client, concurrency=1 if local else 8)
+                judge = Judge(await stack.enter_async_context(
+                    self._judge_endpoint().open(self.paths.models_dir)))
                 return await evaluate(policy, judge, examples,
                                       max_tokens=self.options.eval_max_tokens,
                                       seed=self.options.grpo.seed)
@@ -360,28 +356,29 @@ class Refresh:
         write_atomic(self.run_dir / out, evaluation.model_dump_json(indent=2))
         self._say(f"{out.removesuffix('.json')} score {evaluation.score}")
 
-    def _swap_in_registry(self, body: dict[str, Any], share: float | None) -> str:
+    def _swap_in_registry(self, version: RegisterRequest, share: float | None) -> str:
         registry = Registry(self.paths.registry_dir)
-        _check_serving(registry.read().active, self.state.serving_version, body["id"])
-        version = registry.register(
-            parent=body["parent"], kind="gguf", model_path=Path(body["model_path"]),
-            hf_dir=Path(body["hf_dir"]), metrics=body["metrics"], version_id=body["id"])
+        assert version.id is not None
+        _check_serving(registry.read().active, self.state.serving_version, version.id)
+        registry.register(parent=version.parent, kind=version.kind,
+                          model_path=version.model_path, hf_dir=version.hf_dir,
+                          metrics=version.metrics, version_id=version.id)
         if share is None:
             registry.activate(version.id)
         else:
             registry.set_canary(version.id, share)
         return str(registry.read().active)
 
-    def _swap_through_server(self, body: dict[str, Any], share: float | None) -> str:
+    def _swap_through_server(self, version: RegisterRequest, share: float | None) -> str:
         base = self.paths.server_url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
         headers = {"Authorization": f"Bearer {self.paths.admin_key}"} \
             if self.paths.admin_key else {}
         with httpx.Client(base_url=f"{base}/admin/v1", headers=headers, timeout=600) as http:
             _check_serving(_ok(http.get("/versions"))["active"], self.state.serving_version,
-                           body["id"])
-            _ok(http.post("/versions", json=body))
-            listing = _ok(http.post(f"/versions/{body['id']}/activate") if share is None else
-                          http.post("/canary", json={"version": body["id"], "share": share}))
+                           version.id)
+            _ok(http.post("/versions", json=version.model_dump(mode="json")))
+            listing = _ok(http.post(f"/versions/{version.id}/activate") if share is None else
+                          http.post("/canary", json={"version": version.id, "share": share}))
         return str(listing["active"])
 
 
@@ -391,7 +388,7 @@ def _serving(state: RegistryState) -> Version:
     return state.version(state.active)
 
 
-def _check_serving(active: str | None, expected: str, ours: str) -> None:
+def _check_serving(active: str | None, expected: str, ours: str | None) -> None:
     """Swap only onto the version the candidate was trained from and compared against."""
     if active not in (expected, ours):
         raise RuntimeError(f"the serving version changed from {expected!r} to {active!r} "

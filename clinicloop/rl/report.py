@@ -50,28 +50,26 @@ def _changed_answers(baseline: dict[str, list[str]], candidate: dict[str, list[s
 
 
 def write_report(job: Refresh) -> dict[str, Any]:
-    from clinicloop.rl.refresh import write_atomic
+    from clinicloop.rl.refresh import read_rows, write_atomic
 
     run = job.run_dir
     state = job.state
-    baseline = json.loads((run / "baseline.json").read_text())
-    candidate = json.loads((run / "candidate.json").read_text())
-    decision = json.loads((run / "decision.json").read_text())
+    baseline = job.evaluation("baseline")
+    candidate = job.evaluation("candidate")
     train = json.loads((run / "train" / "train.json").read_text())
-    prompts = {r["prompt_id"]: r["prompt"] for r in map(
-        json.loads, (run / "heldout.jsonl").read_text(encoding="utf-8").splitlines())}
+    prompts = {r["prompt_id"]: r["prompt"] for r in read_rows(run / "heldout.jsonl")}
     report = {
         "run_id": state.run_id, "created_at": state.created_at.isoformat(),
         "options": state.options.model_dump(mode="json"),
         "serving_version": state.serving_version, "policy_hf": str(state.policy_hf),
         "prompts": json.loads((run / "prompts.json").read_text()),
-        "before": baseline["score"], "after": candidate["score"],
-        "baseline_metrics": baseline["metrics"], "candidate_metrics": candidate["metrics"],
-        "decision": decision, "swapped": state.swapped, "version_id": state.version_id,
+        "before": baseline.score, "after": candidate.score,
+        "baseline_metrics": baseline.metrics, "candidate_metrics": candidate.metrics,
+        "decision": job.decision().model_dump(mode="json"), "swapped": state.swapped,
+        "version_id": state.version_id,
         "reward_curve": train["reward_curve"], "train_wall_s": train["wall_s"],
         "step_seconds": state.done,
-        "changed_answers": _changed_answers(baseline["responses"], candidate["responses"],
-                                            prompts),
+        "changed_answers": _changed_answers(baseline.responses, candidate.responses, prompts),
         "files": {"report_md": str(run / "report.md"), "plot": str(run / "reward_curve.png")},
     }
     plot_reward_curve(train["reward_curve"], run / "reward_curve.png",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,15 @@ class Endpoint(BaseModel):
     model: str | None = None
     n_ctx: int = 4096
 
+    def open(self, models_dir: Path) -> AbstractAsyncContextManager[ChatClient]:
+        return open_client(self.url, api_key=self.api_key, model=self.model, gguf=self.gguf,
+                           models_dir=models_dir, n_ctx=self.n_ctx)
+
 
 @contextmanager
 def client_on(loop: BackgroundLoop, endpoint: Endpoint, models_dir: Path) -> Iterator[ChatClient]:
     """A client for `endpoint` whose calls run on `loop` (where an in-process engine lives)."""
-    opened = open_client(endpoint.url, api_key=endpoint.api_key, model=endpoint.model,
-                         gguf=endpoint.gguf, models_dir=models_dir, n_ctx=endpoint.n_ctx)
+    opened = endpoint.open(models_dir)
     client = loop.run(opened.__aenter__())
     try:
         yield client
@@ -134,13 +137,11 @@ def _write_rows(rows: list[Row], output_dir: Path) -> None:
 
 
 def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
-                      judge_client: ChatClient, loop: BackgroundLoop, local_judge: bool,
+                      judge_client: ChatClient, loop: BackgroundLoop,
                       output_dir: Path) -> TrainResult:
     from transformers import AutoTokenizer
 
-    # In-process, interleaved conversations would evict each other's KV-cache prefix.
-    judge = Judge(judge_client, concurrency=1 if local_judge else 8)
-    reward = RubricPlusLength(RubricReward(judge, loop), config.num_generations,
+    reward = RubricPlusLength(RubricReward(Judge(judge_client), loop), config.num_generations,
                               config.length_threshold, AutoTokenizer.from_pretrained(model_dir))
     _write_rows(rows, output_dir)
     return train_grpo(config, model_dir, rows, [reward], output_dir)
@@ -166,8 +167,7 @@ def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
         if rows is None:
             generator = RubricGenerator(client, seed=config.seed)
             rows = loop.run(rubric_rows(corpus_prompts(None, n_prompts, config.seed), generator))
-        return _train_on_rubrics(config, model_dir, rows, client, loop, verifier.url is None,
-                                 output_dir)
+        return _train_on_rubrics(config, model_dir, rows, client, loop, output_dir)
 
 
 def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifier: Endpoint,
@@ -186,5 +186,4 @@ def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifie
         slices = loop.run(dialogue_slices(scripts, policy_client, verifier_client, options,
                                           config.seed))
         rows = loop.run(rubric_rows(slices, RubricGenerator(verifier_client, seed=config.seed)))
-        return _train_on_rubrics(config, model_dir, rows, verifier_client, loop,
-                                 verifier.url is None, output_dir)
+        return _train_on_rubrics(config, model_dir, rows, verifier_client, loop, output_dir)

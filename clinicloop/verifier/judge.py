@@ -8,9 +8,8 @@ found keeps judges from reading a negative item as "is the answer good".
 
 Prompts put the conversation first and the item last (see `judge_templates`), and `grade_all` sends
 one conversation's items back to back, so an engine that reuses the KV cache of a common prefix
-(llama.cpp in-process; an instance the router pins to the conversation) computes the conversation
-once. On a single-sequence engine give the Judge `concurrency=1`, or conversations interleave and
-evict each other's prefix.
+(llama.cpp in-process, which keeps a cache slot per conversation; an instance the router pins to
+the conversation) computes the conversation once.
 
 A verdict never raises: with `constrained=True` the engine enforces `VERDICT_SCHEMA` (a grammar on
 llama.cpp); otherwise the reply is parsed leniently. A reply that still does not parse, or an

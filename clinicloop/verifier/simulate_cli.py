@@ -144,8 +144,7 @@ async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list
     async with _clients(doctor_url, patient_url, api_key, doctor_model, patient_model,
                         model_path, models_dir) as (doctor, patient):
         simulator = PatientSimulator(patient, options)
-        # In-process, interleaved consultations would evict each other's KV-cache prefix.
-        slots = asyncio.Semaphore(concurrency if doctor_url and patient_url else 1)
+        slots = asyncio.Semaphore(concurrency)
         bar = tqdm(total=len(chosen), desc="simulate", unit="consultation",
                    disable=not progress)
         consultations: dict[str, Consultation] = {}
@@ -205,7 +204,7 @@ def simulate_command(doctor_url: str | None = None, patient_url: str | None = No
     `script_ids`). max_turns: doctor turns before the budget ends a consultation. store_url:
     where the doctor turns are stored (default: the configured store). out: the folder for
     simulate.json. llm_gate / llm_fact_check: also ask the patient's model in the termination
-    gate / factual unit. concurrency: consultations at once when both sides are remote.
+    gate / factual unit. concurrency: consultations at once.
     Prints a summary and returns the report.
     """
     settings = Settings()

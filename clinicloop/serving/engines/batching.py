@@ -72,6 +72,7 @@ class Request:
     pending: list[int] = field(default_factory=list)  # tokens still to feed the model
     draft_pause: int = 0  # steps left without drafting
     draft_len: int = 2  # how many tokens to draft next: grows while drafts are accepted
+    ngrams: NgramIndex | None = None  # of the sequence's tokens, for drafting
     decoder: Any = None
 
     @property
@@ -103,16 +104,29 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+class NgramIndex:
+    """Where each n-gram of a growing token history last started, its final n-gram excepted, so
+    a draft lookup costs a dict access plus the tokens new since the last one, not a scan."""
+
+    def __init__(self, ngram: int) -> None:
+        self.ngram = ngram
+        self._starts: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams starting before this are in `_starts`
+
+    def draft(self, history: list[int], max_draft: int) -> list[int]:
+        """The tokens that followed the latest earlier occurrence of the last `ngram` tokens.
+        `history` only ever grows between calls."""
+        n = self.ngram
+        for start in range(self._indexed, len(history) - n):
+            self._starts[tuple(history[start:start + n])] = start
+        self._indexed = max(self._indexed, len(history) - n)
+        start = self._starts.get(tuple(history[-n:])) if len(history) > n else None
+        return [] if start is None else history[start + n:start + n + max_draft]
+
+
 def lookup_draft(history: list[int], ngram: int, max_draft: int) -> list[int]:
-    """The tokens that followed the latest earlier occurrence of the last `ngram` tokens."""
-    if len(history) <= ngram:
-        return []
-    key = history[-ngram:]
-    for start in range(len(history) - ngram - 1, -1, -1):
-        if history[start:start + ngram] == key:
-            follow = history[start + ngram:start + ngram + max_draft]
-            return follow[: len(history) - ngram - start]
-    return []
+    """`NgramIndex.draft` on a history seen once."""
+    return NgramIndex(ngram).draft(history, max_draft)
 
 
 class BatchScheduler:
@@ -213,8 +227,10 @@ class BatchScheduler:
         lib = self._lib
         usable = len(seq.prompt) - 1  # the last prompt token is always fed: its logits start it
 
+        shared = {s.seq_id: min(common_prefix(s.tokens, seq.prompt), usable) for s in self.slots}
+
         def reuse(slot: Slot) -> int:
-            return min(common_prefix(slot.tokens, seq.prompt), usable)
+            return shared[slot.seq_id]
 
         # A cache is a hit when the prompt continues most of the last prompt it served (a later
         # turn, a retry: generated tokens seldom match how the reply is re-tokenized); a
@@ -291,7 +307,9 @@ class BatchScheduler:
                 self.n_ctx_seq - len(seq.slot.tokens) - 2)
         if n <= 0:
             return []
-        return lookup_draft(seq.slot.tokens + seq.pending, self.draft_ngram, n)
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(self.draft_ngram)
+        return seq.ngrams.draft(seq.slot.tokens + seq.pending, n)
 
     def _decode(self, feeds: list[_Feed]) -> None:
         lib, batch = self._lib, self._batch

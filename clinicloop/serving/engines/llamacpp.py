@@ -77,6 +77,10 @@ class LlamaCppEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
+        mode = self.settings.speculative.mode
+        if mode not in ("off", "ngram"):  # refused before minutes of model loading
+            raise ValueError(f"speculative.mode={mode} is for a vLLM upstream; the llamacpp "
+                             "engine drafts by prompt lookup (ngram) only")
         path = self._resolve_model()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model not found: {path}")
@@ -133,9 +137,6 @@ class LlamaCppEngine(Engine):
             if llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, scales):
                 raise RuntimeError(f"could not apply the LoRA adapter {s.lora_path}")
         spec = s.speculative
-        if spec.mode not in ("off", "ngram"):
-            raise ValueError(f"speculative.mode={spec.mode} is for a vLLM upstream; the llamacpp "
-                             "engine drafts by prompt lookup (ngram) only")
         scheduler = BatchScheduler(
             llama, context.ctx, n_parallel=s.n_parallel, n_slots=n_slots, n_batch=s.n_batch,
             n_ctx_seq=s.n_ctx, draft_ngram=spec.ngram if spec.mode == "ngram" else 0,
