@@ -23,8 +23,9 @@ from pydantic_settings import (
 
 class SpeculativeSettings(BaseModel):
     mode: Literal["off", "ngram", "draft_model", "eagle3"] = Field(
-        "off", description="`ngram`: prompt-lookup drafting for greedy requests; `draft_model`, "
-        "`eagle3`: a draft model (`draft_model`), for a vLLM upstream."
+        "off", description="`ngram`: prompt-lookup drafting for greedy requests; `draft_model`: "
+        "a small draft model with the served model's vocabulary (`draft_model`: a GGUF for "
+        "`llamacpp`, a HF checkpoint for vLLM); `eagle3`: an EAGLE-3 head, vLLM only."
     )
     num_draft_tokens: int = Field(8, ge=1, description="Most tokens drafted per step.")
     ngram: int = Field(3, ge=1, description="Tokens matched to find a draft.")

@@ -78,6 +78,13 @@ SIZES: dict[str, SizeConfig] = {
         intermediate_size=1536, num_layers=4, num_heads=8, num_kv_heads=2, max_positions=4096,
         steps=300, batch_size=8, lr=2e-3, warmup_steps=10, threads=2,
     ),
+    # A draft model for `bench` (speculative decoding): the tokenizer depends only on the corpus
+    # and the vocabulary size, so the same size gives the identical vocabulary.
+    "bench-draft": SizeConfig(
+        name="clinicloop-tiny-bench-draft", vocab_size=4096, vocab_multiple=256, hidden_size=128,
+        intermediate_size=512, num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096,
+        steps=600, batch_size=16, lr=3e-3, warmup_steps=20, threads=1,
+    ),
 }
 
 
@@ -326,7 +333,7 @@ def _build_into(work: Path, size: SizeConfig, seed: int, digest: str, progress: 
 def build_tiny(
     size: str = "tiny", seed: int = 0, out_root: Path = Path("var/models"), progress: bool = True
 ) -> TinyModel:
-    """Build (or return the cached) tiny model of ``size`` ('tiny' | 'bench')."""
+    """Build (or return the cached) tiny model of ``size`` (a key of `SIZES`)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     config = SIZES[size]

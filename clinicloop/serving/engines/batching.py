@@ -16,12 +16,12 @@ recently used one, and copies a busy slot's stream first when that one shares a 
 (`llama_memory_seq_cp`: e.g. the same system prompt). There are more slots than sequences decoded
 at once (`n_parallel`), so that many idle conversations stay cached.
 
-Prompt-lookup drafting (greedy requests without a grammar or logprobs): the last `ngram` tokens
-are looked up earlier in the sequence and the tokens that followed are proposed as a draft; one
-decode checks them all, the longest prefix that greedy decoding would have produced is accepted,
-plus the model's own next token, and the rejected positions are removed from the KV cache. Drafts
-start short and double while wholly accepted; a sequence whose draft was wholly rejected does not
-draft for the next few steps, so text that does not repeat its context costs little.
+Speculative decoding (greedy requests without a grammar or logprobs): a drafter (`drafting.py`:
+prompt lookup, or a small draft model) proposes the next few tokens of every decoding sequence;
+one decode checks them all, the longest prefix that greedy decoding would have produced is
+accepted, plus the model's own next token, and the rejected positions are removed from the KV
+cache. Drafts start short and double while wholly accepted; a sequence whose draft was wholly
+rejected does not draft for the next few steps, so text the drafter cannot predict costs little.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from clinicloop.serving.engines.base import TokenLogprob, TopLogprob
+from clinicloop.serving.engines.drafting import Drafter, DraftWant, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class Request:
     pending: list[int] = field(default_factory=list)  # tokens still to feed the model
     draft_pause: int = 0  # steps left without drafting
     draft_len: int = 2  # how many tokens to draft next: grows while drafts are accepted
-    ngrams: NgramIndex | None = None  # of the sequence's tokens, for drafting
     decoder: Any = None
 
     @property
@@ -96,44 +96,11 @@ class SpecStats:
     num_accepted_tokens: int = 0
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-class NgramIndex:
-    """Where each n-gram of a growing token history last started, its final n-gram excepted, so
-    a draft lookup costs a dict access plus the tokens new since the last one, not a scan."""
-
-    def __init__(self, ngram: int) -> None:
-        self.ngram = ngram
-        self._starts: dict[tuple[int, ...], int] = {}
-        self._indexed = 0  # n-grams starting before this are in `_starts`
-
-    def draft(self, history: list[int], max_draft: int) -> list[int]:
-        """The tokens that followed the latest earlier occurrence of the last `ngram` tokens.
-        `history` only ever grows between calls."""
-        n = self.ngram
-        for start in range(self._indexed, len(history) - n):
-            self._starts[tuple(history[start:start + n])] = start
-        self._indexed = max(self._indexed, len(history) - n)
-        start = self._starts.get(tuple(history[-n:])) if len(history) > n else None
-        return [] if start is None else history[start + n:start + n + max_draft]
-
-
-def lookup_draft(history: list[int], ngram: int, max_draft: int) -> list[int]:
-    """`NgramIndex.draft` on a history seen once."""
-    return NgramIndex(ngram).draft(history, max_draft)
-
-
 class BatchScheduler:
     """Owns `ctx` (a llama.cpp context built with `n_slots` sequences) and its worker thread."""
 
     def __init__(self, llama: Any, ctx: Any, *, n_parallel: int, n_slots: int, n_batch: int,
-                 n_ctx_seq: int, draft_ngram: int = 0, draft_max: int = 8) -> None:
+                 n_ctx_seq: int, drafter: Drafter | None = None, draft_max: int = 8) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -145,7 +112,7 @@ class BatchScheduler:
         self.n_parallel = n_parallel
         self.n_batch = n_batch
         self.n_ctx_seq = n_ctx_seq
-        self.draft_ngram = draft_ngram
+        self.drafter = drafter
         self.draft_max = draft_max
         self.slots = [Slot(i) for i in range(n_slots)]
         self.spec = SpecStats()
@@ -276,8 +243,9 @@ class BatchScheduler:
         feeds: list[_Feed] = []
         budget = self.n_batch
         decoding = [s for s in self._running if len(s.pending) == 1]
+        drafts = self._drafts(decoding, budget - len(decoding))
         for seq in decoding:  # every decoding sequence advances each step: fair streaming
-            draft = self._draft(seq, budget - len(decoding)) if seq.drafting_allowed else []
+            draft = drafts.get(id(seq), [])
             feeds.append(_Feed(seq, seq.pending + draft, draft))
             budget -= 1 + len(draft)
         for seq in (s for s in self._running if len(s.pending) > 1):
@@ -296,20 +264,27 @@ class BatchScheduler:
             if feed.logits_at is not None:
                 self._sample(feed)
 
-    def _draft(self, seq: Request, room: int) -> list[int]:
-        if not self.draft_ngram or room <= 0:
-            return []
-        if seq.draft_pause:
-            seq.draft_pause -= 1
-            return []
-        assert seq.slot is not None
-        n = min(seq.draft_len, self.draft_max, room, seq.max_tokens - seq.generated - 1,
-                self.n_ctx_seq - len(seq.slot.tokens) - 2)
-        if n <= 0:
-            return []
-        if seq.ngrams is None:
-            seq.ngrams = NgramIndex(self.draft_ngram)
-        return seq.ngrams.draft(seq.slot.tokens + seq.pending, n)
+    def _drafts(self, decoding: list[Request], room: int) -> dict[int, list[int]]:
+        """Drafts (by `id` of the request) for the decoding sequences that draft this step, at
+        most `room` tokens in all."""
+        if self.drafter is None:
+            return {}
+        wants: list[tuple[Request, DraftWant]] = []
+        for seq in decoding:
+            if not seq.drafting_allowed:
+                continue
+            if seq.draft_pause:
+                seq.draft_pause -= 1
+                continue
+            slot = seq.slot
+            assert slot is not None
+            n = min(seq.draft_len, self.draft_max, room, seq.max_tokens - seq.generated - 1,
+                    self.n_ctx_seq - len(slot.tokens) - 2)
+            if n > 0:
+                wants.append((seq, DraftWant(slot.seq_id, slot.tokens + seq.pending, n, seq)))
+                room -= n
+        proposed = self.drafter.propose([want for _, want in wants]) if wants else []
+        return {id(seq): draft for (seq, _), draft in zip(wants, proposed, strict=True)}
 
     def _decode(self, feeds: list[_Feed]) -> None:
         lib, batch = self._lib, self._batch

@@ -2,7 +2,8 @@
 
 `Llama` loads the model and tokenizer; decoding runs on a context of our own with one KV-cache
 sequence per slot, driven by `BatchScheduler` (continuous batching, prefix reuse across turns,
-prompt-lookup drafting; see `batching.py`). This module turns requests into token sequences
+speculative decoding by prompt lookup or a draft model with its own context; see `batching.py`,
+`drafting.py`). This module turns requests into token sequences
 (chat template, context-length check, grammar) and the scheduler's tokens back into events (stop
 strings, the reasoning split). Logprobs come from each sequence's own logits row.
 """
@@ -30,6 +31,7 @@ from clinicloop.serving.engines.base import (
     Usage,
 )
 from clinicloop.serving.engines.batching import DONE, BatchScheduler, Request
+from clinicloop.serving.engines.drafting import Drafter, ModelDrafter, NgramDrafter
 from clinicloop.serving.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ def file_version(path: Path) -> str:
     return f"{path.stem}@{h.hexdigest()[:12]}"
 
 
+def check_same_vocab(target: Any, draft: Any, draft_path: Path) -> None:
+    """A draft's tokens are verified by id, so its vocabulary must be the target's."""
+    def pieces(llama: Any) -> list[bytes]:
+        return [llama.detokenize([i], special=True) for i in range(llama.n_vocab())]
+
+    if target.n_vocab() != draft.n_vocab() or pieces(target) != pieces(draft):
+        raise ValueError(f"draft model {draft_path} does not share the served model's vocabulary")
+
+
 class LlamaCppEngine(Engine):
     def __init__(self, settings: EngineSettings, models_dir: Path) -> None:
         self.settings = settings
@@ -59,6 +70,8 @@ class LlamaCppEngine(Engine):
         self.hf_dir: Path | None = settings.hf_dir
         self._llama: Any = None
         self._context: Any = None
+        self._draft: Any = None  # the draft model (`speculative.mode=draft_model`) and its context
+        self._draft_context: Any = None
         self._scheduler: BatchScheduler | None = None
         self.max_concurrency = settings.n_parallel
         self._template: ChatTemplate | None = None
@@ -75,24 +88,24 @@ class LlamaCppEngine(Engine):
         return tiny.gguf_q8_0 if self.settings.tiny_quant == "q8_0" else tiny.gguf_f16
 
     def _load(self) -> None:
-        import llama_cpp
 
-        mode = self.settings.speculative.mode
-        if mode not in ("off", "ngram"):  # refused before minutes of model loading
-            raise ValueError(f"speculative.mode={mode} is for a vLLM upstream; the llamacpp "
-                             "engine drafts by prompt lookup (ngram) only")
+        spec = self.settings.speculative
+        # Refused before minutes of model loading.
+        if spec.mode == "eagle3":
+            raise ValueError("speculative.mode=eagle3 is for a vLLM upstream; the llamacpp engine "
+                             "drafts by prompt lookup (ngram) or with a draft model (draft_model)")
+        if spec.mode == "draft_model" and (spec.draft_model is None
+                                           or not spec.draft_model.is_file()):
+            raise FileNotFoundError(
+                f"speculative.draft_model must be a GGUF file for the llamacpp engine, not "
+                f"{spec.draft_model}")
         path = self._resolve_model()
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model not found: {path}")
         lora = self.settings.lora_path
         if lora is not None and not lora.is_file():
             raise FileNotFoundError(f"LoRA adapter GGUF not found: {lora}")
-        # `Llama` is the model, tokenizer and LoRA adapter; its own context stays minimal.
-        llama = llama_cpp.Llama(
-            model_path=str(path), n_ctx=64, n_batch=64, n_threads=self.settings.n_threads,
-            n_gpu_layers=self.settings.n_gpu_layers,
-            lora_path=None if lora is None else str(lora), verbose=False,
-        )
+        llama = self._open_model(path, lora)
         source = llama.metadata.get("tokenizer.chat_template")
         if not source:
             raise ValueError(f"{path} has no tokenizer.chat_template in its GGUF metadata")
@@ -110,14 +123,22 @@ class LlamaCppEngine(Engine):
         self.model_version = file_version(path)
         self.model_path = path
 
-    def _batching(self, llama: Any) -> tuple[Any, BatchScheduler]:
-        import ctypes
+    def _open_model(self, path: Path, lora: Path | None = None) -> Any:
+        """`Llama` as the model, tokenizer and LoRA adapter; its own context stays minimal."""
+        import llama_cpp
 
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=64, n_batch=64, n_threads=self.settings.n_threads,
+            n_gpu_layers=self.settings.n_gpu_layers,
+            lora_path=None if lora is None else str(lora), verbose=False,
+        )
+
+    def _open_context(self, llama: Any, n_slots: int) -> Any:
+        """A context of `llama`'s model with one KV-cache sequence per slot."""
         import llama_cpp
         from llama_cpp import _internals
 
         s = self.settings
-        n_slots = s.n_parallel + s.prefix_cache_slots
         params = llama_cpp.llama_context_default_params()
         # A KV stream of n_ctx cells per slot: a sequence attends to its own cells only, in
         # position order, so its output does not depend on what else is cached or decoded.
@@ -130,17 +151,35 @@ class LlamaCppEngine(Engine):
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.n_threads = params.n_threads_batch = s.n_threads
-        context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        return _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+
+    def _batching(self, llama: Any) -> tuple[Any, BatchScheduler]:
+        import ctypes
+
+        import llama_cpp
+
+        s = self.settings
+        n_slots = s.n_parallel + s.prefix_cache_slots
+        context = self._open_context(llama, n_slots)
         if llama._lora_adapter is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
             scales = (ctypes.c_float * 1)(llama.lora_scale)
             if llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, scales):
                 raise RuntimeError(f"could not apply the LoRA adapter {s.lora_path}")
         spec = s.speculative
+        drafter: Drafter | None = None
+        if spec.mode == "ngram":
+            drafter = NgramDrafter(spec.ngram)
+        elif spec.mode == "draft_model":
+            assert spec.draft_model is not None
+            self._draft = self._open_model(spec.draft_model)
+            check_same_vocab(llama, self._draft, spec.draft_model)
+            self._draft_context = self._open_context(self._draft, n_slots)
+            drafter = ModelDrafter(self._draft, self._draft_context.ctx, n_slots=n_slots,
+                                   n_batch=s.n_batch)
         scheduler = BatchScheduler(
             llama, context.ctx, n_parallel=s.n_parallel, n_slots=n_slots, n_batch=s.n_batch,
-            n_ctx_seq=s.n_ctx, draft_ngram=spec.ngram if spec.mode == "ngram" else 0,
-            draft_max=spec.num_draft_tokens)
+            n_ctx_seq=s.n_ctx, drafter=drafter, draft_max=spec.num_draft_tokens)
         return context, scheduler
 
     async def start(self) -> None:
@@ -153,13 +192,13 @@ class LlamaCppEngine(Engine):
     def _unload(self) -> None:
         if self._scheduler is not None:
             self._scheduler.close()
+            if isinstance(self._scheduler.drafter, ModelDrafter):
+                self._scheduler.drafter.close()
             self._scheduler = None
-        if self._context is not None:
-            self._context.close()
-            self._context = None
-        if self._llama is not None:
-            self._llama.close()
-            self._llama = None
+        for name in ("_context", "_draft_context", "_llama", "_draft"):
+            if (resource := getattr(self, name)) is not None:
+                resource.close()
+                setattr(self, name, None)
 
     def healthy(self) -> bool:
         return self._scheduler is not None and not self._scheduler.dead
