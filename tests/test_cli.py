@@ -9,7 +9,8 @@ COMMANDS = [[], ["serve"], ["model"], ["model", "build-tiny"], ["keys"], ["keys"
             ["store"], ["store", "migrate"], ["store", "redaction-recall"],
             ["verify"], ["verify", "score"], ["verify", "simulate"], ["rl"],
             ["rl", "stage-rule"], ["rl", "stage-rubric"], ["rl", "stage-multiturn"],
-            ["rl", "refresh"]]
+            ["rl", "refresh"], ["quant"], ["quant", "plan"], ["quant", "gguf"], ["quant", "awq"],
+            ["quant", "gptq"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -54,21 +54,31 @@ def _reward_bar(total: int, enabled: bool) -> Any:
 
 
 def train_grpo(config: PaperGRPOConfig, model_dir: Path, rows: list[dict[str, Any]],
-               reward_funcs: list[Any], output_dir: Path, progress: bool = True) -> TrainResult:
-    """`rows`: dicts with a `prompt` (messages) plus whatever columns the rewards read."""
+               reward_funcs: list[Any], output_dir: Path, progress: bool = True,
+               init_adapter: Path | None = None) -> TrainResult:
+    """`rows`: dicts with a `prompt` (messages) plus whatever columns the rewards read.
+    `init_adapter`: a peft adapter of `model_dir` to go on training (e.g. the version a vLLM
+    upstream serves, which applies one adapter to its base), instead of a fresh LoRA."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOTrainer
 
     output_dir.mkdir(parents=True, exist_ok=True)
     quiet_deprecations()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_config = config.lora()
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model, peft_config = PeftModel.from_pretrained(model, init_adapter,
+                                                       is_trainable=True), None
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        model=model,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         reward_funcs=reward_funcs,
         args=config.to_trl(output_dir),
         train_dataset=Dataset.from_list(rows),
-        peft_config=config.lora(),
+        peft_config=peft_config,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_reward_bar(config.max_steps, progress))

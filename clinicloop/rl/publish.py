@@ -10,16 +10,12 @@ looks complete.
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from clinicloop.model.checkpoint import save_checkpoint
 from clinicloop.model.gguf_export import quantize_gguf, write_gguf_f16
 from clinicloop.rl.grpo import quiet_deprecations
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -37,15 +33,7 @@ def merge_lora(base_hf_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     quiet_deprecations()
     base = AutoModelForCausalLM.from_pretrained(base_hf_dir)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    part = out_dir.with_name(out_dir.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    merged.save_pretrained(part)
-    for name in _TOKENIZER_FILES:
-        if (base_hf_dir / name).exists():
-            shutil.copy2(base_hf_dir / name, part / name)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(part, out_dir)
-    return out_dir
+    return save_checkpoint(merged, base_hf_dir, out_dir)
 
 
 def publishable_gguf(base_hf_dir: Path, adapter_dir: Path, out_dir: Path,

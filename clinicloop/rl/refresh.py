@@ -7,7 +7,8 @@ then being recorded as done in `state.json`:
   prompts    logged prompts (`prompts.py`) with their rubrics -> train.jsonl, heldout.jsonl
   baseline   the serving version answers the held-out prompts; the judge grades -> baseline.json
   train      GRPO (TRL) trains a LoRA on the serving version's HF weights -> train/
-  publish    the adapter merged, written as GGUF and quantized -> candidate/
+  publish    llama.cpp: the adapter merged, written as GGUF and quantized; vLLM: the peft
+             adapter as it is -> candidate/
   candidate  the candidate answers the same prompts, the same judge grades -> candidate.json
   gate       `gate.decide` -> decision.json
   swap       if the gate passed: registered as a version and activated (or put on canary)
@@ -19,6 +20,11 @@ Nothing touches serving before `swap`, which is idempotent (a fixed version id; 
 active version changes nothing), so a crash anywhere leaves the old version serving. A lock file
 stops two jobs at once. The run's options are stored with it, so a resumed run trains and grades
 exactly as it began.
+
+Where the serving version runs on a vLLM upstream (registry kinds `upstream`, `vllm_lora`), the
+policy is evaluated through that upstream: the candidate adapter is loaded into it at runtime
+under the version id it will be published as (`load_inplace`, so loading it again is harmless),
+and the swap registers it as a `vllm_lora` version, which the server serves by that same name.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
 from clinicloop.rl.publish import publishable_gguf
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
 from clinicloop.serving.admin.protocol import RegisterRequest
-from clinicloop.serving.registry import Registry, RegistryState, Version
+from clinicloop.serving.engines.openai_upstream import load_lora_adapter
+from clinicloop.serving.registry import UPSTREAM_KINDS, Registry, RegistryState, Version
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import ChatClient, open_client
 from clinicloop.verifier.generator import RubricGenerator, rule_items
@@ -112,6 +119,10 @@ class Paths(BaseModel):
         "file is changed and the next server start serves the new version.")
     admin_key: str | None = None
     judge_api_key: str | None = None
+    upstream_url: str | None = Field(
+        None, description="The vLLM upstream (base URL ending in /v1) that serves versions of "
+        "kind `upstream` and `vllm_lora`; needed when the serving version is one.")
+    upstream_api_key: str | None = None
 
 
 @contextmanager
@@ -265,29 +276,47 @@ class Refresh:
             return [(await generator.for_conversation(p.messages)).items for p in prompts]
 
     def _step_baseline(self) -> None:
-        version = Registry(self.paths.registry_dir).get(self.state.serving_version)
-        self._evaluate(version.model_path, version.lora_path, "baseline.json")
+        version = self._serving()
+        if version.kind not in UPSTREAM_KINDS:
+            self._evaluate("baseline.json", gguf=version.model_path, lora=version.lora_path)
+        elif version.lora_path is None:
+            self._evaluate("baseline.json", **self._upstream(str(version.model_path)))
+        else:
+            self._load_adapter(version.id, version.lora_path)
+            self._evaluate("baseline.json", **self._upstream(version.id))
 
     def _step_train(self) -> None:
         o = self.options
         rows = read_rows(self.run_dir / "train.jsonl")
 
+        # A vLLM upstream applies one adapter to its base: go on training the serving one.
+        serving = self._serving()
+        init = serving.lora_path if serving.kind == "vllm_lora" else None
+
         def train(out: Path) -> None:
             if o.stage == "rule":
-                rule_stage(self.state.policy_hf, out, o.grpo, rows=rows)
+                rule_stage(self.state.policy_hf, out, o.grpo, rows=rows, init_adapter=init)
             else:
                 rubric_stage(self.state.policy_hf, out, self._judge_endpoint(), o.grpo,
-                             rows=rows, models_dir=self.paths.models_dir)
+                             rows=rows, models_dir=self.paths.models_dir, init_adapter=init)
 
         _dir_step(self.run_dir / "train", train)
 
     def _step_publish(self) -> None:
         # Every file publishing writes appears under its final name only when complete.
-        publishable_gguf(self.state.policy_hf, self.run_dir / "train" / "adapter",
-                         self.run_dir / "candidate", self.options.quant)
+        adapter = self.run_dir / "train" / "adapter"
+        if self._serving().kind in UPSTREAM_KINDS:
+            _dir_step(self._candidate_adapter(), lambda out: shutil.copytree(adapter, out))
+        else:
+            publishable_gguf(self.state.policy_hf, adapter, self.run_dir / "candidate",
+                             self.options.quant)
 
     def _step_candidate(self) -> None:
-        self._evaluate(self._candidate_gguf(), None, "candidate.json")
+        if self._serving().kind in UPSTREAM_KINDS:
+            self._load_adapter(self._version_id(), self._candidate_adapter())
+            self._evaluate("candidate.json", **self._upstream(self._version_id()))
+        else:
+            self._evaluate("candidate.json", gguf=self._candidate_gguf())
 
     def _step_gate(self) -> None:
         decision = decide(self.evaluation("candidate"), self.evaluation("baseline"),
@@ -299,13 +328,21 @@ class Refresh:
         decision = self.decision()
         if not decision.publish:
             return
-        version = RegisterRequest(
-            id=f"rl-{self.state.run_id}", parent=self.state.serving_version, kind="gguf",
-            model_path=self._candidate_gguf().resolve(),
-            hf_dir=(self.run_dir / "candidate" / "hf").resolve(),
-            metrics={"heldout_score": decision.candidate_score,
-                     "parent_heldout_score": decision.serving_score,
-                     "refresh_run": self.state.run_id, "stage": self.options.stage})
+        metrics = {"heldout_score": decision.candidate_score,
+                   "parent_heldout_score": decision.serving_score,
+                   "refresh_run": self.state.run_id, "stage": self.options.stage}
+        serving = self._serving()
+        if serving.kind in UPSTREAM_KINDS:
+            # An adapter of the upstream's own model, as the one it was trained on.
+            version = RegisterRequest(
+                id=self._version_id(), parent=serving.id, kind="vllm_lora",
+                model_path=serving.model_path, lora_path=self._candidate_adapter().resolve(),
+                hf_dir=self.state.policy_hf, metrics=metrics)
+        else:
+            version = RegisterRequest(
+                id=self._version_id(), parent=serving.id, kind="gguf",
+                model_path=self._candidate_gguf().resolve(),
+                hf_dir=(self.run_dir / "candidate" / "hf").resolve(), metrics=metrics)
         share = self.options.canary_share
         if self.paths.server_url:
             active = self._swap_through_server(version, share)
@@ -333,11 +370,33 @@ class Refresh:
     def _candidate_gguf(self) -> Path:
         return self.run_dir / "candidate" / f"model-{self.options.quant}.gguf"
 
+    def _candidate_adapter(self) -> Path:
+        return self.run_dir / "candidate" / "adapter"
+
+    def _version_id(self) -> str:
+        return f"rl-{self.state.run_id}"
+
+    def _serving(self) -> Version:
+        return Registry(self.paths.registry_dir).get(self.state.serving_version)
+
+    def _upstream(self, model: str) -> dict[str, Any]:
+        if not self.paths.upstream_url:
+            raise ValueError(f"version {self.state.serving_version!r} is served by a vLLM "
+                             "upstream: pass its URL (--upstream-url)")
+        return {"url": self.paths.upstream_url, "model": model,
+                "api_key": self.paths.upstream_api_key}
+
+    def _load_adapter(self, name: str, path: Path) -> None:
+        asyncio.run(load_lora_adapter(self._upstream(name)["url"], name, path.resolve(),
+                                      api_key=self.paths.upstream_api_key))
+
     def _judge_endpoint(self) -> Endpoint:
         return Endpoint(url=self.options.judge_url, model=self.options.judge_model,
                         api_key=self.paths.judge_api_key)
 
-    def _evaluate(self, gguf: Path, lora: Path | None, out: str) -> None:
+    def _evaluate(self, out: str, **policy_client: Any) -> None:
+        """Grade the held-out prompts answered by the policy that `open_client` opens with
+        `policy_client` (a GGUF in-process, or a model of an upstream)."""
         examples = [HeldoutExample(prompt_id=r["prompt_id"], messages=r["prompt"],
                                    rubrics=r["rubrics"])
                     for r in read_rows(self.run_dir / "heldout.jsonl")]
@@ -345,7 +404,7 @@ class Refresh:
         async def run() -> Evaluation:
             async with AsyncExitStack() as stack:
                 policy: ChatClient = await stack.enter_async_context(open_client(
-                    gguf=gguf, lora=lora, models_dir=self.paths.models_dir))
+                    models_dir=self.paths.models_dir, **policy_client))
                 judge = Judge(await stack.enter_async_context(
                     self._judge_endpoint().open(self.paths.models_dir)))
                 return await evaluate(policy, judge, examples,

@@ -138,36 +138,40 @@ def _write_rows(rows: list[Row], output_dir: Path) -> None:
 
 def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
                       judge_client: ChatClient, loop: BackgroundLoop,
-                      output_dir: Path) -> TrainResult:
+                      output_dir: Path, init_adapter: Path | None = None) -> TrainResult:
     from transformers import AutoTokenizer
 
     reward = RubricPlusLength(RubricReward(Judge(judge_client), loop), config.num_generations,
                               config.length_threshold, AutoTokenizer.from_pretrained(model_dir))
     _write_rows(rows, output_dir)
-    return train_grpo(config, model_dir, rows, [reward], output_dir)
+    return train_grpo(config, model_dir, rows, [reward], output_dir, init_adapter=init_adapter)
 
 
 def rule_stage(model_dir: Path, output_dir: Path, config: PaperGRPOConfig | None = None,
-               rows: list[Row] | None = None, n_prompts: int | None = 32) -> TrainResult:
+               rows: list[Row] | None = None, n_prompts: int | None = 32,
+               init_adapter: Path | None = None) -> TrainResult:
     """Rule-based GRPO on `rows` (rubrics with `kind:rule` items), or on `n_prompts` red-flag
-    prompts of the corpus."""
+    prompts of the corpus; `init_adapter` as in `train_grpo`."""
     config = config or PaperGRPOConfig()
     rows = red_flag_rows(n_prompts, config.seed) if rows is None else rows
     _write_rows(rows, output_dir)
-    return train_grpo(config, model_dir, rows, [rule_reward], output_dir)
+    return train_grpo(config, model_dir, rows, [rule_reward], output_dir,
+                      init_adapter=init_adapter)
 
 
 def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
                  config: PaperGRPOConfig | None = None, rows: list[Row] | None = None,
-                 n_prompts: int = 32, models_dir: Path = Path("var/models")) -> TrainResult:
+                 n_prompts: int = 32, models_dir: Path = Path("var/models"),
+                 init_adapter: Path | None = None) -> TrainResult:
     """Rubric-based GRPO on `rows` (e.g. `healthbench_rows(path)`), or on `n_prompts` corpus
-    prompts with rubrics the verifier writes."""
+    prompts with rubrics the verifier writes; `init_adapter` as in `train_grpo`."""
     config = config or PaperGRPOConfig()
     with BackgroundLoop() as loop, client_on(loop, verifier, models_dir) as client:
         if rows is None:
             generator = RubricGenerator(client, seed=config.seed)
             rows = loop.run(rubric_rows(corpus_prompts(None, n_prompts, config.seed), generator))
-        return _train_on_rubrics(config, model_dir, rows, client, loop, output_dir)
+        return _train_on_rubrics(config, model_dir, rows, client, loop, output_dir,
+                                 init_adapter)
 
 
 def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifier: Endpoint,

@@ -3,8 +3,8 @@
 `create_app(settings)` returns a FastAPI app whose lifespan starts the log writer, then loads the
 engine in the background (so /health answers 503 while a model loads), and on shutdown drains the
 writer after the engine stops. Nothing is global: each app owns its engine, writer and metrics.
-On the llama.cpp engine the model is served through the versioned engine (`versions.py`), whose
-registry and admin routes let a new version be swapped in while serving.
+The model is served through the versioned engine (`versions.py`), whose registry and admin routes
+let a new version be swapped in while serving.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from clinicloop.serving.chat_completion.api_router import router as chat_router
 from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
 from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
-from clinicloop.serving.engines import make_engine
 from clinicloop.serving.engines.base import Engine
 from clinicloop.serving.errors import error_response, install_error_handlers
 from clinicloop.serving.generation import Services
@@ -84,10 +83,9 @@ def _make_writer(settings: Settings) -> Any:
 def create_app(settings: Settings, *, engine: Engine | None = None,
                writer: Any = None) -> FastAPI:
     versions: VersionedEngine | None = None
-    if engine is None and settings.engine.kind == "llamacpp":
-        # GGUF files are served as registry versions, so they can be swapped while serving.
+    if engine is None:
+        # Models are served as registry versions, so they can be swapped while serving.
         engine = versions = VersionedEngine(settings, Registry(settings.registry.dir))
-    engine = engine or make_engine(settings)
     writer = writer or _make_writer(settings)
     keys = KeyRing(settings.server.api_keys, settings.server.admin_keys)
     keys.check_open_allowed(settings.server.host)

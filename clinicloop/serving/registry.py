@@ -39,12 +39,20 @@ class VersionConflict(RegistryError):
     """The id is taken by a different version."""
 
 
+#: `gguf`: `model_path` is the whole model; `lora`: `lora_path` is a llama.cpp LoRA adapter GGUF
+#: applied on top of the base GGUF at `model_path`. On an OpenAI-compatible upstream (vLLM):
+#: `upstream`: the model the upstream serves as it is, `model_path` being its id there (what vLLM
+#: was given: a directory or hub id); `vllm_lora`: `lora_path` is a peft adapter directory that
+#: vLLM loads at runtime (`/v1/load_lora_adapter`) on top of that model.
+Kind = Literal["gguf", "lora", "upstream", "vllm_lora"]
+LORA_KINDS = ("lora", "vllm_lora")
+UPSTREAM_KINDS = ("upstream", "vllm_lora")
+
+
 class Version(BaseModel):
     id: str
     parent: str | None
-    #: `gguf`: `model_path` is the whole model; `lora`: `lora_path` is a llama.cpp LoRA adapter
-    #: GGUF applied on top of the base GGUF at `model_path`.
-    kind: Literal["gguf", "lora"]
+    kind: Kind
     model_path: Path
     lora_path: Path | None = None
     #: The HF weights the GGUF was exported from, which the RL refresh trains; None if unknown.
@@ -56,8 +64,9 @@ class Version(BaseModel):
     def _check(self) -> Version:
         if not _ID.match(self.id):
             raise ValueError(f"version id {self.id!r} must match {_ID.pattern}")
-        if (self.kind == "lora") != (self.lora_path is not None):
-            raise ValueError("a `lora` version needs lora_path; a `gguf` version takes none")
+        if (self.kind in LORA_KINDS) != (self.lora_path is not None):
+            raise ValueError(f"a `{self.kind}` version " + (
+                "needs lora_path" if self.kind in LORA_KINDS else "takes no lora_path"))
         return self
 
     def same_artifact(self, other: Version) -> bool:
@@ -116,21 +125,27 @@ class Registry:
     def list(self) -> list[Version]:
         return self.read().ordered()
 
-    def register(self, *, parent: str, kind: Literal["gguf", "lora"], model_path: Path,
+    def register(self, *, parent: str, kind: Kind, model_path: Path,
                  lora_path: Path | None = None, hf_dir: Path | None = None,
                  metrics: dict[str, Any] | None = None, version_id: str | None = None) -> Version:
         """Add a version whose files exist. Registering the same id with the same files again
         returns the stored version, so a publisher that crashed after registering can re-run.
         Only `bootstrap` adds a version without a parent."""
-        for path in (model_path, lora_path):
-            if path is not None and not path.is_file():
-                raise RegistryError(f"file not found: {path}")
+        if kind in UPSTREAM_KINDS:
+            # The upstream's model is its id there; an adapter is a peft directory.
+            if lora_path is not None and not (lora_path / "adapter_config.json").is_file():
+                raise RegistryError(f"not a peft adapter directory: {lora_path}")
+        else:
+            for path in (model_path, lora_path):
+                if path is not None and not path.is_file():
+                    raise RegistryError(f"file not found: {path}")
+            model_path = model_path.resolve()
 
         def change(state: RegistryState) -> Version:
             vid = version_id or _next_id(state)
             try:
                 version = Version(
-                    id=vid, parent=parent, kind=kind, model_path=model_path.resolve(),
+                    id=vid, parent=parent, kind=kind, model_path=model_path,
                     lora_path=None if lora_path is None else lora_path.resolve(),
                     hf_dir=None if hf_dir is None else hf_dir.resolve(), metrics=metrics or {})
             except ValidationError as exc:
@@ -145,15 +160,15 @@ class Registry:
 
         return self._update(change)
 
-    def bootstrap(self, model_path: Path, model_name: str,
-                  hf_dir: Path | None = None) -> RegistryState:
+    def bootstrap(self, model_path: Path, model_name: str, hf_dir: Path | None = None,
+                  kind: Literal["gguf", "upstream"] = "gguf") -> RegistryState:
         """On an empty registry, register `model_path` as the base version and activate it."""
         def change(state: RegistryState) -> RegistryState:
             if state.active is None:
                 state.model_name = model_name
-                path = model_path.resolve()
+                path = model_path.resolve() if kind == "gguf" else model_path
                 state.versions[BASE_ID] = Version(
-                    id=BASE_ID, parent=None, kind="gguf", model_path=path,
+                    id=BASE_ID, parent=None, kind=kind, model_path=path,
                     hf_dir=None if hf_dir is None else hf_dir.resolve())
                 state.active = BASE_ID
                 state.history.append(Activation(version=BASE_ID))

@@ -1,10 +1,13 @@
 """The versioned engine: serves the registry's versions, routes each conversation, swaps safely.
 
-`VersionedEngine` is the `Engine` the gateway talks to when it serves GGUF files on llama.cpp. It
-holds one started `LlamaCppEngine` per loaded version. A request is routed when it is admitted:
-a conversation seen before stays on the version it began on (a bounded, expiring LRU map); a new
-one goes to the canary with probability `share`, decided by a hash of its id so the split is
-deterministic, else to the active version.
+`VersionedEngine` is the `Engine` the gateway talks to. It holds one started engine per loaded
+version: on llama.cpp a `LlamaCppEngine` per GGUF (and LoRA GGUF); on an OpenAI-compatible
+upstream (vLLM) the upstream's own model, and a LoRA adapter per later version, loaded into the
+running upstream under the version's id (`/v1/load_lora_adapter`), so a swap starts no process.
+
+A request is routed when it is admitted: a conversation seen before stays on the version it
+began on (a bounded, expiring LRU map); a new one goes to the canary with probability `share`,
+decided by a hash of its id so the split is deterministic, else to the active version.
 
 Every change (activate, canary, rollback) loads the version it needs first; if loading fails
 nothing changes and the old version keeps serving. Only then is the registry written and the
@@ -26,6 +29,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from clinicloop.config import EngineSettings, Settings
@@ -36,7 +40,15 @@ from clinicloop.serving.engines.base import (
     SamplingParams,
 )
 from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-from clinicloop.serving.registry import Canary, Registry, RegistryError, Version
+from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine, UpstreamModel
+from clinicloop.serving.registry import (
+    UPSTREAM_KINDS,
+    Canary,
+    Registry,
+    RegistryError,
+    RegistryState,
+    Version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,7 @@ class VersionLoadError(Exception):
 @dataclass
 class _Slot:
     version: Version
-    engine: LlamaCppEngine
+    engine: Engine
     in_flight: int = 0
 
 
@@ -118,8 +130,11 @@ class VersionedEngine(Engine):
         # The gateway admits this many requests over all versions: during a swap or a canary two
         # models share the cores, the rest queue in admission (none is dropped), and a queued
         # request is routed when it starts, so after a swap it starts on the new version.
-        self.max_concurrency = settings.engine.n_parallel
+        self.max_concurrency = (OpenAIUpstreamEngine.max_concurrency
+                                if settings.engine.kind == "openai" else settings.engine.n_parallel)
         self.models_dir = settings.models_dir
+        #: On the openai engine: the upstream every version is served by, started first.
+        self._upstream: OpenAIUpstreamEngine | None = None
         self.registry = registry
         self.model_name = settings.engine.served_model_name or "loading"
         self._slots: dict[str, _Slot] = {}
@@ -160,6 +175,9 @@ class VersionedEngine(Engine):
 
     async def _start(self) -> None:
         state = await asyncio.to_thread(self.registry.read)
+        if self.settings.kind == "openai":
+            await self._start_upstream(state)
+            return
         first: LlamaCppEngine | None = None
         if state.active is None:
             # First start: the configured model (possibly the tiny one, built now) becomes `base`.
@@ -183,6 +201,29 @@ class VersionedEngine(Engine):
                 self._slots[active.id] = _Slot(active, first)
             else:  # another process bootstrapped the registry first
                 await first.close()
+        await self._serve_registry(active)
+
+    async def _start_upstream(self, state: RegistryState) -> None:
+        upstream = self._upstream = OpenAIUpstreamEngine(self.settings)
+        await upstream.start()  # launches and waits for a managed upstream
+        assert upstream.upstream_model is not None
+        if state.active is None:
+            state = await asyncio.to_thread(
+                self.registry.bootstrap, Path(upstream.upstream_model), upstream.model_name,
+                self.settings.hf_dir, "upstream")
+        root = next(v for v in state.versions.values() if v.parent is None)
+        if root.kind != "upstream" or str(root.model_path) != upstream.upstream_model:
+            raise RegistryError(
+                f"the registry in {self.registry.path.parent} is for {root.kind} model "
+                f"{root.model_path}, the upstream serves {upstream.upstream_model}: move the "
+                "registry away to start over")
+        if self.settings.served_model_name is None:
+            self.model_name = state.model_name or upstream.model_name
+        await self._serve_registry(state.version(state.active or ""))
+
+    async def _serve_registry(self, active: Version) -> None:
+        """Load the registry's active version (and its canary, if it still loads)."""
+        state = await asyncio.to_thread(self.registry.read)
         await self._load(active)
         self._active = active.id
         if state.canary is not None:
@@ -196,6 +237,8 @@ class VersionedEngine(Engine):
     async def close(self) -> None:
         slots, self._slots = list(self._slots.values()), {}
         await asyncio.gather(*(s.engine.close() for s in slots), *self._closing)
+        if self._upstream is not None:
+            await self._upstream.close()
 
     def healthy(self) -> bool:
         slot = self._slots.get(self._active or "")
@@ -213,19 +256,28 @@ class VersionedEngine(Engine):
         slot = self._slots.get(version.id)
         if slot is not None:
             return slot
-        settings = self.settings.model_copy(update={
-            "model_path": version.model_path, "lora_path": version.lora_path,
-            "hf_dir": version.hf_dir,
-            "served_model_name": self.model_name,
-        })
         try:
-            engine = await self._started(settings)
+            engine = await self._started_version(version)
         except Exception as exc:
             raise VersionLoadError(
                 f"version {version.id!r} failed to load: {type(exc).__name__}: {exc}") from exc
         log.info("version %s loaded from %s", version.id, version.lora_path or version.model_path)
         slot = self._slots[version.id] = _Slot(version, engine)
         return slot
+
+    async def _started_version(self, version: Version) -> Engine:
+        if (self._upstream is None) != (version.kind not in UPSTREAM_KINDS):
+            raise RegistryError(f"a {version.kind} version cannot be served by the "
+                                f"{self.settings.kind} engine")
+        if self._upstream is not None:
+            adapter = None if version.lora_path is None else (version.id, version.lora_path)
+            engine = UpstreamModel(self._upstream, adapter)
+            engine.model_name = self.model_name
+            await engine.start()
+            return engine
+        return await self._started(self.settings.model_copy(update={
+            "model_path": version.model_path, "lora_path": version.lora_path,
+            "hf_dir": version.hf_dir, "served_model_name": self.model_name}))
 
     async def _started(self, settings: EngineSettings) -> LlamaCppEngine:
         engine = LlamaCppEngine(settings, self.models_dir)

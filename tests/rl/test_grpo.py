@@ -56,6 +56,18 @@ def test_a_short_grpo_run_saves_an_adapter(tiny_model, tmp_path):
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for name, t in weights.items() if "lora_B" in name)
 
+    # Going on from that adapter (what a refresh of a vLLM-served adapter does): more steps move
+    # it a little, where a fresh LoRA would draw new random A matrices and start B at zero.
+    more = train_grpo(PaperGRPOConfig(max_steps=2, max_completion_length=24), tiny_model.hf_dir,
+                      rows, [mentions_emergency, brevity], tmp_path / "more",
+                      init_adapter=result.adapter_dir)
+    after = load_file(more.adapter_dir / "adapter_model.safetensors")
+    assert after.keys() == weights.keys()
+    moved = {name: float((after[name] - weights[name]).norm() / weights[name].norm())
+             for name in weights if weights[name].abs().sum() > 0}
+    assert all(m < 0.05 for n, m in moved.items() if "lora_A" in n), moved
+    assert any(m > 0 for n, m in moved.items() if "lora_B" in n), moved
+
 
 def test_healthbench_rows_refuse_canaried_examples(tmp_path):
     examples = list(read_jsonl(ROOT / "tests/verifier/data/healthbench_format.jsonl"))

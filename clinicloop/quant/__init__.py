@@ -1,0 +1,2 @@
+"""Quantization and deployment sizing: the GPU memory planner, HF -> GGUF K-quants (llama.cpp),
+and W4A16 AWQ / GPTQ checkpoints for vLLM (llm-compressor)."""

