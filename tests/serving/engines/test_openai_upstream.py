@@ -293,3 +293,44 @@ def test_supervised_upstream_that_cannot_start_fails_fast(tmp_path: Path) -> Non
         assert engine.supervisor is not None and not engine.supervisor.alive
 
     asyncio.run(main())
+
+
+def test_versions_of_an_upstream(upstream: str, tiny_model: Any, tmp_path: Path) -> None:
+    """Over an upstream the registry's base is the upstream's own model; an adapter version the
+    upstream cannot load (llama_cpp.server has no /v1/load_lora_adapter) is refused and the base
+    keeps serving; a registry made for GGUF files is refused at start."""
+    from clinicloop.config import Settings
+    from clinicloop.serving.registry import Registry, RegistryError
+    from clinicloop.serving.versions import VersionedEngine, VersionLoadError
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def settings(registry: Path) -> Settings:
+        return Settings(engine=keyed(upstream), registry={"dir": registry})
+
+    async def main() -> None:
+        versions = VersionedEngine(settings(tmp_path / "ours"), Registry(tmp_path / "ours"))
+        await versions.start()
+        try:
+            base = versions.registry.get("base")
+            assert base.kind == "upstream" and str(base.model_path) == str(tiny_model.gguf_q8_0)
+            versions.registry.register(parent="base", kind="vllm_lora", model_path=base.model_path,
+                                       lora_path=adapter, version_id="rl-1")
+            with pytest.raises(VersionLoadError, match="rl-1"):
+                await versions.activate("rl-1")
+            assert versions.active == "base" and versions.healthy()
+            assert text(await collect(versions.chat(
+                [{"role": "user", "content": "Hello"}], SamplingParams(max_tokens=4), {})))
+        finally:
+            await versions.close()
+
+        gguf_registry = Registry(tmp_path / "gguf")
+        gguf_registry.bootstrap(tiny_model.gguf_q8_0, tiny_model.name)
+        other = VersionedEngine(settings(tmp_path / "gguf"), gguf_registry)
+        with pytest.raises(RegistryError, match="move the registry away"):
+            await other.start()
+        await other.close()
+
+    asyncio.run(main())
