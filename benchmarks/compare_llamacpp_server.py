@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -56,7 +57,7 @@ from peers import (
     stop,
 )
 from pydantic import BaseModel
-from serve_bench import WORKLOADS, RunResult, add_workload_args, run_workload
+from serve_bench import WORKLOADS, RunResult, add_workload_args, parse_csv, run_workload
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,10 +229,9 @@ def start_peers(args: argparse.Namespace, gguf: Path, scratch: Path,
             specs.append(clinicloop_spec(gguf, scratch / "clinicloop", args.n_ctx, args.slots,
                                          args.clinicloop_env))
             if args.draft_env and "quote" in args.workload:
-                spec = clinicloop_spec(gguf, scratch / "draft", args.n_ctx, args.slots,
-                                       {**args.clinicloop_env, **args.draft_env})
-                specs.append(PeerSpec(DRAFT, spec.command, spec.env, spec.health_path,
-                                      spec.accepts_ignore_eos))
+                spec = clinicloop_spec(gguf, scratch / "clinicloop_draft", args.n_ctx,
+                                       args.slots, {**args.clinicloop_env, **args.draft_env})
+                specs.append(dataclasses.replace(spec, name=DRAFT))
         elif name == LCPP_PY:
             specs.append(llama_cpp_python_spec(gguf, args.n_ctx))
         else:
@@ -242,7 +242,7 @@ def start_peers(args: argparse.Namespace, gguf: Path, scratch: Path,
             specs.append(llama_server_spec(binary, gguf, args.n_ctx, args.slots))
     running: dict[str, Peer] = {}
     for spec in tqdm(specs, desc="starting servers", disable=not args.progress, file=sys.stderr):
-        workdir = scratch / spec.name.replace("+", "_")
+        workdir = scratch / spec.dirname
         workdir.mkdir(parents=True, exist_ok=True)
         try:
             running[spec.name] = start(spec, workdir, log_dir, args.startup_timeout)
@@ -332,9 +332,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("var/compare_llamacpp_server"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    args.servers = [s for s in args.servers.split(",") if s]
-    args.workload = [w for w in args.workload.split(",") if w]
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.servers = parse_csv(str, args.servers)
+    args.workload = parse_csv(str, args.workload)
+    args.concurrency = parse_csv(int, args.concurrency)
     if unknown := set(args.servers) - set(SERVERS) or set(args.workload) - set(WORKLOADS):
         p.error(f"unknown server or workload: {sorted(unknown)}")
     if CLINICLOOP not in args.servers:

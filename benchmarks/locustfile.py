@@ -59,11 +59,8 @@ def read_stream(resp: Response, start: float) -> tuple[float, float, int, int]:
         length += len(raw) + 1
         if not tally.feed(raw.decode(errors="replace")):
             break
-    if not tally.chunk_times:
-        raise StreamError("stream ended without a content chunk")
-    tokens = tally.completion_tokens
-    return (tally.chunk_times[0], tally.last - start,
-            tokens if tokens is not None else len(tally.chunk_times), length)
+    tally.check_content()
+    return tally.ttft, tally.e2e, tally.output_tokens, length
 
 
 class LLMUser(HttpUser):

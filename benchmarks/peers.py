@@ -41,6 +41,14 @@ class PeerSpec:
     # vLLM's `ignore_eos`; a server that silently drops it may stop at end-of-sequence.
     accepts_ignore_eos: bool
 
+    @property
+    def dirname(self) -> str:
+        """The name as a file-name part (`clinicloop+draft` -> `clinicloop_draft`)."""
+        return self.name.replace("+", "_")
+
+    def command_for(self, port: int) -> list[str]:
+        return [arg.replace("{port}", str(port)) for arg in self.command]
+
 
 @dataclass
 class Peer:
@@ -50,12 +58,8 @@ class Peer:
     log_path: Path
 
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
     def command(self) -> list[str]:
-        return [arg.replace("{port}", str(self.port)) for arg in self.spec.command]
+        return self.spec.command_for(self.port)
 
     @property
     def v1(self) -> str:
@@ -133,10 +137,9 @@ def start(spec: PeerSpec, workdir: Path, log_dir: Path, deadline_s: float = 180.
     log's tail if it exits or misses the deadline (the process is stopped first)."""
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{spec.name.replace('+', '_')}-{port}.log"
-    command = [arg.replace("{port}", str(port)) for arg in spec.command]
+    log_path = log_dir / f"{spec.dirname}-{port}.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, env=spec.env, cwd=workdir, stdout=log,
+        proc = subprocess.Popen(spec.command_for(port), env=spec.env, cwd=workdir, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     peer = Peer(spec, port, proc, log_path)
     url = f"http://127.0.0.1:{port}{spec.health_path}"

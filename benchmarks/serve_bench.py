@@ -63,7 +63,7 @@ import numpy as np
 from pydantic import BaseModel, computed_field
 from tqdm import tqdm
 
-from clinicloop.model.corpus import SYSTEM_PROMPTS, load_corpus
+from clinicloop.model.corpus import SYSTEM_PROMPTS, load_corpus, system_messages
 
 Workload = Literal["random", "multiturn", "quote"]
 WORKLOADS: tuple[Workload, ...] = ("random", "multiturn", "quote")
@@ -207,9 +207,7 @@ def loadtest_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     for i in range(n):
         question = rng.choice(questions)
         user = f"{patient_note(rng, rng.randint(40, 200))}\n\n{question}" if i % 2 else question
-        system = SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)]
-        messages = ([{"role": "system", "content": system}] if system else [])
-        rows.append({"messages": [*messages, {"role": "user", "content": user}]})
+        rows.append({"messages": [*system_messages(i), {"role": "user", "content": user}]})
     return rows
 
 
@@ -264,6 +262,24 @@ class StreamTally:
     def completion_tokens(self) -> int | None:
         return None if self.usage is None else self.usage.get("completion_tokens")
 
+    @property
+    def output_tokens(self) -> int:
+        """The usage chunk's count, else one per content chunk (token-by-token servers)."""
+        tokens = self.completion_tokens
+        return tokens if tokens is not None else len(self.chunk_times)
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0]
+
+    @property
+    def e2e(self) -> float:
+        return self.last - self.start
+
+    def check_content(self) -> None:
+        if not self.chunk_times:
+            raise StreamError("stream ended without a content chunk")
+
 
 async def _stream_one(client: httpx.AsyncClient, url: str, payload: dict[str, Any],
                       index: int, turn: int, run_start: float) -> RequestRecord:
@@ -278,20 +294,16 @@ async def _stream_one(client: httpx.AsyncClient, url: str, payload: dict[str, An
                 async for line in resp.aiter_lines():
                     if not tally.feed(line):
                         break
+        if not error:
+            tally.check_content()
     except (httpx.HTTPError, json.JSONDecodeError, StreamError) as exc:
         error = str(exc) if isinstance(exc, StreamError) else f"{type(exc).__name__}: {exc}"
-    chunk_times = tally.chunk_times
-    if not error and not chunk_times:
-        error = "stream ended without a content chunk"
-    tokens = tally.completion_tokens
     return RequestRecord(
         index=index, turn=turn, success=not error, error=error,
-        start_s=tally.start - run_start, ttft_s=chunk_times[0] if chunk_times else 0.0,
-        e2e_s=tally.last - tally.start, chunk_times_s=chunk_times,
-        output_tokens=tokens if tokens is not None else len(chunk_times),
-        tokens_from_usage=tokens is not None, prompt_tokens=(tally.usage or {}).get(
-            "prompt_tokens"),
-        text="".join(tally.text),
+        start_s=tally.start - run_start, ttft_s=tally.ttft if tally.chunk_times else 0.0,
+        e2e_s=tally.e2e, chunk_times_s=tally.chunk_times, output_tokens=tally.output_tokens,
+        tokens_from_usage=tally.completion_tokens is not None,
+        prompt_tokens=(tally.usage or {}).get("prompt_tokens"), text="".join(tally.text),
     )
 
 
@@ -402,7 +414,7 @@ def plot(runs: Sequence[RunResult], path: Path) -> None:
     labels = [f"{r.workload}\nc={r.concurrency}" for r in runs]
     for ax, name, values in (
         (ax_ttft, "TTFT", [[q.ttft_s * 1000 for q in r.requests if q.success] for r in runs]),
-        (ax_itl, "ITL", [[g * 1000 for q in r.requests if q.success for g in q.itl_s] or [0.0]
+        (ax_itl, "ITL", [[g * 1000 for q in r.requests if q.success for g in q.itl_s]
                          for r in runs]),
     ):
         ax.boxplot([v or [0.0] for v in values], tick_labels=labels, whis=(1, 99))
@@ -414,7 +426,7 @@ def plot(runs: Sequence[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
-def _csv(kind: type, text: str) -> list[Any]:
+def parse_csv(kind: type, text: str) -> list[Any]:
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
@@ -456,7 +468,7 @@ async def sweep(args: argparse.Namespace) -> list[RunResult]:
                            num_prompts=args.num_prompts, input_len=args.input_len,
                            output_len=args.output_len, turns=args.turns, seed=args.seed,
                            ignore_eos=args.ignore_eos, progress=args.progress)
-        for workload in _csv(str, args.workload) for c in _csv(int, args.concurrency)
+        for workload in parse_csv(str, args.workload) for c in parse_csv(int, args.concurrency)
     ]
 
 

@@ -323,6 +323,17 @@ def rl_refresh(
                f"swapped={report['swapped']} report={job.run_dir / 'report.md'}")
 
 
+def _hf_dir_or_tiny(hf_dir: Path | None, tiny: str) -> tuple[Path, str | None]:
+    """The HF directory to quantize: `hf_dir`, else the tiny model of size `tiny` (built if
+    needed), with its name."""
+    if hf_dir is not None:
+        return hf_dir, None
+    from clinicloop.model.tiny import build_tiny
+
+    model = build_tiny(tiny, out_root=Settings().models_dir)
+    return model.hf_dir, model.name
+
+
 @quant_app.command("gguf")
 def quant_gguf(
     hf_dir: Annotated[Path | None, typer.Option(
@@ -353,12 +364,7 @@ def quant_gguf(
     from clinicloop.quant import gguf
     from clinicloop.quant import quality as quality_check
 
-    name = None
-    if hf_dir is None:
-        from clinicloop.model.tiny import build_tiny as build
-
-        model = build(tiny, out_root=Settings().models_dir)
-        hf_dir, name = model.hf_dir, model.name
+    hf_dir, name = _hf_dir_or_tiny(hf_dir, tiny)
     result = gguf.run(hf_dir, out, [t.strip() for t in types.split(",") if t.strip()], name=name,
                       use_imatrix=imatrix, imatrix_chunks=imatrix_chunks,
                       chunk_tokens=chunk_tokens, ablate_imatrix=ablate_imatrix)
@@ -459,12 +465,7 @@ def _quant_w4a16(algorithm: str, hf_dir: Path | None, tiny: str, out: Path | Non
                                    check_prompts=check_prompts)
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    name = None
-    if hf_dir is None:
-        from clinicloop.model.tiny import build_tiny as build
-
-        model = build(tiny, out_root=Settings().models_dir)
-        hf_dir, name = model.hf_dir, model.name
+    hf_dir, name = _hf_dir_or_tiny(hf_dir, tiny)
     out = out or Path("var/quant") / algorithm
     try:
         awq.choose_group_size(awq.linear_layers(hf_dir), options.group_size)

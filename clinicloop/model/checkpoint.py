@@ -18,6 +18,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
+def safetensors_bytes(folder: Path) -> int:
+    """Weight bytes of a checkpoint directory: its safetensors files."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
 def save_checkpoint(model: Any, source_dir: Path, out_dir: Path, **save_kwargs: Any) -> Path:
     """`model.save_pretrained` into `out_dir` (replaced whole), with `source_dir`'s tokenizer."""
     part = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

@@ -560,14 +560,15 @@ VAGUE: tuple[Vague, ...] = (
 )
 
 
-def _system(i: int) -> list[Message]:
+def system_messages(i: int) -> list[Message]:
+    """The system prompt of the i-th dialogue (none for some), as messages."""
     prompt = SYSTEM_PROMPTS[i % len(SYSTEM_PROMPTS)]
     return [] if prompt is None else [{"role": "system", "content": prompt}]
 
 
 def _dialogue(row_id: str, topic: str, i: int, turns: list[str], reasoning: str) -> Dialogue:
     roles = ("user", "assistant")
-    messages = _system(i) + [
+    messages = system_messages(i) + [
         Message(role=roles[k % 2], content=text) for k, text in enumerate(turns)
     ]
     return {"id": row_id, "topic": topic, "messages": messages, "reasoning": reasoning}

@@ -34,13 +34,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from clinicloop.model.checkpoint import save_checkpoint
+from clinicloop.model.checkpoint import safetensors_bytes, save_checkpoint
 from clinicloop.quant.gguf import machine
 
 Algorithm = Literal["awq", "gptq"]
@@ -275,27 +275,46 @@ def recipe(algorithm: Algorithm, scheme: Scheme, group_size: int) -> list[Any]:
     return [AWQModifier(), QuantizationModifier(ignore=IGNORE, config_groups=groups)]
 
 
-def _bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
 def _answer_logits(model: Any, ids: torch.Tensor, start: int) -> torch.Tensor:
     """Float32 logits predicting tokens `start`.. of `ids`."""
     with torch.no_grad():
         return model(ids).logits[0, start - 1:-1].float()
 
 
-def similarity(source: Any, quantized: Any, tokenizer: Any, prompts: int,
-               compared: str = "quantized") -> Similarity:
-    """Compare `quantized` with `source` on `prompts` held-out consultations (answer tokens)."""
+class HeldOutCase(NamedTuple):
+    prompt: str
+    prompt_ids: list[int]
+    ids: torch.Tensor  # prompt and answer
+    source_answer: str  # the source model's greedy answer
+
+
+def _greedy(model: Any, tokenizer: Any, prompt_ids: list[int]) -> str:
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True)
+
+
+def held_out_cases(source: Any, tokenizer: Any, prompts: int) -> list[HeldOutCase]:
+    """`prompts` held-out consultations, tokenized, with the source's greedy answers: computed
+    once for every model compared with the source."""
     from clinicloop.quant.quality import held_out_pairs
 
-    pairs = held_out_pairs()[:prompts]
-    cos, top1, kl, nll_s, nll_q = [], [], [], [], []
-    same, samples = 0, []
-    for prompt, answer in pairs:
+    cases = []
+    for prompt, answer in held_out_pairs()[:prompts]:
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([p_ids + tokenizer(answer, add_special_tokens=False)["input_ids"]])
+        cases.append(HeldOutCase(prompt, p_ids, ids, _greedy(source, tokenizer, p_ids)))
+    return cases
+
+
+def similarity(source: Any, quantized: Any, tokenizer: Any, cases: list[HeldOutCase],
+               compared: str = "quantized") -> Similarity:
+    """Compare `quantized` with `source` on held-out consultations (answer tokens)."""
+    cos, top1, kl, nll_s, nll_q = [], [], [], [], []
+    same, samples = 0, []
+    for prompt, p_ids, ids, source_answer in cases:
         targets = ids[0, len(p_ids):]
         ls, lq = _answer_logits(source, ids, len(p_ids)), _answer_logits(quantized, ids, len(p_ids))
         cos.append(torch.nn.functional.cosine_similarity(ls, lq, dim=-1))
@@ -304,25 +323,18 @@ def similarity(source: Any, quantized: Any, tokenizer: Any, prompts: int,
         kl.append((lps.exp() * (lps - lpq)).sum(-1))
         nll_s.append(-lps.gather(1, targets[:, None])[:, 0])
         nll_q.append(-lpq.gather(1, targets[:, None])[:, 0])
-        prompt_ids = torch.tensor([p_ids])
-        greedy = []
-        for model in (source, quantized):
-            with torch.no_grad():
-                out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                     max_new_tokens=64, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            greedy.append(tokenizer.decode(out[0, len(p_ids):], skip_special_tokens=True))
-        same += greedy[0] == greedy[1]
-        samples.append((prompt, *greedy))
+        answer = _greedy(quantized, tokenizer, p_ids)
+        same += source_answer == answer
+        samples.append((prompt, source_answer, answer))
     c = torch.cat(cos)
     return Similarity(
-        compared=compared, prompts=len(pairs), tokens=len(c), cosine_mean=round(c.mean().item(), 5),
+        compared=compared, prompts=len(cases), tokens=len(c), cosine_mean=round(c.mean().item(), 5),
         cosine_min=round(c.min().item(), 5),
         top1_agreement=round(torch.cat(top1).mean().item(), 4),
         kl_mean=round(torch.cat(kl).mean().item(), 5),
         ppl_source=round(torch.cat(nll_s).mean().exp().item(), 3),
         ppl=round(torch.cat(nll_q).mean().exp().item(), 3),
-        same_greedy_answers=round(same / len(pairs), 4),
+        same_greedy_answers=round(same / len(cases), 4),
         sample_prompt=samples[0][0], sample_source=samples[0][1], sample=samples[0][2])
 
 
@@ -400,12 +412,12 @@ def run(hf_dir: Path, out_dir: Path, algorithm: Algorithm, options: W4A16Options
     if options.check_prompts:
         quantized = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         source = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto").eval()
-        sim = similarity(source, quantized, tokenizer, options.check_prompts)
+        cases = held_out_cases(source, tokenizer, options.check_prompts)
+        sim = similarity(source, quantized, tokenizer, cases)
         del quantized
         if source.dtype != dtype:
             cast = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
-            baseline = similarity(source, cast, tokenizer, options.check_prompts,
-                                  f"{options.dtype} cast")
+            baseline = similarity(source, cast, tokenizer, cases, f"{options.dtype} cast")
     wall["check"] = round(time.perf_counter() - mark, 2)
     wall["total"] = round(time.perf_counter() - started, 2)
     bar.update()
@@ -417,7 +429,7 @@ def run(hf_dir: Path, out_dir: Path, algorithm: Algorithm, options: W4A16Options
         marlin_problems=marlin_problems(layers, group_size),
         quantization_config=json.loads(
             (checkpoint / "config.json").read_text(encoding="utf-8"))["quantization_config"],
-        source_bytes=_bytes(hf_dir), checkpoint_bytes=_bytes(checkpoint),
+        source_bytes=safetensors_bytes(hf_dir), checkpoint_bytes=safetensors_bytes(checkpoint),
         calibration=calibration, similarity=sim, cast_baseline=baseline, wall_s=wall)
 
 

@@ -91,14 +91,18 @@ class ModelShape(BaseModel):
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_config(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], name: str) -> ModelShape:
+        """A HF `config.json`'s contents, already parsed; `name` says where they came from."""
         experts = max(cfg.get(k) or 0 for k in ("num_experts", "num_local_experts",
                                                   "n_routed_experts"))
         if experts > 1:
-            raise ValueError(f"{path}: mixture-of-experts models are not planned here")
+            raise ValueError(f"{name}: mixture-of-experts models are not planned here")
         heads = cfg["num_attention_heads"]
         return cls(
-            name=str(path), num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+            name=name, num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
@@ -345,8 +349,7 @@ def llamacpp_limits(plan: Plan) -> dict[str, int]:
                 "n_parallel": slots}
     n_ctx = plan.seq_len or min(PARTIAL_OFFLOAD_CTX,
                                 plan.max_position_embeddings or PARTIAL_OFFLOAD_CTX)
-    budget = (int(plan.gpu_bytes * plan.gpu_memory_utilization) - plan.cuda_context_bytes
-              - plan.activation_bytes)
+    budget = plan.kv_pool_bytes + plan.weight_bytes  # what the weights and KV cache may take
     per_layer = plan.layer_weight_bytes + plan.kv_bytes_per_token // plan.num_layers * n_ctx
     layers = min(max(budget, 0) // per_layer, plan.num_layers)
     return {"n_ctx": n_ctx, "n_gpu_layers": layers, "n_parallel": 1}

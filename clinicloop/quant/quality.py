@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from clinicloop.model.corpus import load_corpus
+from clinicloop.model.tiny import training_targets
 from clinicloop.model.tokenizer import IM_END, render_chat
 from clinicloop.quant.gguf import GgufFile, machine
 from clinicloop.rl.stages import SEEKS_EMERGENCY_CARE
@@ -105,8 +106,7 @@ def held_out_pairs() -> list[Pair]:
 def corpus_pairs(n: int, seed: int) -> list[Pair]:
     """`n` corpus dialogues' last answers, as trained in thinking mode 'off'."""
     rows = random.Random(seed).sample(load_corpus(), n)
-    return [(render_chat(r["messages"][:-1], thinking_mode="off"),
-             r["messages"][-1]["content"] + IM_END) for r in rows]
+    return [training_targets(row, 0)[1] for row in rows]
 
 
 class Scored(BaseModel):
@@ -123,30 +123,36 @@ class Scored(BaseModel):
         return Perplexity(ppl=float(np.exp(nll)), tokens=len(self.targets))
 
 
-def score_answers(gguf: Path, pairs: list[Pair], n_ctx: int = 1024) -> Scored:
-    """Each pair's answer tokens scored given its prompt (llama-cpp-python, one thread)."""
+def score_answers(gguf: Path, texts: dict[str, list[Pair]], n_ctx: int = 1024
+                  ) -> dict[str, Scored]:
+    """For each named list of pairs, every answer token scored given its prompt
+    (llama-cpp-python, one thread; the model is loaded once for all of them)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1,
                           n_threads_batch=1, logits_all=True, verbose=False)
-    log_probs, targets = [], []
     try:
-        for prompt, answer in pairs:
-            head = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-            tokens = llm.tokenize((prompt + answer).encode(), add_bos=False, special=True)
-            if tokens[:len(head)] != head or len(tokens) > n_ctx:
-                raise ValueError(f"cannot score the answer of {prompt[-80:]!r}: a token crosses "
-                                 f"the prompt's end, or {len(tokens)} tokens exceed {n_ctx}")
-            llm.reset()
-            llm.eval(tokens)
-            # Row i holds the logits that predict token i + 1.
-            logits = np.asarray(llm.scores[len(head) - 1:len(tokens) - 1], dtype=np.float64)
-            top = logits.max(axis=1, keepdims=True)
-            log_probs.append(logits - top - np.log(np.exp(logits - top).sum(axis=1,
-                                                                            keepdims=True)))
-            targets.append(np.asarray(tokens[len(head):]))
+        return {name: _score(llm, pairs, n_ctx) for name, pairs in texts.items()}
     finally:
         llm.close()
+
+
+def _score(llm: Any, pairs: list[Pair], n_ctx: int) -> Scored:
+    log_probs, targets = [], []
+    for prompt, answer in pairs:
+        head = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        tokens = llm.tokenize((prompt + answer).encode(), add_bos=False, special=True)
+        if tokens[:len(head)] != head or len(tokens) > n_ctx:
+            raise ValueError(f"cannot score the answer of {prompt[-80:]!r}: a token crosses "
+                             f"the prompt's end, or {len(tokens)} tokens exceed {n_ctx}")
+        llm.reset()
+        llm.eval(tokens)
+        # Row i holds the logits that predict token i + 1.
+        logits = np.asarray(llm.scores[len(head) - 1:len(tokens) - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_probs.append(logits - top - np.log(np.exp(logits - top).sum(axis=1,
+                                                                        keepdims=True)))
+        targets.append(np.asarray(tokens[len(head):]))
     return Scored(log_probs=np.concatenate(log_probs), targets=np.concatenate(targets))
 
 
@@ -238,8 +244,7 @@ def quality_table(f16: GgufFile, files: list[GgufFile], out_dir: Path,
     with (out_dir / "quality_answers.jsonl").open("w", encoding="utf-8") as log:
         for f in tqdm([f16, *files], desc="quality", unit="model", disable=not progress):
             started = time.perf_counter()
-            scored = {"held": score_answers(f.path, held, options.n_ctx),
-                      "corpus": score_answers(f.path, corpus, options.n_ctx)}
+            scored = score_answers(f.path, {"held": held, "corpus": corpus}, options.n_ctx)
             graded = asyncio.run(_answer_and_grade(f.path, examples, options, options.judge_url))
             ppl = {k: v.perplexity.ppl for k, v in scored.items()}
             if f is f16:
@@ -267,14 +272,14 @@ def quality_table(f16: GgufFile, files: list[GgufFile], out_dir: Path,
                                        "prompt_id": e.prompt_id, "answer": a},
                                       ensure_ascii=False) + "\n"
                            for e, a in zip(examples, graded.answers, strict=True))
-    return QualityTable(machine=machine(), held_out=held_out_description(),
+    return QualityTable(machine=machine(), held_out=held_out_description(len(held)),
                         held_out_tokens=len(base["held"].targets),
                         corpus_tokens=len(base["corpus"].targets), rubric_set=source,
                         n_examples=len(examples), rows=rows)
 
 
-def held_out_description() -> str:
-    return (f"{len(load_scripts())} patient-simulator case records (not in the training corpus): "
+def held_out_description(cases: int) -> str:
+    return (f"{cases} patient-simulator case records (not in the training corpus): "
             "complaint and story as the prompt, the plan as the scored answer")
 
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -276,7 +277,7 @@ class Refresh:
             return [(await generator.for_conversation(p.messages)).items for p in prompts]
 
     def _step_baseline(self) -> None:
-        version = self._serving()
+        version = self.serving
         if version.kind not in UPSTREAM_KINDS:
             self._evaluate("baseline.json", gguf=version.model_path, lora=version.lora_path)
         elif version.lora_path is None:
@@ -290,8 +291,7 @@ class Refresh:
         rows = read_rows(self.run_dir / "train.jsonl")
 
         # A vLLM upstream applies one adapter to its base: go on training the serving one.
-        serving = self._serving()
-        init = serving.lora_path if serving.kind == "vllm_lora" else None
+        init = self.serving.lora_path if self.serving.kind == "vllm_lora" else None
 
         def train(out: Path) -> None:
             if o.stage == "rule":
@@ -305,14 +305,14 @@ class Refresh:
     def _step_publish(self) -> None:
         # Every file publishing writes appears under its final name only when complete.
         adapter = self.run_dir / "train" / "adapter"
-        if self._serving().kind in UPSTREAM_KINDS:
+        if self.serving.kind in UPSTREAM_KINDS:
             _dir_step(self._candidate_adapter(), lambda out: shutil.copytree(adapter, out))
         else:
             publishable_gguf(self.state.policy_hf, adapter, self.run_dir / "candidate",
                              self.options.quant)
 
     def _step_candidate(self) -> None:
-        if self._serving().kind in UPSTREAM_KINDS:
+        if self.serving.kind in UPSTREAM_KINDS:
             self._load_adapter(self._version_id(), self._candidate_adapter())
             self._evaluate("candidate.json", **self._upstream(self._version_id()))
         else:
@@ -331,7 +331,7 @@ class Refresh:
         metrics = {"heldout_score": decision.candidate_score,
                    "parent_heldout_score": decision.serving_score,
                    "refresh_run": self.state.run_id, "stage": self.options.stage}
-        serving = self._serving()
+        serving = self.serving
         if serving.kind in UPSTREAM_KINDS:
             # An adapter of the upstream's own model, as the one it was trained on.
             version = RegisterRequest(
@@ -348,10 +348,9 @@ class Refresh:
             active = self._swap_through_server(version, share)
         else:
             active = self._swap_in_registry(version, share)
-        version_id = version.id
-        self.state.version_id = version_id
+        self.state.version_id = version.id
         self.state.swapped = "canary" if share is not None else "activated"
-        self._say(f"{self.state.swapped} {version_id} (active: {active})")
+        self._say(f"{self.state.swapped} {version.id} (active: {active})")
 
     def _step_report(self) -> None:
         from clinicloop.rl.report import write_report
@@ -376,18 +375,24 @@ class Refresh:
     def _version_id(self) -> str:
         return f"rl-{self.state.run_id}"
 
-    def _serving(self) -> Version:
+    @cached_property
+    def serving(self) -> Version:
+        """The version this run trains from and compares against (registered versions never
+        change, so one read serves the whole run)."""
         return Registry(self.paths.registry_dir).get(self.state.serving_version)
 
-    def _upstream(self, model: str) -> dict[str, Any]:
+    def _upstream_url(self) -> str:
         if not self.paths.upstream_url:
             raise ValueError(f"version {self.state.serving_version!r} is served by a vLLM "
                              "upstream: pass its URL (--upstream-url)")
-        return {"url": self.paths.upstream_url, "model": model,
+        return self.paths.upstream_url
+
+    def _upstream(self, model: str) -> dict[str, Any]:
+        return {"url": self._upstream_url(), "model": model,
                 "api_key": self.paths.upstream_api_key}
 
     def _load_adapter(self, name: str, path: Path) -> None:
-        asyncio.run(load_lora_adapter(self._upstream(name)["url"], name, path.resolve(),
+        asyncio.run(load_lora_adapter(self._upstream_url(), name, path.resolve(),
                                       api_key=self.paths.upstream_api_key))
 
     def _judge_endpoint(self) -> Endpoint:
@@ -419,9 +424,7 @@ class Refresh:
         registry = Registry(self.paths.registry_dir)
         assert version.id is not None
         _check_serving(registry.read().active, self.state.serving_version, version.id)
-        registry.register(parent=version.parent, kind=version.kind,
-                          model_path=version.model_path, hf_dir=version.hf_dir,
-                          metrics=version.metrics, version_id=version.id)
+        version.register_in(registry)
         if share is None:
             registry.activate(version.id)
         else:

@@ -201,7 +201,7 @@ class VersionedEngine(Engine):
                 self._slots[active.id] = _Slot(active, first)
             else:  # another process bootstrapped the registry first
                 await first.close()
-        await self._serve_registry(active)
+        await self._serve_registry(state)
 
     async def _start_upstream(self, state: RegistryState) -> None:
         upstream = self._upstream = OpenAIUpstreamEngine(self.settings)
@@ -219,11 +219,11 @@ class VersionedEngine(Engine):
                 "registry away to start over")
         if self.settings.served_model_name is None:
             self.model_name = state.model_name or upstream.model_name
-        await self._serve_registry(state.version(state.active or ""))
+        await self._serve_registry(state)
 
-    async def _serve_registry(self, active: Version) -> None:
+    async def _serve_registry(self, state: RegistryState) -> None:
         """Load the registry's active version (and its canary, if it still loads)."""
-        state = await asyncio.to_thread(self.registry.read)
+        active = state.version(state.active or "")
         await self._load(active)
         self._active = active.id
         if state.canary is not None:

@@ -73,11 +73,7 @@ async def list_versions(request: Request) -> VersionList:
 async def register_version(body: RegisterRequest, request: Request) -> Version:
     versions = _versions(request)
     with _errors():
-        return await asyncio.to_thread(
-            versions.registry.register, parent=body.parent, kind=body.kind,
-            model_path=body.model_path, lora_path=body.lora_path, hf_dir=body.hf_dir,
-            metrics=body.metrics,
-            version_id=body.id)
+        return await asyncio.to_thread(body.register_in, versions.registry)
 
 
 @router.post("/versions/{version_id}/activate")

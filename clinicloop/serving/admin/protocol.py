@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicloop.serving.registry import Activation, Canary, Kind, Version
+from clinicloop.serving.registry import Activation, Canary, Kind, Registry, Version
 
 
 class RegisterRequest(BaseModel):
@@ -24,6 +24,11 @@ class RegisterRequest(BaseModel):
                                    "`vllm_lora`: the peft adapter directory vLLM loads.")
     hf_dir: Path | None = Field(None, description="The HF weights the model was made from.")
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def register_in(self, registry: Registry) -> Version:
+        return registry.register(parent=self.parent, kind=self.kind, model_path=self.model_path,
+                                 lora_path=self.lora_path, hf_dir=self.hf_dir,
+                                 metrics=self.metrics, version_id=self.id)
 
 
 class CanaryRequest(BaseModel):

@@ -33,9 +33,10 @@ class Drafter(Protocol):
     def propose(self, wants: list[DraftWant]) -> list[list[int]]: ...
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of `a` and `b`, which agree on their first `start` items."""
     n = min(len(a), len(b))
-    i = 0
+    i = min(start, n)
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -97,6 +98,10 @@ class ModelDrafter:
         self.n_vocab = llama.n_vocab()
         self.n_batch = n_batch
         self.cached: list[list[int]] = [[] for _ in range(n_slots)]  # per seq id: its KV cells
+        # Per seq id: the request last drafted for and how long its history was then. The cache
+        # holds that history (and drafts after it), and a request's history only grows, so a
+        # later draft for it compares only what came after.
+        self._seen: dict[int, tuple[object, int]] = {}
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
 
     def close(self) -> None:
@@ -108,7 +113,10 @@ class ModelDrafter:
         feeds: dict[int, list[int]] = {}
         for want in wants:
             cached = self.cached[want.seq_id]
-            keep = min(common_prefix(cached, want.history), len(want.history) - 1)
+            owner, seen = self._seen.get(want.seq_id, (None, 0))
+            agreed = common_prefix(cached, want.history, seen if owner is want.owner else 0)
+            self._seen[want.seq_id] = (want.owner, len(want.history))
+            keep = min(agreed, len(want.history) - 1)
             if keep < len(cached):
                 self._lib.llama_memory_seq_rm(self.memory, want.seq_id, keep, -1)
                 del cached[keep:]

@@ -88,7 +88,6 @@ class LlamaCppEngine(Engine):
         return tiny.gguf_q8_0 if self.settings.tiny_quant == "q8_0" else tiny.gguf_f16
 
     def _load(self) -> None:
-
         spec = self.settings.speculative
         # Refused before minutes of model loading.
         if spec.mode == "eagle3":

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from clinicloop.config import EngineSettings
+from clinicloop.model.checkpoint import safetensors_bytes
 from clinicloop.quant.plan import (
     GPUS,
     VLLM_BLOCK_TOKENS,
@@ -114,57 +115,59 @@ def weight_scheme(config: dict[str, Any]) -> tuple[str, int]:
     raise ValueError(f"{bits}-bit {method} weights are not planned")
 
 
-def lora_slot_bytes(shape: ModelShape, rank: int, slots: int, dtype_bytes: int = 2) -> int:
+def lora_slot_bytes(shape: ModelShape, rank: int, slots: int) -> int:
     """GPU memory vLLM allocates up front for `slots` LoRA adapters of up to `rank` on every
-    decoder linear layer (an A and a B matrix each, in the model's dtype)."""
+    decoder linear layer (an A and a B matrix each, in the model's 16-bit dtype)."""
     per_layer = sum(rank * (n_in + n_out) for _, n_in, n_out in shape.linears())
-    return slots * shape.num_layers * per_layer * dtype_bytes
+    return slots * shape.num_layers * per_layer * 2
 
 
-def checkpoint_bytes(path: Path) -> int:
-    """Weight bytes of a local checkpoint (an EAGLE-3 head): its safetensors files."""
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+def _draft_bytes(settings: EngineSettings) -> int:
+    """Weight bytes of a configured speculative draft (an EAGLE-3 head), which vLLM holds too."""
+    draft = settings.speculative.draft_model
+    if settings.speculative.mode not in ("eagle3", "draft_model") or draft is None:
+        return 0
+    if not draft.is_dir():
+        raise ValueError(f"speculative.draft_model {draft} is not a local checkpoint: the "
+                         "plan needs its size (download it first)")
+    return safetensors_bytes(draft)
 
 
-def plan_for(profile: VllmProfile, settings: EngineSettings, model_dir: Path,
-             lora_slots: int) -> Plan:
-    """The profile GPU's plan for the checkpoint in `model_dir`, counting what vLLM allocates
-    besides the model: the LoRA slots and the speculative draft's weights."""
+def plan_lora_slots(profile: VllmProfile, settings: EngineSettings, config: dict[str, Any],
+                    shape: ModelShape) -> tuple[Plan, int]:
+    """The profile GPU's plan for the checkpoint (`config` its `config.json`), counting what vLLM
+    allocates besides the model (the LoRA slots, a draft's weights), and its LoRA slots: two
+    (the active version and a canary in one batch) where two sequences still fit beside them,
+    else one, since a slot costs KV cache (about 4k FP8 tokens for two rank-16 slots of a 32B
+    model) and one sequence at a time needs no second."""
     assert profile.gpu is not None
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    shape = ModelShape.from_hf_config(model_dir)
     scheme, group = weight_scheme(config)
     kv = "fp8" if profile.kv_cache_dtype == "fp8" else ("fp16" if scheme == "fp16" else "bf16")
-    fixed = lora_slot_bytes(shape, settings.vllm_max_lora_rank, lora_slots)
-    draft = settings.speculative.draft_model
-    if settings.speculative.mode in ("eagle3", "draft_model") and draft is not None:
-        if not draft.is_dir():
-            raise ValueError(f"speculative.draft_model {draft} is not a local checkpoint: the "
-                             "plan needs its size (download it first)")
-        fixed += checkpoint_bytes(draft)
     # The planner's fixed term is the CUDA context; memory vLLM holds for the whole run before
     # the KV cache is sized is the same kind of cost.
-    context = Assumptions().cuda_context_bytes + fixed
-    return plan_memory(shape, GPUS[profile.gpu], scheme, kv, settings.vllm_seq_len,
-                       group_size=group, cuda_context_bytes=context)
+    fixed = Assumptions().cuda_context_bytes + _draft_bytes(settings)
 
+    def plan_for(lora_slots: int) -> Plan:
+        context = fixed + lora_slot_bytes(shape, settings.vllm_max_lora_rank, lora_slots)
+        return plan_memory(shape, GPUS[profile.gpu], scheme, kv, settings.vllm_seq_len,
+                           group_size=group, cuda_context_bytes=context)
 
-def plan_lora_slots(profile: VllmProfile, settings: EngineSettings, model_dir: Path
-                    ) -> tuple[Plan, int]:
-    """The plan and its LoRA slots: two (the active version and a canary in one batch) where two
-    sequences still fit beside them, else one, since a slot costs KV cache (about 4k FP8 tokens
-    for two rank-16 slots of a 32B model) and one sequence at a time needs no second."""
-    one = plan_for(profile, settings, model_dir, lora_slots=1)
+    one = plan_for(1)
     if one.concurrent_seqs >= 2:
-        two = plan_for(profile, settings, model_dir, lora_slots=2)
+        two = plan_for(2)
         if two.concurrent_seqs >= 2:
             return two, 2
     return one, 1
 
 
-def _model_dir(model: str) -> Path | None:
-    path = Path(model).expanduser()
-    return path if (path / "config.json").is_file() else None
+def _local_checkpoint(model: str) -> tuple[Path, dict[str, Any], ModelShape] | None:
+    """A local HF checkpoint's directory, `config.json` (read once) and shape; None for a hub
+    id."""
+    config_path = Path(model).expanduser() / "config.json"
+    if not config_path.is_file():
+        return None
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    return config_path.parent, config, ModelShape.from_config(config, str(config_path))
 
 
 def build_launch(settings: EngineSettings, model: str, profile_name: str | None = None
@@ -181,26 +184,24 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
     limited = settings
     if profile.dtype:
         extra += ["--dtype", profile.dtype]
+    local = _local_checkpoint(model)
     if profile.gpu is not None:
-        model_dir = _model_dir(model)
-        if model_dir is None:
+        if local is None:
             raise ValueError(f"the {name} profile plans memory from the checkpoint's "
                              f"config.json: {model} is not a local HF directory")
-        plan, lora_slots = plan_lora_slots(profile, settings, model_dir)
+        _, config, shape = local
+        plan, lora_slots = plan_lora_slots(profile, settings, config, shape)
         limits = vllm_limits(plan)  # raises if the model does not fit
         limited = settings.model_copy(update={"n_ctx": limits["max_model_len"],
                                               "n_parallel": limits["max_num_seqs"]})
         extra += ["--gpu-memory-utilization", str(limits["gpu_memory_utilization"]),
                   "--kv-cache-dtype", limits["kv_cache_dtype"],
                   "--max-num-batched-tokens", str(plan.prefill_tokens)]
-    else:
-        model_dir = _model_dir(model)
-        if model_dir is not None:
-            shape = ModelShape.from_hf_config(model_dir)
-            # The cache holds elements of the model's dtype: float32 is twice 16 bits.
-            per_token = shape.kv_bytes_per_token("fp16") * (2 if profile.dtype == "float32" else 1)
-            blocks = -(-settings.n_ctx // VLLM_BLOCK_TOKENS) * settings.n_parallel
-            extra += ["--kv-cache-memory-bytes", str(blocks * VLLM_BLOCK_TOKENS * per_token)]
+    elif local is not None:
+        # The cache holds elements of the model's dtype: float32 is twice 16 bits.
+        per_token = local[2].kv_bytes_per_token("fp16") * (2 if profile.dtype == "float32" else 1)
+        blocks = -(-settings.n_ctx // VLLM_BLOCK_TOKENS) * settings.n_parallel
+        extra += ["--kv-cache-memory-bytes", str(blocks * VLLM_BLOCK_TOKENS * per_token)]
     serve = vllm_serve_command(limited, model, host=HOST, port=settings.vllm_port,
                                max_loras=lora_slots, extra=extra + settings.vllm_extra_args)
     env = [f"{k}={v}" for k, v in vllm_serve_env().items()]
@@ -209,10 +210,9 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
                if "upstream_startup_timeout_s" in settings.model_fields_set
                else profile.startup_timeout_s)
     # What a refresh trains: the served weights themselves, unless they are quantized.
-    unquantized = model_dir is not None and "quantization_config" not in json.loads(
-        (model_dir / "config.json").read_text(encoding="utf-8"))
+    unquantized = local[0] if local is not None and "quantization_config" not in local[1] else None
     engine = settings.model_copy(update={
-        "hf_dir": settings.hf_dir or (model_dir if unquantized else None),
+        "hf_dir": settings.hf_dir or unquantized,
         "kind": "openai",
         "upstream_url": f"http://{HOST}:{settings.vllm_port}/v1",
         "upstream_command": command,

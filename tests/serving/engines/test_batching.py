@@ -200,13 +200,12 @@ def _start_then_close(engine: LlamaCppEngine) -> None:
     asyncio.run(main())
 
 
-def test_draft_models_the_engine_cannot_use_are_refused(tiny_model, tmp_path):
+def test_draft_models_the_engine_cannot_use_are_refused(tiny_model, bench, tmp_path):
     eagle = _engine(tiny_model, tmp_path, speculative=SpeculativeSettings(
         mode="eagle3", draft_model=tiny_model.hf_dir))
     with pytest.raises(ValueError, match="vLLM upstream"):
         _start_then_close(eagle)
     # A draft's tokens are checked by id: another vocabulary would be silently wrong.
-    bench = build_tiny("bench", out_root=tiny_model.root.parent, progress=False)
     other_vocab = _engine(tiny_model, tmp_path, speculative=SpeculativeSettings(
         mode="draft_model", draft_model=bench.gguf_q8_0))
     with pytest.raises(ValueError, match="vocabulary"):

@@ -10,10 +10,7 @@ import pytest
 
 from clinicloop.config import EngineSettings, SpeculativeSettings
 from clinicloop.serving.engines.vllm_args import vllm_serve_command, vllm_serve_env
-
-
-def _flag(command: list[str], name: str) -> str:
-    return command[command.index(name) + 1]
+from tests.serving.engines.test_vllm_launch import _flag
 
 
 def test_defaults_carry_batching_prefix_caching_reasoning_and_lora():

