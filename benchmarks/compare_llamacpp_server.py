@@ -49,6 +49,7 @@ import httpx
 from peers import (
     Peer,
     PeerSpec,
+    bench_gguf,
     clinicloop_spec,
     llama_cpp_python_spec,
     llama_server_bin,
@@ -60,7 +61,6 @@ from pydantic import BaseModel
 from serve_bench import WORKLOADS, RunResult, add_workload_args, parse_csv, run_workload
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
 CLINICLOOP, LCPP_PY, LLAMA_SERVER = "clinicloop", "llama_cpp.server", "llama-server"
 DRAFT = "clinicloop+draft"
 SERVERS = (CLINICLOOP, LCPP_PY, LLAMA_SERVER)
@@ -346,12 +346,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.gguf is None:
-        from clinicloop.model.tiny import build_tiny
-
-        args.gguf = build_tiny("bench", out_root=ROOT / "var" / "models",
-                               progress=args.progress).gguf_q8_0
-    gguf = args.gguf.resolve()
+    gguf = bench_gguf(args.gguf, args.progress)
     log_dir = args.out.resolve() / "logs"
     with tempfile.TemporaryDirectory(prefix="compare-llamacpp-") as scratch:
         running, skipped = start_peers(args, gguf, Path(scratch), log_dir)

@@ -6,7 +6,9 @@ default `benchmarks/data/loadtest_prompts.jsonl`, written from the shipped corpu
 `python benchmarks/serve_bench.py --write-prompts PATH`) and sends each as a streamed, greedy chat
 completion of `MAX_TOKENS` tokens (default 64), with vLLM's `ignore_eos` unless `IGNORE_EOS=0`
 (some servers reject unknown fields). The model is `MODEL`, else the first id of GET /v1/models;
-`OPENAI_API_KEY`, when set, is sent as the bearer token.
+`OPENAI_API_KEY`, when set, is sent as the bearer token. Every request carries
+`X-Clinicloop-Origin: service`, so a clinicloop server logs the load test as service traffic,
+apart from patients' (the note is printed when the test starts).
 
 Locust's table then has three entries, with the definitions of `benchmarks/serve_bench.py`:
 - `POST /v1/chat/completions`: the whole request, to the last streamed token (locust would
@@ -28,13 +30,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from locust import HttpUser, task
+from locust import HttpUser, events, task
 from requests import RequestException, Response
-from serve_bench import StreamError, StreamTally
+from serve_bench import StreamError, StreamTally, request_headers
+
+from clinicloop.verifier.client import TRAFFIC_NOTE
 
 PROMPTS_FILE = Path(os.environ.get(
     "PROMPTS_FILE", Path(__file__).resolve().parent / "data" / "loadtest_prompts.jsonl"))
@@ -48,6 +53,11 @@ PROMPTS: list[list[dict[str, Any]]] = [
 ]
 # One shared cycle, so users spread over the prompts instead of all sending the first one.
 _next_prompt = itertools.cycle(PROMPTS).__next__
+
+
+@events.test_start.add_listener
+def _say_where_traffic_goes(**_: Any) -> None:
+    print(TRAFFIC_NOTE, file=sys.stderr)
 
 
 def read_stream(resp: Response, start: float) -> tuple[float, float, int, int]:
@@ -67,8 +77,7 @@ class LLMUser(HttpUser):
     model: str | None = os.environ.get("MODEL")
 
     def on_start(self) -> None:
-        if API_KEY:
-            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
+        self.client.headers.update(request_headers(API_KEY))
         if LLMUser.model is None:
             with self.client.get("/v1/models", name="/v1/models", catch_response=True) as resp:
                 if resp.ok:

@@ -28,6 +28,17 @@ LLAMA_CPP_PYTHON = "0.3.36"
 LLAMA_SERVER_CACHE = (Path.home() / ".cache" / "clinicloop" / "bin"
                       / f"llama-server-{LLAMA_CPP_PYTHON}")
 BUILD_HINT = "build it once with `make llama-server` (about 10 minutes on 2 cores)"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_gguf(gguf: Path | None, progress: bool) -> Path:
+    """The GGUF the servers share: `gguf` if given, else the `bench` tiny model's q8_0 (built
+    once under var/models)."""
+    if gguf is None:
+        from clinicloop.model.tiny import build_tiny
+
+        gguf = build_tiny("bench", out_root=ROOT / "var" / "models", progress=progress).gguf_q8_0
+    return gguf.resolve()
 
 
 @dataclass(frozen=True)

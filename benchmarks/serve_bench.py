@@ -40,6 +40,10 @@ It prints a summary table and writes `result.json` (every run with its per-reque
 `--write-prompts PATH` writes the locust prompt file (`benchmarks/locustfile.py`) and exits.
 
 From Python: `await run_workload(base_url, "multiturn", 4, num_prompts=8, turns=5)` -> RunResult.
+
+Every request carries `X-Clinicloop-Origin: service`: a clinicloop server logs the benchmark's
+turns as service traffic, apart from patients' (see TRAFFIC_NOTE, printed at the start and in
+--help).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from pydantic import BaseModel, computed_field
 from tqdm import tqdm
 
 from clinicloop.model.corpus import SYSTEM_PROMPTS, load_corpus, system_messages
+from clinicloop.verifier.client import ORIGIN_HEADER, TRAFFIC_NOTE
 
 Workload = Literal["random", "multiturn", "quote"]
 WORKLOADS: tuple[Workload, ...] = ("random", "multiturn", "quote")
@@ -211,13 +216,14 @@ def loadtest_prompts(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def request_headers(api_key: str | None) -> dict[str, str]:
+    """Every request's headers: the key, and the mark of the project's own traffic."""
+    return {ORIGIN_HEADER: "service", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
 
 async def first_model(base_url: str, api_key: str | None = None) -> str:
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        resp = await client.get(f"{base_url.rstrip('/')}/models", headers=_headers(api_key))
+        resp = await client.get(f"{base_url.rstrip('/')}/models", headers=request_headers(api_key))
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
 
@@ -346,7 +352,7 @@ async def run_workload(base_url: str, workload: str, concurrency: int, *,
         return records
 
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits,
-                                 headers=_headers(api_key)) as client:
+                                 headers=request_headers(api_key)) as client:
         run_start = time.perf_counter()
         per_conv = await asyncio.gather(*(converse(client, c) for c in convs))
         duration = time.perf_counter() - run_start
@@ -444,7 +450,7 @@ def add_workload_args(p: argparse.ArgumentParser, *, workloads: str, concurrency
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=TRAFFIC_NOTE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
                    help="OpenAI-compatible base URL, ending in /v1")
@@ -479,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.write_prompts.write_text(
             "".join(json.dumps(row) + "\n" for row in loadtest_prompts(seed=args.seed)))
         return 0
+    print(TRAFFIC_NOTE, file=sys.stderr)
     runs = asyncio.run(sweep(args))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {

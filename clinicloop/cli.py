@@ -4,19 +4,72 @@ conversation store. Every sub-command's --help says what it does."""
 from __future__ import annotations
 
 import json
-import logging
 import os
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from clinicloop.config import Settings
+from clinicloop.errors import UserError
+from clinicloop.verifier.client import FALLBACK_KEY_ENV, key_env
 
 if TYPE_CHECKING:
     from clinicloop.rl.grpo import TrainResult
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+# A missing path is the user's to fix; other OSErrors (a full disk, a dead socket) are reported
+# with their traceback like any bug.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# Click's error base, wherever this typer version keeps click (its own copy since 0.24).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command: an error the user can fix (bad option, `UserError`, a missing path) is
+    one line on stderr and a non-zero exit; a bug keeps its traceback."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except _CLICK_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # as typer's rich_utils tells it
+                exc.show()  # the help text
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)  # usage errors: name the command's help
+            see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {_one_line(exc.format_message())}{see}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except UserError as exc:
+            typer.echo(f"error: {_one_line(str(exc))}", err=True)
+            sys.exit(1)
+        except _PATH_ERRORS as exc:
+            if exc.filename is None:
+                raise
+            typer.echo(f"error: {exc.strerror}: {exc.filename}; give an existing path", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _key_option(option: str, what: str) -> Any:
+    """A `--<name>-key` option: the API key for `what`, also read from the environment."""
+    return typer.Option(option, envvar=[key_env(option), *FALLBACK_KEY_ENV], show_envvar=True,
+                        help=f"API key for {what}; the first variable set is used.")
+
+
+app = typer.Typer(cls=_OneLineErrors, help=__doc__, no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Build models offline.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
 store_app = typer.Typer(help="The conversation store: schema and redaction.", no_args_is_help=True)
@@ -56,6 +109,7 @@ def serve(
     import uvicorn
 
     from clinicloop.serving.app import create_app
+    from clinicloop.serving.logs import configure as configure_logging
 
     settings = Settings()
     overrides = {"host": host, "port": port}
@@ -68,7 +122,7 @@ def serve(
     settings.engine = settings.engine.model_copy(
         update={k: v for k, v in engine_overrides.items() if v is not None})
     if vllm:
-        from clinicloop.serving.engines.vllm_launch import managed_vllm
+        from clinicloop.serving.engines.vllm_launch import check_launcher, managed_vllm
 
         try:
             launch = managed_vllm(settings.engine, settings.models_dir)
@@ -77,12 +131,34 @@ def serve(
         if print_command:
             typer.echo(launch.shell())
             return
+        try:
+            check_launcher(settings.engine)
+        except ValueError as exc:
+            typer.echo(f"clinicloop serve: {exc}", err=True)
+            raise typer.Exit(1) from None
         settings.engine = launch.engine
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations log each plugin at INFO
-    uvicorn.run(create_app(settings), host=settings.server.host, port=settings.server.port,
-                log_level="info")
+    # No request text in the log: exceptions by class name, access lines without query strings.
+    log_config = configure_logging()
+    # An engine that cannot start at all (a registry made for another model, an upstream that
+    # exits) stops the server: one line, a non-zero exit, nothing left running.
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(settings, on_load_failure=stop), host=settings.server.host,
+        port=settings.server.port, log_level="info", log_config=log_config))
+    server.run()
+    if failure:
+        typer.echo(f"clinicloop serve: the engine could not start: "
+                   f"{failure[0].splitlines()[0]}", err=True)
+        raise typer.Exit(1)
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's own exit code for a server that could not start
 
 
 @model_app.command("build-tiny")
@@ -143,13 +219,16 @@ def verify_score(
     out: Annotated[Path | None, typer.Option(help="Write the summary as JSON here.")] = None,
     store_url: Annotated[str | None, typer.Option(
         help="The store (default: store.url from the settings).")] = None,
+    judge_key: Annotated[str | None, _key_option("--judge-key", "--judge-url")] = None,
 ) -> None:
     """Score logged conversations not yet scored: generate or reuse rubrics, judge every item,
-    write verdicts and scores back to the store. Resumable: finished verdicts are never redone."""
+    write verdicts and scores back to the store. Resumable: finished verdicts are never redone.
+    Only client traffic is scored: turns a service key or `X-Clinicloop-Origin: service` marked
+    (the judge's own calls, the simulator's, benchmarks') are left out."""
     from clinicloop.verifier.score_logs import score_command
 
     score_command(store_url or Settings().store.url, judge_url, since, model_version, limit,
-                  template, out)
+                  template, out, judge_key=judge_key)
 
 
 @verify_app.command("simulate")
@@ -170,13 +249,18 @@ def verify_simulate(
         help="Also ask the patient model whether the consultation is over.")] = False,
     llm_fact_check: Annotated[bool, typer.Option(
         help="Also ask the patient model to check each reply against the record.")] = False,
+    doctor_key: Annotated[str | None, _key_option("--doctor-key", "--doctor-url")] = None,
+    patient_key: Annotated[str | None, _key_option("--patient-key", "--patient-url")] = None,
 ) -> None:
     """Run consultations between the patient simulator and a doctor model, store them as
-    conversations, and report privacy score, fact score, termination accuracy and turns."""
+    conversations, and report privacy score, fact score, termination accuracy and turns.
+    A doctor that is a clinicloop server logs the doctor turns itself (as client traffic, to be
+    scored); they are not stored twice. The patient model's calls are marked as service traffic."""
     from clinicloop.verifier.simulate_cli import simulate_command
 
     simulate_command(doctor_url, patient_url, scripts, max_turns, store_url, out, seed,
-                     llm_gate=llm_gate, llm_fact_check=llm_fact_check)
+                     api_key=doctor_key, patient_key=patient_key, llm_gate=llm_gate,
+                     llm_fact_check=llm_fact_check)
 
 
 def _policy_dir(model_dir: Path | None) -> Path:
@@ -197,6 +281,7 @@ Steps = Annotated[int, typer.Option(help="GRPO optimizer steps.")]
 VerifierUrl = Annotated[str | None, typer.Option(
     help="Judge and rubric generator: an OpenAI-compatible base URL ending in /v1 (default: the "
          "tiny model in-process).")]
+VerifierKey = Annotated[str | None, _key_option("--verifier-key", "--verifier-url")]
 
 
 @rl_app.command("stage-rule")
@@ -224,6 +309,7 @@ def rl_stage_rubric(
              "are refused). Default: corpus prompts with rubrics the verifier writes.")] = None,
     prompts: Annotated[int, typer.Option(help="Corpus prompts, without --data.")] = 32,
     verifier_url: VerifierUrl = None,
+    verifier_key: VerifierKey = None,
     model_dir: PolicyDir = None,
     out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
         "var/rl/stage-rubric"),
@@ -234,7 +320,8 @@ def rl_stage_rubric(
     from clinicloop.rl.stages import Endpoint, healthbench_rows, rubric_stage
 
     rows = None if data is None else healthbench_rows(data)
-    _echo_training(rubric_stage(_policy_dir(model_dir), out, Endpoint(url=verifier_url),
+    _echo_training(rubric_stage(_policy_dir(model_dir), out,
+                                Endpoint(url=verifier_url, api_key=verifier_key),
                                 PaperGRPOConfig(max_steps=steps), rows=rows, n_prompts=prompts,
                                 models_dir=Settings().models_dir))
 
@@ -247,7 +334,9 @@ def rl_stage_multiturn(
     policy_url: Annotated[str | None, typer.Option(
         help="The policy as a chat model for the consultations, e.g. a `vllm serve` of "
              "--model-dir (default: the tiny model's GGUF in-process).")] = None,
+    policy_key: Annotated[str | None, _key_option("--policy-key", "--policy-url")] = None,
     verifier_url: VerifierUrl = None,
+    verifier_key: VerifierKey = None,
     model_dir: PolicyDir = None,
     seed: Annotated[int, typer.Option(help="Which scripts, where dialogues are cut.")] = 0,
     out: Annotated[Path, typer.Option(help="Where the adapter and train.json go.")] = Path(
@@ -263,7 +352,8 @@ def rl_stage_multiturn(
 
     chosen = select_scripts(load_scripts(), scripts, seed)
     _echo_training(multiturn_stage(
-        _policy_dir(model_dir), out, Endpoint(url=policy_url), Endpoint(url=verifier_url),
+        _policy_dir(model_dir), out, Endpoint(url=policy_url, api_key=policy_key),
+        Endpoint(url=verifier_url, api_key=verifier_key),
         chosen, PaperGRPOConfig(max_steps=steps, seed=seed), max_turns=max_turns,
         models_dir=Settings().models_dir))
 
@@ -282,6 +372,7 @@ def rl_refresh(
         help="Put a passing candidate on canary with this share instead of activating it.")
     ] = None,
     judge_url: VerifierUrl = None,
+    judge_key: Annotated[str | None, _key_option("--judge-key", "--judge-url")] = None,
     server_url: Annotated[str | None, typer.Option(
         help="The running server, e.g. http://127.0.0.1:8000: the swap goes through its admin "
              "API (key from CLINICLOOP_ADMIN_KEY). Without it only the registry file changes.")
@@ -293,27 +384,55 @@ def rl_refresh(
         help="When the serving version runs on a vLLM upstream: its base URL ending in /v1 "
              "(default: engine.upstream_url).")] = None,
     run_id: Annotated[str | None, typer.Option(
-        help="Resume this run (default: the latest unfinished run, else a new one).")] = None,
+        help="Resume this run (default: the latest run if unfinished, else a new one).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are kept.")] = Path("var/rl/refresh"),
     until: Annotated[str | None, typer.Option(
         help="Stop after this step, e.g. `gate` to train and evaluate without publishing; "
              "run again without it to continue.")] = None,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Start a new run even if the latest is unfinished (that one is marked "
+                        "abandoned).")] = False,
+    abandon: Annotated[bool, typer.Option(
+        "--abandon", help="Mark the latest unfinished run (or --run-id) abandoned, so no re-run "
+                          "resumes it, and exit.")] = False,
 ) -> None:
     """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
     serving version -> publish and hot-swap. Resumable: re-run after a crash to continue."""
     from clinicloop.rl.config import PaperGRPOConfig
-    from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
+    from clinicloop.rl.refresh import (
+        Paths,
+        RefreshBusy,
+        RefreshFailed,
+        RefreshOptions,
+        refresh,
+        refresh_lock,
+    )
+    from clinicloop.rl.refresh import abandon as abandon_run
 
+    if abandon:
+        try:
+            with refresh_lock(runs_dir):
+                gone = abandon_run(runs_dir, run_id)
+        except (RefreshBusy, ValueError, FileNotFoundError) as exc:
+            typer.echo(f"rl refresh: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"run {gone.run_id} abandoned; the next rl refresh starts a new run")
+        return
     settings = Settings()
     options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
                              canary_share=canary_share, judge_url=judge_url,
                              grpo=PaperGRPOConfig(max_steps=steps))
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
-                  admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"),
+                  admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"), judge_api_key=judge_key,
                   upstream_url=upstream_url or settings.engine.upstream_url,
                   upstream_api_key=settings.engine.upstream_api_key)
-    job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until)
+    try:
+        job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until,
+                      fresh=fresh)
+    except (RefreshFailed, RefreshBusy, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"rl refresh: {exc}", err=True)
+        raise typer.Exit(1) from None
     if not job.state.finished:
         typer.echo(f"stopped after {until}; run {job.state.run_id} continues at "
                    f"{job.next_step()} ({job.run_dir})")
@@ -327,6 +446,10 @@ def _hf_dir_or_tiny(hf_dir: Path | None, tiny: str) -> tuple[Path, str | None]:
     """The HF directory to quantize: `hf_dir`, else the tiny model of size `tiny` (built if
     needed), with its name."""
     if hf_dir is not None:
+        if not (hf_dir / "config.json").is_file():
+            raise UserError(f"--hf-dir {hf_dir} is not a Hugging Face model directory (no "
+                            "config.json there): give the directory of a downloaded checkpoint, "
+                            "or leave --hf-dir out to use the tiny model")
         return hf_dir, None
     from clinicloop.model.tiny import build_tiny
 
@@ -399,7 +522,8 @@ def quant_plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Plan GPU memory: weights, KV cache per token, overhead, the longest sequence, concurrent
-    sequences, and the vLLM / llama.cpp limits that follow."""
+    sequences, and the vLLM / llama.cpp limits that follow. A plan that does not fit ends with
+    one line saying why and what to change, and exits 1."""
     from clinicloop.quant import plan as planner
 
     if (preset is None) == (config is None):
@@ -416,14 +540,16 @@ def quant_plan(
                                      group_size=group_size, **overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    if not as_json:
+    if as_json:
+        out = result.model_dump()
+        out["vllm"] = (planner.vllm_limits(result)
+                       if result.fits and result.kv_cache_dtype != "q8_0" else None)
+        out["llamacpp"] = planner.llamacpp_limits(result)
+        typer.echo(json.dumps(out))
+    else:
         typer.echo(planner.render(result))
-        return
-    out = result.model_dump()
-    out["vllm"] = (planner.vllm_limits(result)
-                   if result.fits and result.kv_cache_dtype != "q8_0" else None)
-    out["llamacpp"] = planner.llamacpp_limits(result)
-    typer.echo(json.dumps(out))
+    if (reason := planner.misfit(result)) is not None:
+        raise UserError(reason)
 
 
 W4HfDir = Annotated[Path | None, typer.Option(

@@ -121,12 +121,28 @@ class StoreSettings(BaseModel):
     )
     spool_path: Path = Field(
         Path("var/spool.jsonl"),
-        description="Append-only file that keeps records while the store is down.",
+        description="Append-only file that keeps records while the store is down; records that "
+        "cannot be stored go to the dead-letter file beside it (`spool.dead.jsonl`).",
+    )
+    durability: Literal["ack", "async"] = Field(
+        "ack",
+        description="`ack`: a turn is on disk (SQLite synchronous=FULL commit, or fsynced in the "
+        "spool) before its response's last byte is sent, with group commit. `async`: logged "
+        "after the response; up to `queue_size` records live only in memory.",
+    )
+    ack_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a response waits for its record in `ack` mode; then it "
+        "is sent anyway and the record is written later.",
+    )
+    close_timeout_s: float = Field(
+        10.0, gt=0, description="Longest shutdown drains the log queue; what is left then is "
+        "spooled.",
     )
     redact: bool = Field(True, description="Redact PHI before anything is persisted.")
     queue_size: int = Field(10_000, description="Records buffered in memory before spooling.")
     batch_size: int = Field(64, description="Records per insert.")
-    flush_interval_s: float = Field(0.2, description="Longest a record waits for a batch.")
+    flush_interval_s: float = Field(
+        0.2, description="Longest a record waits for a batch (`async`; `ack` never waits).")
     retry_interval_s: float = Field(1.0, description="How often a down store is retried.")
 
 
@@ -140,6 +156,11 @@ class ServerSettings(BaseModel):
     )
     admin_keys: list[str] = Field(
         default_factory=list, description="Admin keys, same format; admin routes need one."
+    )
+    service_keys: list[str] = Field(
+        default_factory=list, description="Service keys, same format: for the project's own "
+        "clients (judge, rubric generator, patient simulator, benchmarks). Their turns are "
+        "logged with origin `service`, never trained on or scored."
     )
     max_body_bytes: int = Field(1 << 20, description="Largest request body (413 above).")
     max_running: int | None = Field(

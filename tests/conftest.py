@@ -3,6 +3,7 @@ clinicloop servers on 127.0.0.1 that each test's fixture starts and stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def report_to_harness(figures: dict[str, object]) -> None:
+    """Print a durability fault's figures and, under `make harden`, append them as one JSON line
+    to the file `$CLINICLOOP_HARDEN_OUT` names (the harness sums their `rows_lost`)."""
+    print(json.dumps(figures))
+    out = os.environ.get("CLINICLOOP_HARDEN_OUT")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+def group_gone(pgid: int) -> bool:
+    """Whether no process of the group `pgid` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def wait_until(ready, deadline_s: float, what: str, proc: subprocess.Popen | None = None) -> None:

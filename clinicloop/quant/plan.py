@@ -62,6 +62,8 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clinicloop.errors import UserError
+
 MiB = 1 << 20
 GiB = 1 << 30
 VLLM_BLOCK_TOKENS = 16  # vLLM's default KV block size: the cache holds whole blocks
@@ -91,7 +93,15 @@ class ModelShape(BaseModel):
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        return cls.from_config(json.loads(path.read_text(encoding="utf-8")), str(path))
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"no model config at {path}: give a Hugging Face config.json or the "
+                            "directory holding it") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not JSON ({exc.msg}, line {exc.lineno}): give a Hugging "
+                            "Face config.json") from None
+        return cls.from_config(cfg, str(path))
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str) -> ModelShape:
@@ -99,7 +109,12 @@ class ModelShape(BaseModel):
         experts = max(cfg.get(k) or 0 for k in ("num_experts", "num_local_experts",
                                                   "n_routed_experts"))
         if experts > 1:
-            raise ValueError(f"{name}: mixture-of-experts models are not planned here")
+            raise UserError(f"{name}: mixture-of-experts models are not planned here")
+        required = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                    "num_attention_heads", "vocab_size")
+        if missing := [k for k in required if not cfg.get(k)]:
+            raise UserError(f"{name} has no {', '.join(missing)}: give the config.json of a "
+                            "dense decoder-only transformer (Llama, Qwen2, Mistral)")
         heads = cfg["num_attention_heads"]
         return cls(
             name=name, num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
@@ -355,6 +370,26 @@ def llamacpp_limits(plan: Plan) -> dict[str, int]:
     return {"n_ctx": n_ctx, "n_gpu_layers": layers, "n_parallel": 1}
 
 
+def misfit(plan: Plan) -> str | None:
+    """None if the plan fits; else one line: why it does not, and what to change."""
+    if plan.fits:
+        return None
+    where = (f"{plan.model} with {plan.weights} weights does not fit "
+             f"{plan.gpu_bytes / GiB:.2f} GiB")
+    if plan.kv_pool_tokens == 0:
+        partial = llamacpp_limits(plan)["n_gpu_layers"]
+        return (f"{where}: weights and overhead exceed the budget by "
+                f"{max(-plan.kv_pool_bytes, 0) / GiB:.2f} GiB, leaving no KV cache; use fewer "
+                f"bits (--weights w4a16, or q4_k_m for llama.cpp), a larger --gpu, or offload "
+                f"{partial} of {plan.num_layers} layers with llama.cpp")
+    if plan.max_position_embeddings and plan.seq_len > plan.max_position_embeddings:
+        return (f"{where} at --seq-len {plan.seq_len:,}: the model has "
+                f"{plan.max_position_embeddings:,} positions; lower --seq-len")
+    return (f"{where} at --seq-len {plan.seq_len:,}: the KV cache holds "
+            f"{plan.kv_pool_tokens:,} tokens; lower --seq-len to at most {plan.max_seq_len:,}, "
+            "or use --kv fp8 (vLLM) / q8_0 (llama.cpp)")
+
+
 def parse_gpu(text: str) -> int:
     """A GPU preset name, or its memory: bytes, or a number with GiB / GB / MiB / MB."""
     key = text.strip().lower()
@@ -386,7 +421,10 @@ def render(plan: Plan) -> str:
         f"  overhead           {gib(plan.overhead_bytes)}  = CUDA context "
         f"{plan.cuda_context_bytes / GiB:.2f} + activations {plan.activation_bytes / GiB:.2f}"
         f" + reserve {plan.reserve_bytes / GiB:.2f} (CUDA graphs, allocator)",
-        f"  KV pool            {gib(plan.kv_pool_bytes)}  = {plan.kv_pool_tokens:,} tokens",
+        f"  KV pool            {gib(plan.kv_pool_bytes)}  = {plan.kv_pool_tokens:,} tokens"
+        if plan.kv_pool_bytes >= 0 else
+        f"  KV pool            none: weights and overhead are {-plan.kv_pool_bytes / GiB:.2f} "
+        "GiB over the budget",
         f"  max_seq_len        {plan.max_seq_len:,} tokens (one request"
         + (", capped by the model's positions)" if capped else ")"),
         f"  concurrent         {plan.concurrent_seqs} sequence(s) of {plan.seq_len:,} tokens",

@@ -5,7 +5,9 @@ is the logged *prompt* (the conversation up to its last user turn): redacted aga
 redacts by default, but can be told not to), deduplicated, optionally only those the verifier
 scored low or has not scored, and split by a hash of the prompt into a training set and a held-out
 set. The split depends only on the prompt, so a prompt held out once is held out in every later
-refresh and never trains.
+refresh and never trains. Only patients' traffic is read: turns logged with origin `service` (the
+judge's, rubric generator's and patient simulator's calls, benchmarks, load tests) never become
+prompts, because the store's `turns_to_score` leaves them out.
 """
 
 from __future__ import annotations

@@ -4,12 +4,17 @@ HF model (peft), write the merged model as GGUF f16 and quantize it (q8_0 by def
 Merging, rather than shipping a llama.cpp LoRA adapter, keeps serving a plain GGUF: one file per
 version, the same load path as the base, and no adapter arithmetic on the hot path. A vLLM
 upstream instead loads the adapter directory itself at runtime (`/v1/load_lora_adapter`).
-Every output is written under a temporary name and renamed, so a crash never leaves a GGUF that
-looks complete.
+All the work (the merged HF model, both GGUFs) is done in `<out_dir>.part`, next to `out_dir`,
+which is renamed into place when complete: a crash never leaves a GGUF that looks complete, and
+a killed publish leaves its files in that one directory, which the next publish to `out_dir`
+removes before it starts, so nothing is left behind that nobody owns.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,16 @@ class MergedModel:
     gguf: Path  # the quantized file a version serves
 
 
+def build_dir(final: Path, build: Callable[[Path], object]) -> None:
+    """Build a directory as `<final>.part` (removing what a killed build left there first) and
+    rename it into place, replacing `final`."""
+    part = final.with_name(final.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    build(part)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(part, final)
+
+
 def merge_lora(base_hf_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """The base model with the adapter folded into its weights, saved as a HF directory."""
     from peft import PeftModel
@@ -38,10 +53,16 @@ def merge_lora(base_hf_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
 def publishable_gguf(base_hf_dir: Path, adapter_dir: Path, out_dir: Path,
                      quant: str = "q8_0") -> MergedModel:
-    """Merge, convert and quantize; `out_dir` receives `hf/`, `model-f16.gguf`, `model-<q>.gguf`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_dir = merge_lora(base_hf_dir, adapter_dir, out_dir / "hf")
-    f16 = write_gguf_f16(hf_dir, out_dir / "model-f16.gguf")
-    quantized = f16 if quant == "f16" else quantize_gguf(f16, out_dir / f"model-{quant}.gguf",
-                                                          quant)
-    return MergedModel(hf_dir, f16, quantized)
+    """Merge, convert and quantize; `out_dir` (replaced whole) receives `hf/`, `model-f16.gguf`
+    and `model-<q>.gguf`."""
+
+    def build(work: Path) -> None:
+        work.mkdir(parents=True)
+        merge_lora(base_hf_dir, adapter_dir, work / "hf")
+        write_gguf_f16(work / "hf", work / "model-f16.gguf")
+        if quant != "f16":
+            quantize_gguf(work / "model-f16.gguf", work / f"model-{quant}.gguf", quant)
+
+    build_dir(out_dir, build)
+    return MergedModel(out_dir / "hf", out_dir / "model-f16.gguf",
+                       out_dir / f"model-{quant}.gguf")

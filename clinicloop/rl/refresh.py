@@ -14,12 +14,18 @@ then being recorded as done in `state.json`:
   swap       if the gate passed: registered as a version and activated (or put on canary)
   report     report.json, report.md, reward_curve.png
 
-A re-run continues the latest unfinished run at its first step not done; a step killed midway
-starts over, and since every output is renamed into place, nothing half-written is ever read.
-Nothing touches serving before `swap`, which is idempotent (a fixed version id; activating the
-active version changes nothing), so a crash anywhere leaves the old version serving. A lock file
-stops two jobs at once. The run's options are stored with it, so a resumed run trains and grades
-exactly as it began.
+A re-run continues the latest run, if it is unfinished, at its first step not done; a step
+killed midway starts over, and since every output is built under a `.part` name in the run
+directory and renamed into place, nothing half-written is ever read and a kill leaves nothing
+outside the run. Nothing touches serving before `swap`, which is idempotent (a fixed version id;
+activating the active version changes nothing), so a crash anywhere leaves the old version
+serving. A lock file stops two jobs at once. The run's options are stored with it, so a resumed
+run trains and grades exactly as it began.
+
+A step that raises is recorded in the run (`failed`), and the error says the three ways on: run
+again (the step is retried: right for a server that was down), `fresh` (abandon the run and start
+a new one) or `abandon` (give the run up and stop). Only the latest run is ever resumed: an
+abandoned run, or one a newer run superseded, never is.
 
 Where the serving version runs on a vLLM upstream (registry kinds `upstream`, `vllm_lora`), the
 policy is evaluated through that upstream: the candidate adapter is loaded into it at runtime
@@ -35,7 +41,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
@@ -48,7 +54,7 @@ from pydantic import BaseModel, Field
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
-from clinicloop.rl.publish import publishable_gguf
+from clinicloop.rl.publish import build_dir, publishable_gguf
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
 from clinicloop.serving.admin.protocol import RegisterRequest
 from clinicloop.serving.engines.openai_upstream import load_lora_adapter
@@ -64,6 +70,10 @@ STEPS = ("prompts", "baseline", "train", "publish", "candidate", "gate", "swap",
 
 class RefreshBusy(RuntimeError):
     """Another refresh job holds the lock."""
+
+
+class RefreshFailed(RuntimeError):
+    """A step of a run raised; the message names the run, the step, the cause and the ways on."""
 
 
 class RefreshOptions(BaseModel):
@@ -92,6 +102,12 @@ class RefreshOptions(BaseModel):
     grpo: PaperGRPOConfig = Field(default_factory=PaperGRPOConfig)
 
 
+class StepFailure(BaseModel):
+    step: str
+    error: str
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class RunState(BaseModel):
     run_id: str
     created_at: datetime
@@ -101,10 +117,17 @@ class RunState(BaseModel):
     done: dict[str, float] = Field(default_factory=dict, description="step -> seconds it took")
     swapped: Literal["activated", "canary"] | None = None
     version_id: str | None = None
+    failed: StepFailure | None = Field(None, description="The last step that raised, until it "
+                                       "passes.")
+    abandoned: str | None = Field(None, description="Why the run was given up; never resumed.")
 
     @property
     def finished(self) -> bool:
         return "report" in self.done
+
+    @property
+    def resumable(self) -> bool:
+        return not self.finished and self.abandoned is None
 
 
 class Paths(BaseModel):
@@ -155,15 +178,6 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
-def _dir_step(final: Path, build: Callable[[Path], object]) -> None:
-    """Build a directory under a temporary name and rename it into place."""
-    part = final.with_name(final.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    build(part)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(part, final)
-
-
 def _row(prompt: LoggedPrompt, rubric: list[RubricItem]) -> Row:
     return {"prompt_id": prompt.key, "prompt": prompt.messages,
             "rubrics": [i.model_dump(mode="json") for i in rubric]}
@@ -186,20 +200,22 @@ class Refresh:
 
     @classmethod
     def open(cls, paths: Paths, options: RefreshOptions, *, run_id: str | None = None,
-             policy_hf: Path | None = None, progress: bool = True) -> Refresh:
-        """The run `run_id`, else the latest unfinished run, else a new run with `options`."""
-        runs = sorted(p for p in paths.runs_dir.glob("*/state.json"))
+             policy_hf: Path | None = None, fresh: bool = False,
+             progress: bool = True) -> Refresh:
+        """The run `run_id`, else the latest run if it is resumable, else a new run with
+        `options`. `fresh`: abandon the latest run if it is resumable and begin a new one."""
         if run_id is not None:
-            found = paths.runs_dir / run_id / "state.json"
-            if not found.exists():
-                raise FileNotFoundError(f"no refresh run {run_id!r} in {paths.runs_dir}")
-            runs = [found]
-        for state_file in reversed(runs):
-            state = RunState.model_validate_json(state_file.read_text())
-            if not state.finished or run_id is not None:
-                job = cls(state, state_file.parent, paths, progress)
-                job._say(f"resuming at {job.next_step()} (with the options it began with)")
-                return job
+            job = cls(_read_state(paths.runs_dir, run_id), paths.runs_dir / run_id, paths,
+                      progress)
+            if job.state.abandoned is not None:
+                raise ValueError(f"refresh run {run_id} was abandoned ({job.state.abandoned})")
+            job._resumed()
+            return job
+        latest = latest_run(paths.runs_dir)
+        if latest is not None and latest.resumable and not fresh:
+            job = cls(latest, paths.runs_dir / latest.run_id, paths, progress)
+            job._resumed()
+            return job
         registry = Registry(paths.registry_dir).read()
         serving = _serving(registry)
         hf = policy_hf or serving.hf_dir
@@ -208,6 +224,8 @@ class Refresh:
                              "pass the policy's HF directory")
         now = datetime.now(UTC)
         new_id = f"{now:%Y%m%dT%H%M%S}-{os.urandom(2).hex()}"
+        if latest is not None and latest.resumable:
+            abandon(paths.runs_dir, latest.run_id, f"superseded by run {new_id} (--fresh)")
         state = RunState(run_id=new_id, created_at=now, options=options,
                          serving_version=serving.id, policy_hf=hf.resolve())
         run_dir = paths.runs_dir / new_id
@@ -215,6 +233,12 @@ class Refresh:
         refresh = cls(state, run_dir, paths, progress)
         refresh._save()
         return refresh
+
+    def _resumed(self) -> None:
+        failed = self.state.failed
+        self._say(f"resuming at {self.next_step()} (with the options it began with"
+                  + ("" if failed is None else f"; it failed at {failed.step}: {failed.error}")
+                  + ")")
 
     def _save(self) -> None:
         write_atomic(self.run_dir / "state.json", self.state.model_dump_json(indent=2))
@@ -231,8 +255,18 @@ class Refresh:
         while (step := self.next_step()) is not None:
             self._say(f"{step} ...")
             started = time.perf_counter()
-            getattr(self, f"_step_{step}")()
+            try:
+                getattr(self, f"_step_{step}")()
+            except Exception as exc:
+                cause = f"{type(exc).__name__}: {exc}"
+                self.state.failed = StepFailure(step=step, error=cause)
+                self._save()
+                raise RefreshFailed(
+                    f"run {self.state.run_id} failed at step {step}: {cause}; run again to "
+                    "retry the step, with --fresh to start a new run, or with --abandon to give "
+                    "this one up") from exc
             self.state.done[step] = round(time.perf_counter() - started, 3)
+            self.state.failed = None
             self._save()
             if step == until:
                 break
@@ -300,13 +334,13 @@ class Refresh:
                 rubric_stage(self.state.policy_hf, out, self._judge_endpoint(), o.grpo,
                              rows=rows, models_dir=self.paths.models_dir, init_adapter=init)
 
-        _dir_step(self.run_dir / "train", train)
+        build_dir(self.run_dir / "train", train)
 
     def _step_publish(self) -> None:
         # Every file publishing writes appears under its final name only when complete.
         adapter = self.run_dir / "train" / "adapter"
         if self.serving.kind in UPSTREAM_KINDS:
-            _dir_step(self._candidate_adapter(), lambda out: shutil.copytree(adapter, out))
+            build_dir(self._candidate_adapter(), lambda out: shutil.copytree(adapter, out))
         else:
             publishable_gguf(self.state.policy_hf, adapter, self.run_dir / "candidate",
                              self.options.quant)
@@ -444,6 +478,33 @@ class Refresh:
         return str(listing["active"])
 
 
+def _read_state(runs_dir: Path, run_id: str) -> RunState:
+    found = runs_dir / run_id / "state.json"
+    if not found.exists():
+        raise FileNotFoundError(f"no refresh run {run_id!r} in {runs_dir}")
+    return RunState.model_validate_json(found.read_text())
+
+
+def latest_run(runs_dir: Path) -> RunState | None:
+    """The run begun last (the only one a re-run may resume), if any."""
+    states = [RunState.model_validate_json(f.read_text()) for f in runs_dir.glob("*/state.json")]
+    return max(states, key=lambda s: (s.created_at, s.run_id), default=None)
+
+
+def abandon(runs_dir: Path, run_id: str | None = None, reason: str = "abandoned (--abandon)"
+            ) -> RunState:
+    """Mark `run_id` (default: the latest run) abandoned: it is never resumed. Its files stay in
+    its directory for inspection. The caller holds `refresh_lock`."""
+    state = _read_state(runs_dir, run_id) if run_id is not None else latest_run(runs_dir)
+    if state is None or not state.resumable:
+        what = "no refresh run" if state is None else f"run {state.run_id} is " + (
+            "finished" if state.finished else "already abandoned")
+        raise ValueError(f"nothing to abandon in {runs_dir}: {what}")
+    state.abandoned = f"{reason} at {datetime.now(UTC).isoformat(timespec='seconds')}"
+    write_atomic(runs_dir / state.run_id / "state.json", state.model_dump_json(indent=2))
+    return state
+
+
 def _serving(state: RegistryState) -> Version:
     if state.active is None:
         raise ValueError("the registry has no active version: start the server once first")
@@ -465,12 +526,12 @@ def _ok(response: httpx.Response) -> Any:
 
 
 def refresh(paths: Paths, options: RefreshOptions | None = None, *, run_id: str | None = None,
-            policy_hf: Path | None = None, until: str | None = None,
+            policy_hf: Path | None = None, until: str | None = None, fresh: bool = False,
             progress: bool = True) -> Refresh:
     """Run (or resume) a refresh to its end, or to the step `until`; the `Refresh` holds its
-    state and outputs."""
+    state and outputs. `fresh`: start a new run, abandoning an unfinished latest one."""
     with refresh_lock(paths.runs_dir):
         job = Refresh.open(paths, options or RefreshOptions(), run_id=run_id,
-                           policy_hf=policy_hf, progress=progress)
+                           policy_hf=policy_hf, fresh=fresh, progress=progress)
         job.run(until)
     return job

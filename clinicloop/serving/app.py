@@ -11,35 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clinicloop.config import Settings
 from clinicloop.serving.admin.api_router import router as admin_router
 from clinicloop.serving.admission import Admission
-from clinicloop.serving.auth import KeyRing
+from clinicloop.serving.auth import KeyCheck, KeyRing
 from clinicloop.serving.chat_completion.api_router import router as chat_router
 from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
 from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
 from clinicloop.serving.engines.base import Engine
-from clinicloop.serving.errors import error_response, install_error_handlers
+from clinicloop.serving.errors import ContainErrors, error_response, install_error_handlers
 from clinicloop.serving.generation import Services
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.models.api_router import router as models_router
+from clinicloop.serving.protocol import body_problem
 from clinicloop.serving.registry import Registry
 from clinicloop.serving.versions import VersionedEngine
 
 log = logging.getLogger(__name__)
 
 
-class BodyLimit:
-    """413 for a body over `limit` bytes, whether or not it declares its length."""
+class RequestBody:
+    """Reads each request's whole body before the app sees it: over `limit` bytes (declared or,
+    for a chunked body, counted) is a 413, and a body that is not strict JSON text
+    (`body_problem`) a 400; the app then gets the body as it came."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -48,46 +52,57 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
         too_big = error_response(413, f"request body is larger than {self.limit} bytes",
                                  code="request_too_large")
-        if declared is not None and int(declared) > self.limit:
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
             return await too_big(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
+        body = bytearray()
+        more = True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away before it finished sending
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+        problem = body_problem(bytes(body)) if body else None
+        if problem is not None:
+            return await error_response(400, problem, code="invalid_body")(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await too_big(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for the client's disconnect
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 def _make_writer(settings: Settings) -> Any:
     from clinicloop.store.db import Store
     from clinicloop.store.writer import LogWriter
 
-    return LogWriter(Store(settings.store.url), settings.store)
+    # `ack` durability: a committed turn survives power loss too (synchronous=FULL).
+    synchronous = "FULL" if settings.store.durability == "ack" else "NORMAL"
+    return LogWriter(Store(settings.store.url, sqlite_synchronous=synchronous), settings.store)
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None,
-               writer: Any = None) -> FastAPI:
+def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any = None,
+               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """`on_load_failure(message)`: called when the engine fails to start (after its failed start
+    stopped whatever it launched); `serve` passes one that shuts the server down and exits
+    non-zero. Without it the app stays up answering 503."""
     versions: VersionedEngine | None = None
     if engine is None:
         # Models are served as registry versions, so they can be swapped while serving.
         engine = versions = VersionedEngine(settings, Registry(settings.registry.dir))
     writer = writer or _make_writer(settings)
-    keys = KeyRing(settings.server.api_keys, settings.server.admin_keys)
+    keys = KeyRing(settings.server.api_keys, settings.server.admin_keys,
+                   settings.server.service_keys)
     keys.check_open_allowed(settings.server.host)
     metrics = Metrics()
     admission = Admission(settings.server.max_running or engine.max_concurrency,
@@ -103,6 +118,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         except Exception as exc:
             load_error.append(f"{type(exc).__name__}: {exc}")
             log.error("engine failed to load: %s", load_error[0])
+            if on_load_failure is not None:
+                on_load_failure(load_error[0])
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,7 +142,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     app.state.chat = ChatCompletionHandler(services, settings.server.max_top_logprobs)
     app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, limit=settings.server.max_body_bytes)
+    # Added innermost first: the key is checked before a body byte is read, and an exception
+    # escaping any of it stops at ContainErrors.
+    app.add_middleware(RequestBody, limit=settings.server.max_body_bytes)
+    app.add_middleware(KeyCheck, keys=keys)
+    app.add_middleware(ContainErrors)
     app.include_router(chat_router)
     app.include_router(completion_router)
     app.include_router(models_router)
@@ -140,6 +161,16 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         "clinicloop:log_records_inserted": ("Log records written to the store.", writer.inserted),
         "clinicloop:log_records_spooled": ("Log records spooled while the store was down.",
                                            writer.spooled),
+        "clinicloop:log_records_replayed": ("Spooled log records later written to the store.",
+                                            writer.replayed),
+        "clinicloop:log_records_dead_lettered": ("Log records that cannot be stored, set aside "
+                                                 "in the dead-letter file.", writer.dead_lettered),
+        "clinicloop:log_records_dropped": ("Log records lost (spool or dead-letter file failed, "
+                                           "or submitted after shutdown).", writer.dropped),
+        "clinicloop:log_acks_waiting": ("Responses waiting for their log record to be on disk.",
+                                        writer.acks_waiting),
+        "clinicloop:log_ack_timeouts": ("Responses sent before their log record was on disk "
+                                        "(store.ack_timeout_s passed).", writer.ack_timeouts),
     }, lambda: engine.model_name)
     metrics.watch_counters(engine.stats, lambda: engine.model_name)
 
@@ -162,7 +193,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             "running": admission.running, "waiting": admission.waiting,
             "log": {"store_up": writer.store_up, "queue_depth": writer.queue_depth,
                     "inserted": writer.inserted, "spooled": writer.spooled,
-                    "replayed": writer.replayed},
+                    "replayed": writer.replayed, "dead_lettered": writer.dead_lettered,
+                    "dropped": writer.dropped, "acks_waiting": writer.acks_waiting,
+                    "ack_timeouts": writer.ack_timeouts},
         }
 
     return app

@@ -1,8 +1,15 @@
-"""API keys: client keys for the OpenAI routes, admin keys for admin routes.
+"""API keys: client keys for the OpenAI routes, admin keys for admin routes, service keys for the
+project's own clients (judge, rubric generator, patient simulator, benchmarks).
 
 Keys are held only as SHA-256 hashes and compared in constant time. Configure them as
 `sha256:<hex>` (what `clinicloop keys new` prints) or in plain text (hashed at start). With no key
 configured the server runs open, which `check_open_allowed` permits on a loopback host only.
+`KeyCheck` checks the key of every request before its body is read; with no admin key
+configured, admin routes say so rather than ask for a key that cannot exist.
+
+A caller's `origin` is what its turns are logged as: `service` for a service key, or for an admin
+key or an open server's caller that sends `X-Clinicloop-Origin: service`; else `client`. A client
+key cannot mark its own traffic as service (it would hide it from scoring and training).
 """
 
 from __future__ import annotations
@@ -11,14 +18,22 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clinicloop.serving.errors import OpenAIError
 
-Role = Literal["client", "admin"]
+Role = Literal["client", "service", "admin"]
+Origin = Literal["client", "service"]
+ORIGIN_HEADER = "x-clinicloop-origin"
+CALLER = "clinicloop.caller"  # the scope key `KeyCheck` leaves the authenticated Caller under
+NO_ADMIN_KEY = ("no admin key is configured on this server: set server.admin_keys "
+                "(CLINICLOOP_SERVER__ADMIN_KEYS)")
 
 
 def hash_key(key: str) -> str:
@@ -39,16 +54,19 @@ def _normalise(entry: str) -> str:
 class Caller:
     role: Role | None  # None: the server is open (no keys configured)
     key_id: str | None  # short fingerprint of the key's hash, safe to log
+    origin: Origin = "client"  # what the caller's turns are logged as
 
 
 class KeyRing:
-    def __init__(self, client_keys: list[str], admin_keys: list[str]) -> None:
+    def __init__(self, client_keys: list[str], admin_keys: list[str],
+                 service_keys: Sequence[str] = ()) -> None:
         self._client = [_normalise(k) for k in client_keys]
         self._admin = [_normalise(k) for k in admin_keys]
+        self._service = [_normalise(k) for k in service_keys]
 
     @property
     def open(self) -> bool:
-        return not self._client and not self._admin
+        return not self._client and not self._admin and not self._service
 
     def check_open_allowed(self, host: str) -> None:
         if self.open and not _is_loopback(host):
@@ -69,15 +87,25 @@ class KeyRing:
         key_id = hashed[7:19]
         if self._match(hashed, self._admin):
             return Caller("admin", key_id)
+        if self._match(hashed, self._service):
+            return Caller("service", key_id, "service")
         if self._match(hashed, self._client):
             return Caller("client", key_id)
         return None
 
     def caller(self, request: Request, *, admin: bool = False) -> Caller:
-        header = request.headers.get("authorization", "")
+        """The caller `KeyCheck` authenticated before the body was read (on a route it does not
+        guard: authenticated now)."""
+        who: Caller | None = request.scope.get(CALLER)
+        return who if who is not None else self.authenticate(request.headers, admin=admin)
+
+    def authenticate(self, headers: Mapping[str, str], *, admin: bool = False) -> Caller:
+        if admin and not self._admin:
+            raise OpenAIError(403, NO_ADMIN_KEY, code="no_admin_key")
+        header = headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if self.open and not admin:
-            return Caller(None, None)
+        if self.open:
+            return _marked(Caller(None, None), headers)
         if scheme.lower() != "bearer" or not token:
             raise OpenAIError(401, "missing API key: send 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
@@ -86,7 +114,45 @@ class KeyRing:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key")
         if admin and who.role != "admin":
             raise OpenAIError(403, "this route needs an admin key", code="forbidden")
-        return who
+        return _marked(who, headers)
+
+
+def _marked(who: Caller, headers: Mapping[str, str]) -> Caller:
+    """`who`, as a service caller if it may mark itself so (admin, open server) and does."""
+    marked = headers.get(ORIGIN_HEADER, "").strip().lower() == "service"
+    if marked and who.role in ("admin", None):
+        return replace(who, origin="service")
+    return who
+
+
+def _route_class(path: str) -> Literal["client", "admin"] | None:
+    """The key a path needs: an admin key under /admin, any key under /v1 (the OpenAI routes);
+    none elsewhere (/health, /metrics)."""
+    if path == "/admin" or path.startswith("/admin/"):
+        return "admin"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "client"
+    return None
+
+
+class KeyCheck:
+    """Authenticates each request by its route class before anything else happens to it: a
+    request without the key its route needs gets its 401/403 before a byte of its body is read.
+    The caller is left in the scope for `KeyRing.caller`."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        needs = _route_class(scope["path"]) if scope["type"] == "http" else None
+        if needs is not None:
+            try:
+                scope[CALLER] = self.keys.authenticate(Headers(scope=scope),
+                                                       admin=needs == "admin")
+            except OpenAIError as exc:
+                return await exc.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _is_loopback(host: str) -> bool:

@@ -3,7 +3,8 @@
 `GenerationRun` wraps one engine stream. The route's handler iterates it (to stream chunks or to
 build one response); the run accumulates each choice, observes TTFT / inter-token / e2e latency,
 and on exit — finished, failed or cancelled by a disconnecting client — releases the admission slot
-and hands one `TurnRecord` to the log writer. Nothing here touches the database.
+and hands one `TurnRecord` to the log writer (with `ack` durability, waiting until it is on disk,
+unless the client has gone). Nothing here touches the database.
 """
 
 from __future__ import annotations
@@ -29,16 +30,19 @@ CONVERSATION_HEADER = "x-conversation-id"
 
 
 def conversation_id(messages: list[dict[str, Any]], caller: Caller, header: str | None) -> str:
-    """The client's id if it sent one; else a hash of the caller and the conversation's opening
-    (system prompt and first user message), which every later turn repeats unchanged."""
+    """A hash of the caller's key id and what names the conversation: the client's id if it sent
+    one, else the conversation's opening (system prompt and first user message), which every
+    later turn repeats unchanged. Hashed with the key id, a client's id is stored without the
+    text it carries and cannot reach into another key's conversation."""
     if header:
-        return header[:128]
-    opening: list[dict[str, Any]] = []
-    for message in messages:
-        opening.append(message)
-        if message["role"] == "user":
-            break
-    digest = hashlib.sha256(json.dumps([caller.key_id, opening], sort_keys=True).encode())
+        named: Any = {"header": header}
+    else:
+        named = []
+        for message in messages:
+            named.append(message)
+            if message["role"] == "user":
+                break
+    digest = hashlib.sha256(json.dumps([caller.key_id, named], sort_keys=True).encode())
     return "conv-" + digest.hexdigest()[:24]
 
 
@@ -182,7 +186,7 @@ class GenerationRun:
                 m.request_success.labels(self.model, choice.finish_reason or "stop").inc()
         else:
             m.request_errors.labels(self.model, status).inc()
-        self.s.writer.submit(TurnRecord(
+        record = TurnRecord(
             id=self.request_id, conversation_id=self.conversation, endpoint=self.endpoint,
             model=self.model, model_version=self.version, api_key_id=self.caller.key_id,
             messages=self.messages,
@@ -194,5 +198,11 @@ class GenerationRun:
             params=self.params, prompt_tokens=self.usage.prompt_tokens,
             completion_tokens=self.usage.completion_tokens,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.started,
-            e2e_s=e2e, status=status, error=error,
-        ))
+            e2e_s=e2e, status=status, error=error, origin=self.caller.origin,
+        )
+        if status == "cancelled":  # the client is gone: nothing may wait for the log
+            self.s.writer.submit(record)
+        else:
+            # With `ack` durability the record is on disk before the caller sends the response's
+            # last byte (`[DONE]`, or the JSON body), or `store.ack_timeout_s` has passed.
+            await self.s.writer.log(record)

@@ -39,6 +39,11 @@ class VersionConflict(RegistryError):
     """The id is taken by a different version."""
 
 
+class VersionInUse(RegistryError):
+    """The version cannot be removed: it serves, is the canary, or other versions descend
+    from it."""
+
+
 #: `gguf`: `model_path` is the whole model; `lora`: `lora_path` is a llama.cpp LoRA adapter GGUF
 #: applied on top of the base GGUF at `model_path`. On an OpenAI-compatible upstream (vLLM):
 #: `upstream`: the model the upstream serves as it is, `model_path` being its id there (what vLLM
@@ -218,6 +223,34 @@ class Registry:
             if state.canary is not None and state.canary.version == previous.id:
                 state.canary = None
             return previous
+
+        return self._update(change)
+
+    def remove(self, version_id: str) -> Version:
+        """Take a version out of the registry (its files stay where they are). Refused for the
+        active version, the canary, and a version others name as parent (the root among them);
+        its activations leave the history, so a rollback never lands on it."""
+        def change(state: RegistryState) -> Version:
+            version = state.version(version_id)
+            children = sorted(v.id for v in state.versions.values() if v.parent == version_id)
+            if version_id == state.active:
+                raise VersionInUse(f"version {version_id!r} is active: activate or roll back to "
+                                   "another first")
+            if state.canary is not None and state.canary.version == version_id:
+                raise VersionInUse(f"version {version_id!r} is the canary: clear it first")
+            if version.parent is None:
+                raise VersionInUse(f"version {version_id!r} is the registry's base")
+            if children:
+                raise VersionInUse(f"version {version_id!r} is the parent of "
+                                   f"{', '.join(children)}: remove those first")
+            del state.versions[version_id]
+            history: list[Activation] = []
+            for activation in state.history:
+                if activation.version != version_id and (
+                        not history or history[-1].version != activation.version):
+                    history.append(activation)
+            state.history = history
+            return version
 
         return self._update(change)
 

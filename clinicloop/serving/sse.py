@@ -1,6 +1,7 @@
 """Server-sent events framing as OpenAI streams it: `data: <json>` blocks, then `data: [DONE]`;
-an error after the stream started is sent as one `data: {"error": ...}` block. Also the shared
-body of the generating routes, which choose between a stream and one response."""
+any error after the stream started is sent as one `data: {"error": ...}` block, so every stream
+ends with its last chunk or an error, then `[DONE]`. Also the shared body of the generating
+routes, which choose between a stream and one response."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from clinicloop.serving.errors import OpenAIError
+from clinicloop.serving.errors import as_openai_error
 from clinicloop.serving.generation import CONVERSATION_HEADER
 
 
-def event(model: BaseModel) -> str:
-    return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+def event(model: BaseModel, *, exclude_none: bool = True) -> str:
+    return f"data: {model.model_dump_json(exclude_none=exclude_none)}\n\n"
 
 
 async def framed(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     try:
         async for chunk in chunks:
             yield event(chunk)
-    except OpenAIError as exc:
-        yield event(exc.body())
+    except Exception as exc:  # a client disconnecting is a BaseException and ends us silently
+        yield event(as_openai_error(exc).body(), exclude_none=False)  # OpenAI's full shape
     yield "data: [DONE]\n\n"
 
 

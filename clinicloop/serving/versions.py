@@ -17,13 +17,24 @@ once its last request ends.
 
 Conversations pinned to a version that a rollback or a cleared canary retires are unpinned: a
 version taken out of service for cause should not keep serving the conversations it began.
+
+The registry file is the source of truth even when another process writes it (`rl refresh`
+without `--server-url`, a second replica's admin API): the engine checks the file every
+`follow_interval_s` (1 s) and, when it changed, serves what it names through the same steps as
+the admin routes (load first, then move routing). A version the file names that fails to load is
+refused there too: the old version keeps serving and the file is set back.
+
+A start that fails closes whatever it had started (a launched upstream's process group included).
+Versions are registered only once their files pass `artifacts.py`'s checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from clinicloop.config import EngineSettings, Settings
+from clinicloop.serving.artifacts import check_gguf_file, check_peft_adapter, probe_llamacpp
 from clinicloop.serving.engines.base import (
     Engine,
     EngineUnavailable,
@@ -44,6 +56,7 @@ from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine, Ups
 from clinicloop.serving.registry import (
     UPSTREAM_KINDS,
     Canary,
+    Kind,
     Registry,
     RegistryError,
     RegistryState,
@@ -125,7 +138,8 @@ class RoutedStream:
 
 
 class VersionedEngine(Engine):
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, *,
+                 follow_interval_s: float = 1.0) -> None:
         self.settings = settings.engine
         # The gateway admits this many requests over all versions: during a swap or a canary two
         # models share the cores, the rest queue in admission (none is dropped), and a queued
@@ -148,8 +162,10 @@ class VersionedEngine(Engine):
         self._closing: set[asyncio.Task[None]] = set()
         #: Counters of engines already closed, so the exported totals never go down.
         self._closed_stats: Counter[str] = Counter()
-        #: The version a change is loading: kept even though nothing routes to it yet.
-        self._staged: str | None = None
+        #: The versions a change is loading: kept even though nothing routes to them yet.
+        self._staged: set[str] = set()
+        self._follow_interval_s = follow_interval_s
+        self._follower: asyncio.Task[None] | None = None
 
     @property  # type: ignore[override]
     def model_version(self) -> str:
@@ -171,7 +187,12 @@ class VersionedEngine(Engine):
 
     async def start(self) -> None:
         async with self._changing:
-            await self._start()
+            try:
+                await self._start()
+            except BaseException:
+                await self._close_engines()  # a launched upstream included
+                raise
+        self._follower = asyncio.create_task(self._follow(), name="registry-follower")
 
     async def _start(self) -> None:
         state = await asyncio.to_thread(self.registry.read)
@@ -225,20 +246,34 @@ class VersionedEngine(Engine):
         """Load the registry's active version (and its canary, if it still loads)."""
         active = state.version(state.active or "")
         await self._load(active)
-        self._active = active.id
-        if state.canary is not None:
-            try:
-                await self._load(state.version(state.canary.version))
-                self._canary = state.canary
-            except (VersionLoadError, RegistryError) as exc:
-                log.error("canary dropped: %s", exc)
-                await asyncio.to_thread(self.registry.clear_canary)
+        self._point(active.id, await self._loaded_canary(state.canary))
+
+    async def _loaded_canary(self, canary: Canary | None) -> Canary | None:
+        """`canary` once loaded; None (and cleared in the registry) if it does not load."""
+        if canary is None:
+            return None
+        try:
+            await self._load(await self._version(canary.version))
+            return canary
+        except (VersionLoadError, RegistryError) as exc:
+            log.error("canary dropped: %s", exc)
+            await asyncio.to_thread(self.registry.clear_canary)
+            return None
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            self._follower = None
+        await self._close_engines()
+
+    async def _close_engines(self) -> None:
         slots, self._slots = list(self._slots.values()), {}
         await asyncio.gather(*(s.engine.close() for s in slots), *self._closing)
-        if self._upstream is not None:
-            await self._upstream.close()
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            await upstream.close()
 
     def healthy(self) -> bool:
         slot = self._slots.get(self._active or "")
@@ -252,7 +287,7 @@ class VersionedEngine(Engine):
 
     async def _load(self, version: Version) -> _Slot:
         # A request that ends while a change is under way must not retire what it loads.
-        self._staged = version.id
+        self._staged.add(version.id)
         slot = self._slots.get(version.id)
         if slot is not None:
             return slot
@@ -265,10 +300,13 @@ class VersionedEngine(Engine):
         slot = self._slots[version.id] = _Slot(version, engine)
         return slot
 
+    def _check_kind(self, kind: Kind) -> None:
+        if (self._upstream is None) != (kind not in UPSTREAM_KINDS):
+            raise RegistryError(f"a {kind} version cannot be served by the {self.settings.kind} "
+                                "engine")
+
     async def _started_version(self, version: Version) -> Engine:
-        if (self._upstream is None) != (version.kind not in UPSTREAM_KINDS):
-            raise RegistryError(f"a {version.kind} version cannot be served by the "
-                                f"{self.settings.kind} engine")
+        self._check_kind(version.kind)
         if self._upstream is not None:
             adapter = None if version.lora_path is None else (version.id, version.lora_path)
             engine = UpstreamModel(self._upstream, adapter)
@@ -297,16 +335,30 @@ class VersionedEngine(Engine):
             try:
                 yield
             finally:
-                self._staged = None
+                self._staged.clear()
                 self._retire()
+
+    def _point(self, active: str, canary: Canary | None, retired: str | None = None) -> None:
+        """Route to `active` and `canary`, both loaded. Conversations on a canary that is
+        replaced or cleared (not promoted), and on a `retired` version, start over."""
+        old = self._canary
+        if old is not None and old.version != active and (canary is None
+                                                          or canary.version != old.version):
+            self._unpin(old.version)
+        if retired is not None and retired != active:
+            self._unpin(retired)
+        self._active, self._canary = active, canary
+
+    def _canary_unless(self, version_id: str) -> Canary | None:
+        """The canary, unless `version_id` is it (which activating promotes)."""
+        canary = self._canary
+        return None if canary is not None and canary.version == version_id else canary
 
     async def activate(self, version_id: str) -> Version:
         async with self._change():
             slot = await self._load(await self._version(version_id))
             await asyncio.to_thread(self.registry.activate, version_id)
-            self._active = version_id
-            if self._canary is not None and self._canary.version == version_id:
-                self._canary = None
+            self._point(version_id, self._canary_unless(version_id))
         log.info("version %s active", version_id)
         return slot.version
 
@@ -314,17 +366,15 @@ class VersionedEngine(Engine):
         async with self._change():
             await self._load(await self._version(version_id))
             canary = await asyncio.to_thread(self.registry.set_canary, version_id, share)
-            if self._canary is not None and self._canary.version != version_id:
-                self._unpin(self._canary.version)
-            self._canary = canary
+            assert self._active is not None
+            self._point(self._active, canary)
         return canary
 
     async def clear_canary(self) -> None:
         async with self._change():
             await asyncio.to_thread(self.registry.clear_canary)
-            if self._canary is not None:
-                self._unpin(self._canary.version)
-            self._canary = None
+            if self._active is not None:
+                self._point(self._active, None)
 
     async def rollback(self) -> Version:
         async with self._change():
@@ -333,13 +383,92 @@ class VersionedEngine(Engine):
                 raise RegistryError("no earlier version to roll back to")
             await self._load(previous)
             await asyncio.to_thread(self.registry.rollback, expect=previous.id)
-            retired, self._active = self._active, previous.id
-            if self._canary is not None and self._canary.version == previous.id:
-                self._canary = None
-            if retired is not None:
-                self._unpin(retired)
+            self._point(previous.id, self._canary_unless(previous.id), retired=self._active)
         log.info("rolled back to version %s", previous.id)
         return previous
+
+    async def check_files(self, kind: Kind, model_path: Path, lora_path: Path | None) -> None:
+        """Refuse files this server could not serve, before they are registered:
+        `VersionFilesError` naming the problem, `RegistryError` for a kind another engine
+        serves. On llama.cpp, llama.cpp loads them in a child process; a vLLM adapter is
+        checked on disk here and loaded by the upstream when it is first served."""
+        if kind == "vllm_lora" and lora_path is not None:
+            await asyncio.to_thread(check_peft_adapter, lora_path)
+        elif kind in ("gguf", "lora"):
+            await asyncio.to_thread(check_gguf_file, model_path, "model")
+            if lora_path is not None:
+                await asyncio.to_thread(check_gguf_file, lora_path, "LoRA")
+        self._check_kind(kind)
+        if self._upstream is None:
+            await probe_llamacpp(model_path, lora_path)
+
+    async def remove(self, version_id: str) -> Version:
+        """Take a version out of the registry (`Registry.remove` says which are refused) and
+        out of memory: its pinned conversations start over, its engine closes once idle."""
+        async with self._change():
+            version = await asyncio.to_thread(self.registry.remove, version_id)
+            self._unpin(version_id)
+        log.info("version %s removed", version_id)
+        return version
+
+    # -- following the registry file ----------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.registry.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size  # every write is a new file (a rename)
+
+    async def _follow(self) -> None:
+        stamp = await asyncio.to_thread(self._stamp)
+        while True:
+            await asyncio.sleep(self._follow_interval_s)
+            now = await asyncio.to_thread(self._stamp)
+            if now == stamp:
+                continue
+            stamp = now
+            try:
+                await self.follow_registry()
+            except Exception as exc:  # the next change is tried again
+                log.error("registry change not applied: %s: %s", type(exc).__name__, exc)
+
+    async def follow_registry(self) -> None:
+        """Serve the active version and canary the registry file names now, if they differ from
+        what is served: loaded first; an active version that does not load is refused and the
+        file set back to the version serving."""
+        async with self._change():
+            state = await asyncio.to_thread(self.registry.read)
+            if state.active is None or (state.active, state.canary) == (self._active,
+                                                                         self._canary):
+                return
+            try:
+                await self._load(state.version(state.active))
+            except (VersionLoadError, RegistryError) as exc:
+                log.error("registry names %s active, which is refused: %s; %s keeps serving",
+                          state.active, exc, self._active)
+                await asyncio.to_thread(self._set_back, state.active)
+                return
+            # An activation records the version it replaces just before it; anything else
+            # (a rollback) took this one out of service.
+            replaced = len(state.history) > 1 and state.history[-2].version == self._active
+            canary = await self._loaded_canary(state.canary)
+            self._point(state.active, canary, retired=None if replaced else self._active)
+        log.info("registry followed: %s active, canary %s", state.active,
+                 canary and canary.version)
+
+    def _set_back(self, refused: str) -> None:
+        """Make the registry name the version serving again instead of `refused`."""
+        assert self._active is not None
+        state = self.registry.read()
+        if state.active != refused:
+            return  # it changed again: followed next time
+        previous = state.previous()
+        if previous is not None and previous.id == self._active:
+            with contextlib.suppress(RegistryError):  # it changed again: followed next time
+                self.registry.rollback(expect=self._active)
+                return
+        self.registry.activate(self._active)
 
     async def _version(self, version_id: str) -> Version:
         return (await asyncio.to_thread(self.registry.read)).version(version_id)
@@ -391,7 +520,7 @@ class VersionedEngine(Engine):
 
     def _retire(self) -> None:
         """Close every engine nothing needs: not active, not canary, not pinned, not serving."""
-        needed = {self._active, self._staged, *self._pinned}
+        needed = {self._active, *self._staged, *self._pinned}
         if self._canary is not None:
             needed.add(self._canary.version)
         for vid, slot in list(self._slots.items()):

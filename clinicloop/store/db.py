@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -97,12 +97,15 @@ class TurnRow(Base):
     e2e_s: Mapped[float | None] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String)
     error: Mapped[str | None] = mapped_column(Text)
+    # Migration 0003: `service` turns are the project's own traffic, never scored or trained on.
+    origin: Mapped[str] = mapped_column(String, server_default="client")
 
 
 class Store:
     """A SQLite or Postgres database holding `TurnRecord`s; every method is blocking."""
 
-    def __init__(self, url: str, *, sqlite_busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, sqlite_busy_timeout_s: float = 5.0,
+                 sqlite_synchronous: Literal["FULL", "NORMAL"] = "NORMAL") -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
@@ -117,10 +120,11 @@ class Store:
             @event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_connection: Any, _record: Any) -> None:
                 cursor = dbapi_connection.cursor()
-                # WAL: readers never block the writer; NORMAL is durable across app crashes and
-                # loses at most the last commits on power loss, which the spool exists for.
+                # WAL: readers never block the writer. NORMAL is durable across app crashes but
+                # may lose the last commits on power loss; FULL fsyncs the WAL at each commit, so
+                # a committed row survives power loss too (the log writer's `ack` durability).
                 cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
                 cursor.close()
 
         elif self.dialect == "postgresql":
@@ -262,8 +266,9 @@ class Store:
         after: tuple[datetime, str] | None = None,
         limit: int = 100,
     ) -> list[TurnRecord]:
-        """Answered turns (status ok) oldest first, from `since`, of one model version, without a
-        score; `after` is the (created_at, id) of the last turn of the previous page."""
+        """Answered client turns (status ok, origin client) oldest first, from `since`, of one
+        model version, without a score; `after` is the (created_at, id) of the last turn of the
+        previous page."""
         query = _scorable(since, model_version, only_unscored).order_by(
             TurnRow.created_at, TurnRow.id
         )
@@ -424,7 +429,9 @@ def _verdict(row: VerdictRow) -> StoredVerdict:
 
 
 def _scorable(since: datetime | None, model_version: str | None, only_unscored: bool) -> Any:
-    query = select(TurnRow).where(TurnRow.status == "ok", TurnRow.response.is_not(None))
+    query = select(TurnRow).where(
+        TurnRow.status == "ok", TurnRow.response.is_not(None), TurnRow.origin == "client"
+    )
     if since is not None:
         query = query.where(TurnRow.created_at >= _utc(since))
     if model_version is not None:

@@ -42,6 +42,10 @@ class TurnRecord(BaseModel):
     e2e_s: float | None = None
     status: Literal["ok", "error", "cancelled"] = "ok"
     error: str | None = None
+    origin: Literal["client", "service"] = Field(
+        "client", description="`service`: the project's own traffic (judge, rubric generator, "
+        "patient simulator, benchmarks, load tests), never trained on or scored."
+    )
 
     @property
     def response(self) -> str | None:

@@ -1,4 +1,5 @@
-"""Measure the PHI redactor on the synthetic case set: recall per kind of PHI and text retention.
+"""Measure the PHI redactor: recall per kind of PHI and text retention on the synthetic case set,
+and the hostile text its time is measured on (`hostile_shapes`, `hostile_text`).
 
 Each case in `data/phi_cases.jsonl` (all invented) is `{"text", "phi": {KIND: [spans]}, "keep":
 [spans]}`. A PHI span counts as removed when neither it nor any of its words of 3+ characters is
@@ -14,6 +15,7 @@ It prints and writes nothing else.
 from __future__ import annotations
 
 import argparse
+import random
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -22,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from clinicloop.store.redact import redact
+from clinicloop.store.redact import Rule, redact
 
 PhiKind = Literal["EMAIL", "PHONE", "DATE", "ID", "SSN", "ADDRESS", "URL", "IP", "NAME"]
 
@@ -123,6 +125,59 @@ def format_table(report: RedactionReport) -> str:
     )
     rows += [f"miss {m.kind}: {m.span!r} in case {m.case}: {m.redacted!r}" for m in report.misses]
     return "\n".join(rows)
+
+
+# What makes regular expressions slow, whatever the rule: long runs of word characters, dots,
+# digits, spaces, capitalised words, "@", "-", and mixes of them.
+GENERIC_PIECES = ("a", "A", "Aa ", "é", "1", ".", "-", "@", " ", "\t", "\n", ":", "/", "+", "#")
+
+
+def runs(example: str) -> list[str]:
+    """The example cut into stretches of one kind of character: "Best", ",", "\n", "Gretchen"."""
+    return re.findall(r"[^\W\d_]+|\d+|\s+|.", example, re.DOTALL)
+
+
+def pieces(example: str) -> list[str]:
+    """What hostile text for a rule is made of: its example, the example's runs, each of its
+    characters, and the generic pieces."""
+    return list(dict.fromkeys([example, *runs(example), *example, *GENERIC_PIECES]))
+
+
+def hostile_text(parts: Sequence[tuple[str, bool]], size: int) -> str:
+    """About `size` characters from `parts`, each `(piece, stretched)`: stretched pieces repeat
+    until the text reaches `size` (one long run each); with none stretched, the whole repeats."""
+    fixed = sum(len(piece) for piece, stretched in parts if not stretched)
+    stretched = sum(len(piece) for piece, stretched in parts if stretched)
+    if not stretched:
+        return "".join(piece for piece, _ in parts) * max(1, size // max(fixed, 1))
+    times = max(1, (size - fixed) // stretched)
+    return "".join(piece * times if stretched else piece for piece, stretched in parts)
+
+
+def hostile_shapes(rule: Rule, size: int, seed: int = 0) -> dict[str, str]:
+    """Texts of about `size` characters built to be slow for `rule`: its example over and over
+    (every match work), near misses (the example cut short or glued to more of itself), the
+    example's last character, or the last character of each of its runs, repeated into long
+    tokens ("Best,\nGretchennnn…"), and a seeded mix of its pieces."""
+    example = rule.example
+    mix = random.Random(seed).choices(pieces(example), k=64)
+    return {
+        "dense": hostile_text([(example + " ", False)], size),
+        "glued": hostile_text([(example, False)], size),
+        "cut": hostile_text([(example[:-1] + " ", False)], size),
+        "tail": hostile_text([(example, False), (example[-1], True), ("1", False)], size),
+        "runs": hostile_text(
+            [part for run in runs(example) for part in ((run[:-1], False), (run[-1], True))]
+            + [("1", False)], size),
+        "mix": hostile_text([(piece, False) for piece in mix], size),
+    }
+
+
+def generic_shapes(size: int) -> dict[str, str]:
+    """Long runs of each generic piece, and all of them mixed."""
+    shapes = {f"run {piece!r}": hostile_text([(piece, True)], size) for piece in GENERIC_PIECES}
+    shapes["mixed"] = hostile_text([("".join(GENERIC_PIECES), False)], size)
+    return shapes
 
 
 def main(argv: Sequence[str] | None = None) -> None:

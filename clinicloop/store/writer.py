@@ -1,13 +1,32 @@
-"""Durable conversation logging off the request path: the gateway's `submit(record)` to the store.
+"""Durable conversation logging off the request path: the gateway hands records to the store here.
 
-`submit` only enqueues. A background task takes batches (up to `batch_size` records, or what arrived
-within `flush_interval_s`), redacts them and inserts them from a worker thread. When an insert
-fails, the batch is appended to a spool file (JSON lines, already redacted, fsynced) and new
-batches go straight there until the store is back; when the in-memory queue is full, records are
-spooled too, so none is dropped. Every `retry_interval_s` a replay task renames the spool to
-`<spool>.replaying` (new appends start a fresh spool), inserts its records in batches and deletes
-it. Inserts skip ids already stored, so a replay cut short by a crash is simply redone on the next
-start and every record lands exactly once.
+`log(record)` enqueues and, with `store.durability = "ack"` (the default), returns once the record
+is on disk: committed (SQLite `synchronous=FULL`), or fsynced in the spool or the dead-letter file;
+at most `ack_timeout_s` later it returns anyway and the record is still written when the writer gets
+to it. In `ack` mode the flush task takes whatever is queued without waiting for a batch to fill,
+so the records that arrive during one commit share the next (group commit). With `async`, `log`
+returns at once and the flush task waits up to `flush_interval_s` to fill a batch: up to
+`queue_size` records live only in memory, and a killed process loses them. `submit` hands a record
+over without waiting, in either mode.
+
+Each record of a batch is redacted and serialised on its own; the batch is inserted in one
+transaction from a worker thread. A failure is either the store's or one record's:
+- Store unavailable (connection, lock, disk: `_store_unavailable`): the batch goes to the spool
+  (JSON lines, already redacted, fsynced) and later batches go straight there until the store is
+  back; when the in-memory queue is full, records are spooled too. Every `retry_interval_s` a replay
+  task renames the spool to `<spool>.replaying`, inserts its records in batches and deletes it.
+  Inserts skip ids already stored, so a replay cut short is redone and every record lands once.
+- A bad record (redaction or serialisation raised, nesting too deep for JSON, a value JSON cannot
+  encode such as NaN, a value the database refuses): only that record is set aside. A batch the
+  store refuses is retried one record at a time, and each record that still fails goes to the
+  dead-letter file beside the spool (`log.jsonl` -> `log.dead.jsonl`) in a JSON-safe form of what
+  can be kept: the redacted record (cut at `_SAFE_DEPTH` levels), or only its metadata when
+  redaction itself failed. Unreadable spool lines go there too. Nothing replays that file.
+
+No exception ends a writer task: whatever one batch raises costs that batch at most (set aside as
+metadata). `close` drains what was submitted within `close_timeout_s`; past it, what is left goes
+to the spool within `close_timeout_s` more. Blocking work runs on daemon threads, so a hung database
+cannot hold the process at exit.
 
 Logs carry counts and exception class names only: records hold conversations, and a driver's error
 message can quote them.
@@ -17,10 +36,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import math
 import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from clinicloop.config import StoreSettings
 from clinicloop.store.db import Store
@@ -29,13 +65,38 @@ from clinicloop.store.redact import redact_record
 
 log = logging.getLogger(__name__)
 
+Outcome = Literal["stored", "spooled", "dead_lettered", "dropped", "pending"]
+T = TypeVar("T")
+
+# Dead-letter entries keep structures down to this depth; deeper parts become a marker string.
+_SAFE_DEPTH = 32
+# What a dead-letter entry keeps of a record whose redaction failed: no free text.
+_METADATA = ("id", "conversation_id", "created_at", "endpoint", "model", "model_version",
+             "api_key_id", "prompt_tokens", "completion_tokens", "ttft_s", "e2e_s", "status")
+# SQLSTATE classes that blame the data, not the server: data exception (e.g. a number out of
+# range), integrity violation, program limit exceeded (e.g. JSON nested deeper than the stack).
+_RECORD_SQLSTATES = frozenset({"22", "23", "54"})
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One record on its way; `done` (only when a caller waits) resolves with its outcome."""
+
+    record: TurnRecord
+    done: asyncio.Future[Outcome] | None = None
+    line: str | None = None  # the redacted record as one JSON line, once prepared
+    redacted: bool = False
+
 
 class LogWriter:
-    """Batches, redacts and persists `TurnRecord`s; spools them to disk while the store is down.
+    """Batches, redacts and persists `TurnRecord`s; spools them while the store is down and sets
+    aside the ones that cannot be stored.
 
     The counters are for metrics: `inserted` (rows written directly), `spooled` (records written
-    to the spool), `replayed` (spooled records later written to the store), `dropped` (records
-    lost: submitted after `close`, or the spool itself failed), `store_up`, `queue_depth`.
+    to the spool), `replayed` (spooled records later written to the store), `dead_lettered`
+    (records or spool lines set aside in the dead-letter file), `dropped` (records lost: submitted
+    after `close`, or the spool or dead-letter file itself failed), `acks_waiting` (responses
+    waiting for their record to be on disk), `ack_timeouts`, `store_up`, `queue_depth`.
     """
 
     def __init__(self, store: Store, settings: StoreSettings) -> None:
@@ -43,11 +104,15 @@ class LogWriter:
         self._settings = settings
         self._spool = Path(settings.spool_path)
         self._replaying = self._spool.with_name(self._spool.name + ".replaying")
-        # None is the stop signal that `close` queues behind the last record.
-        self._queue: asyncio.Queue[TurnRecord | None] = asyncio.Queue(settings.queue_size)
-        self._overflow: list[TurnRecord] = []
+        self.dead_letter_path = self._spool.with_name(
+            f"{self._spool.stem}.dead{self._spool.suffix}")
+        # Unbounded, so `close` can always queue its stop signal (None); `queue_size` is enforced
+        # in `_enqueue`, which sends the excess to the spool.
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._overflow: list[_Pending] = []
         self._overflow_ready = asyncio.Event()
-        self._spool_lock = asyncio.Lock()
+        self._held: set[_Pending] = set()  # taken from the queue or overflow, not yet settled
+        self._append_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._migrated = False
@@ -55,7 +120,10 @@ class LogWriter:
         self.inserted = 0
         self.spooled = 0
         self.replayed = 0
+        self.dead_lettered = 0
         self.dropped = 0
+        self.acks_waiting = 0
+        self.ack_timeouts = 0
         self.store_up = True
 
     @property
@@ -72,50 +140,101 @@ class LogWriter:
         ]
 
     def submit(self, record: TurnRecord) -> None:
-        """Hand over one record; never blocks and never raises."""
-        if self._closed:
-            self.dropped += 1
-            log.error("log record submitted after close; %d dropped so far", self.dropped)
-            return
+        """Hand over one record without waiting; never blocks and never raises."""
+        self._enqueue(_Pending(record))
+
+    async def log(self, record: TurnRecord) -> Outcome:
+        """Hand over one record; with `ack` durability, return once it is on disk (its outcome) or
+        after `ack_timeout_s` ("pending": it is still written later). Never raises but
+        `CancelledError`, which leaves the record to be written all the same."""
+        if self._settings.durability == "async":
+            self.submit(record)
+            return "pending"
+        pending = _Pending(record, asyncio.get_running_loop().create_future())
+        self._enqueue(pending)
+        assert pending.done is not None
+        self.acks_waiting += 1
         try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
-            # The store can't keep up: the record goes to disk rather than away.
-            self._overflow.append(record)
-            self._overflow_ready.set()
+            async with asyncio.timeout(self._settings.ack_timeout_s):
+                return await asyncio.shield(pending.done)
+        except TimeoutError:
+            self.ack_timeouts += 1
+            log.warning("a log record was not on disk within %.1f s; answered without it "
+                        "(%d so far)", self._settings.ack_timeout_s, self.ack_timeouts)
+            return "pending"
+        finally:
+            self.acks_waiting -= 1
 
     async def close(self) -> None:
-        """Write out everything submitted (to the store, or to the spool if it is down)."""
+        """Write out everything submitted (to the store, or else to the spool), taking at most
+        about twice `close_timeout_s`."""
         if self._closed:
             return
         if not self._tasks:  # records submitted to a writer never started still get written
             await self.start()
         self._closed = True
-        await self._queue.put(None)
+        self._queue.put_nowait(None)
         self._stopping.set()
         self._overflow_ready.set()
-        await asyncio.gather(*self._tasks)
-        # One last replay, so a short outage leaves no spool behind a clean shutdown.
-        await self._replay_once()
-        await asyncio.to_thread(self._store.dispose)
+        budget = self._settings.close_timeout_s
+        deadline = asyncio.get_running_loop().time() + budget
+        _, unfinished = await asyncio.wait(self._tasks, timeout=budget)
+        if unfinished:
+            log.error("log writer did not drain within %.1f s; spooling what is left", budget)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.wait(unfinished)
+            await self._rescue(budget)
+        else:
+            # One last replay, so a short outage leaves no spool behind a clean shutdown.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._replay_once()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await _blocking(self._store.dispose)
+
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._closed:
+            self.dropped += 1
+            log.error("log record submitted after close; %d dropped so far", self.dropped)
+            self._settle([pending], "dropped")
+        elif self._queue.qsize() >= self._settings.queue_size:
+            # The store can't keep up: the record goes to disk rather than away.
+            self._overflow.append(pending)
+            self._overflow_ready.set()
+        else:
+            self._queue.put_nowait(pending)
+
+    def _settle(self, items: Iterable[_Pending], outcome: Outcome) -> None:
+        for pending in items:
+            self._held.discard(pending)
+            if pending.done is not None and not pending.done.done():
+                pending.done.set_result(outcome)
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        group_commit = self._settings.durability == "ack"
         while (first := await self._queue.get()) is not None:
+            self._held.add(first)
             batch = [first]
             deadline = loop.time() + self._settings.flush_interval_s
             stop = False
             while len(batch) < self._settings.batch_size:
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        record = await self._queue.get()
-                except TimeoutError:
+                    if group_commit:  # what is queued now; later arrivals make the next batch
+                        pending = self._queue.get_nowait()
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            pending = await self._queue.get()
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
-                if record is None:
+                if pending is None:
                     stop = True
                     break
-                batch.append(record)
-            await self._write(batch)
+                self._held.add(pending)
+                batch.append(pending)
+            await self._write(batch, to_store=True)
             if stop:
                 return
 
@@ -125,7 +244,8 @@ class LogWriter:
             self._overflow_ready.clear()
             while self._overflow:
                 batch, self._overflow = self._overflow, []
-                await self._append_to_spool(await self._redacted(batch))
+                self._held.update(batch)
+                await self._write(batch, to_store=False)
             if self._stopping.is_set():
                 return
 
@@ -136,94 +256,275 @@ class LogWriter:
                 await asyncio.wait_for(self._stopping.wait(), self._settings.retry_interval_s)
                 return
 
-    async def _redacted(self, batch: list[TurnRecord]) -> list[TurnRecord]:
-        if not self._settings.redact:
-            return batch
-        return await asyncio.to_thread(lambda: [redact_record(r) for r in batch])
-
-    async def _write(self, batch: list[TurnRecord]) -> None:
-        batch = await self._redacted(batch)
-        # While the store is down only the replay task probes it; batches go straight to disk.
-        if self.store_up:
-            inserted = await self._insert(batch)
-            if inserted is not None:
-                self.inserted += inserted
-                return
-        await self._append_to_spool(batch)
-
-    async def _insert(self, batch: list[TurnRecord]) -> int | None:
-        """Rows inserted, or None (and the store marked down) if the store failed."""
+    async def _rescue(self, budget: float) -> None:
+        """After the tasks were stopped: spool every record not yet settled."""
+        left = list(self._held) + self._overflow
+        self._overflow = []
+        while not self._queue.empty():
+            if (pending := self._queue.get_nowait()) is not None:
+                left.append(pending)
+        self._held.update(left)
         try:
-            inserted = await asyncio.to_thread(self._store.insert_many, batch)
+            async with asyncio.timeout(budget):
+                await self._write(left, to_store=False)
+        except TimeoutError:
+            lost = [p for p in left if p in self._held]
+            self.dropped += len(lost)
+            log.error("%d log records could not be spooled at shutdown", len(lost))
+            self._settle(lost, "dropped")
+
+    async def _write(self, batch: list[_Pending], *, to_store: bool) -> None:
+        """Prepare each record, then insert the batch (if `to_store` and the store is up) or spool
+        it; every record ends settled. Never raises but `CancelledError`."""
+        try:
+            ready = await self._prepare(batch)
+            if to_store and self.store_up:
+                inserted, ready = await self._insert(ready)
+                self.inserted += inserted
+            await self._append_spool(ready)
+        except Exception as exc:  # a fault of the writer's own costs this batch at most
+            left = [p for p in batch if p in self._held]
+            log.error("log writer failed on a batch (%s); setting %d records aside",
+                      type(exc).__name__, len(left))
+            await self._dead_letter([_dead_entry(p, "writer", exc, keep_text=False) for p in left],
+                                    left)
+
+    async def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
+        """Redact and serialise each record in a thread; dead-letter the ones that fail."""
+        todo = [p for p in batch if p.line is None]
+        failed = await _blocking(lambda: [(p, self._prepare_one(p)) for p in todo])
+        bad = [(p, entry) for p, entry in failed if entry is not None]
+        await self._dead_letter([entry for _, entry in bad], [p for p, _ in bad])
+        return [p for p in batch if p.line is not None]
+
+    def _prepare_one(self, pending: _Pending) -> str | None:
+        """Set `pending.line`; or return the dead-letter entry of a record that cannot be kept."""
+        if self._settings.redact and not pending.redacted:
+            try:
+                pending.record = redact_record(pending.record)
+            except Exception as exc:  # unredacted text must not be persisted: metadata only
+                return _dead_entry(pending, "redact", exc, keep_text=False)
+        pending.redacted = True
+        try:
+            pending.line = _serialise(pending.record)
+        except Exception as exc:
+            return _dead_entry(pending, "serialise", exc, keep_text=True)
+        return None
+
+    async def _insert(self, items: list[_Pending]) -> tuple[int, list[_Pending]]:
+        """Insert `items`, settling them: (rows inserted, the items left because the store is
+        unavailable, which marks it down). A batch it refuses is retried one record at a time."""
+        if not items:
+            return 0, []
+        try:
+            inserted = await _blocking(self._store.insert_many, [p.record for p in items])
         except Exception as exc:  # whatever the store raised, the batch must survive it
-            self._mark_down(exc)
-            return None
-        return inserted
+            if _store_unavailable(exc):
+                self._mark_down(exc)
+                return 0, items
+            log.warning("the store refused a batch of %d log records (%s); inserting them one "
+                        "at a time", len(items), type(exc).__name__)
+            return await self._insert_each(items)
+        self._settle(items, "stored")
+        return inserted, []
+
+    async def _insert_each(self, items: list[_Pending]) -> tuple[int, list[_Pending]]:
+        inserted = 0
+        for i, pending in enumerate(items):
+            try:
+                inserted += await _blocking(self._store.insert_many, [pending.record])
+            except Exception as exc:
+                if _store_unavailable(exc):
+                    self._mark_down(exc)
+                    return inserted, items[i:]
+                await self._dead_letter([_refused_entry(pending, exc)], [pending])
+            else:
+                self._settle([pending], "stored")
+        return inserted, []
+
+    async def _append_spool(self, items: list[_Pending]) -> None:
+        if not items:
+            return
+        lines = [p.line or "" for p in items]
+        try:
+            async with self._append_lock:
+                await _blocking(_append, self._spool, lines)
+        except Exception as exc:  # a full or failed disk: counted and logged, never raised
+            self.dropped += len(items)
+            log.error("could not spool %d log records (%s)", len(items), _cause(exc))
+            self._settle(items, "dropped")
+            return
+        self.spooled += len(items)
+        self._settle(items, "spooled")
+
+    async def _dead_letter(self, entries: list[str], items: list[_Pending]) -> None:
+        """Append `entries` (one per bad record or spool line) and settle `items`."""
+        if not entries:
+            return
+        try:
+            async with self._append_lock:
+                await _blocking(_append, self.dead_letter_path, entries)
+        except Exception as exc:
+            self.dropped += len(entries)
+            log.error("could not dead-letter %d log records (%s)", len(entries), _cause(exc))
+            self._settle(items, "dropped")
+            return
+        self.dead_lettered += len(entries)
+        log.warning("set %d log records aside in the dead-letter file; %d so far", len(entries),
+                    self.dead_lettered)
+        self._settle(items, "dead_lettered")
 
     async def _migrate(self) -> bool:
         try:
-            await asyncio.to_thread(self._store.migrate)
+            await _blocking(self._store.migrate)
         except Exception as exc:  # a store down at start-up is retried by the replay task
             self._mark_down(exc)
             return False
         self._migrated = True
         return True
 
-    async def _append_to_spool(self, batch: list[TurnRecord]) -> None:
-        try:
-            async with self._spool_lock:
-                await asyncio.to_thread(_append, self._spool, batch)
-        except OSError as exc:
-            self.dropped += len(batch)
-            log.error("could not spool %d log records (%s)", len(batch), type(exc).__name__)
-            return
-        self.spooled += len(batch)
-
     async def _replay_once(self) -> None:
         try:
             await self._replay()
-        except OSError as exc:  # the spool's disk failed; the next round tries again
-            log.error("spool replay failed (%s)", type(exc).__name__)
+        except Exception as exc:  # e.g. the spool's disk failed; the next round tries again
+            log.error("spool replay failed (%s)", _cause(exc))
 
     async def _replay(self) -> None:
         """Replay the spool into the store; with no spool, probe a store that is down."""
         if not self._migrated and not await self._migrate():
             return
-        async with self._spool_lock:
-            claimed = await asyncio.to_thread(_claim, self._spool, self._replaying)
+        async with self._append_lock:
+            claimed = await _blocking(_claim, self._spool, self._replaying)
         if not claimed:
-            if not self.store_up and await asyncio.to_thread(self._store.ping):
+            if not self.store_up and await _blocking(self._store.ping):
                 self._mark_up()
             return
         offset = replayed = 0
         while True:
-            batch, offset, unreadable = await asyncio.to_thread(
+            batch, offset, unreadable = await _blocking(
                 _read_batch, self._replaying, offset, self._settings.batch_size
             )
-            if unreadable:
-                # Torn lines from a crash mid-append; what was readable is kept.
-                self.dropped += unreadable
-                log.warning("skipped %d unreadable spool lines", unreadable)
+            # Lines torn by a crash mid-append, or not a record: kept aside, never retried.
+            await self._dead_letter([_unreadable_entry(line) for line in unreadable], [])
             if not batch:
                 break
-            inserted = await self._insert(batch)
-            if inserted is None:
-                return  # the file stays; the next attempt starts it over, idempotently
+            inserted, left = await self._insert(batch)
             replayed += inserted
             self.replayed += inserted
-        await asyncio.to_thread(_remove, self._replaying)
-        log.info("replayed %d spooled log records", replayed)
-        self._mark_up()
+            if left:
+                return  # the file stays; the next attempt starts it over, idempotently
+        await _blocking(_remove, self._replaying)
+        if replayed:
+            log.info("replayed %d spooled log records", replayed)
+            self._mark_up()
+        elif not self.store_up and await _blocking(self._store.ping):
+            # An empty spool (an append that failed and was undone) proves nothing about the store.
+            self._mark_up()
 
     def _mark_down(self, exc: Exception) -> None:
         if self.store_up:
-            log.warning("log store unavailable (%s); spooling to disk", type(exc).__name__)
+            log.warning("log store unavailable (%s); spooling to disk", _cause(exc))
         self.store_up = False
 
     def _mark_up(self) -> None:
         if not self.store_up:
             log.info("log store available again")
         self.store_up = True
+
+
+def _store_unavailable(exc: Exception) -> bool:
+    """Whether `exc` says the store cannot take writes now (spool, retry later), rather than that
+    the records are bad (find and set aside the bad one)."""
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _RECORD_SQLSTATES:
+            return False
+        return exc.connection_invalidated or isinstance(
+            exc, OperationalError | InterfaceError | InternalError)
+    return isinstance(exc, OSError | PoolTimeoutError | DisconnectionError)
+
+
+def _cause(exc: BaseException) -> str:
+    """What a log line may say about `exc`: its class, and an OS error's errno name (`ENOSPC`),
+    never its message, which can quote a record."""
+    code = errno.errorcode.get(exc.errno or 0) if isinstance(exc, OSError) else None
+    return f"{type(exc).__name__} {code}" if code else type(exc).__name__
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a daemon thread: unlike `asyncio.to_thread`'s pool, a call that never
+    returns (a hung database) cannot keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the caller stopped waiting
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed while this thread ran
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="log-writer-io", daemon=True).start()
+    return await future
+
+
+def _serialise(record: TurnRecord) -> str:
+    """The record as one strict JSON line (pydantic writes NaN and infinities as null, which
+    Postgres would refuse as numbers; `allow_nan=False` holds that)."""
+    return json.dumps(record.model_dump(mode="json"), allow_nan=False)
+
+
+def _json_safe(value: Any, depth: int = 0) -> Any:
+    """A copy of `value` that `json.dumps(allow_nan=False)` always encodes."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if depth >= _SAFE_DEPTH:
+        return f"[cut: nested deeper than {_SAFE_DEPTH} levels]"
+    if isinstance(value, BaseModel):
+        return {name: _json_safe(getattr(value, name), depth + 1)
+                for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v, depth + 1) for v in value]
+    return f"[{type(value).__name__}]"
+
+
+def _entry_head(record_id: str | None, stage: str, error: str) -> dict[str, Any]:
+    return {"id": record_id, "stage": stage, "error": error,
+            "dead_lettered_at": datetime.now(UTC).isoformat()}
+
+
+def _dead_entry(pending: _Pending, stage: str, exc: Exception, *, keep_text: bool) -> str:
+    """A dead-letter line: the record (redacted, JSON-safe), or only its metadata when its text
+    may not be redacted."""
+    record = pending.record
+    kept = _json_safe(record) if keep_text and pending.redacted else {
+        name: _json_safe(getattr(record, name)) for name in _METADATA}
+    return json.dumps(_entry_head(record.id, stage, type(exc).__name__) | {"record": kept})
+
+
+def _refused_entry(pending: _Pending, exc: Exception) -> str:
+    """A dead-letter line for a prepared record the store refused (its JSON line kept whole)."""
+    head = json.dumps(_entry_head(pending.record.id, "insert", type(exc).__name__))
+    return f'{head[:-1]}, "record": {pending.line}}}'
+
+
+def _unreadable_entry(line: str) -> str:
+    return json.dumps(_entry_head(None, "replay", "unreadable spool line") | {"line": line})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -235,20 +536,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _append(path: Path, records: list[TurnRecord]) -> None:
-    # json.dumps escapes lone surrogates that a strict UTF-8 encoder would refuse.
-    data = "".join(json.dumps(r.model_dump(mode="json")) + "\n" for r in records).encode()
+def _append(path: Path, lines: list[str]) -> None:
+    """Append JSON lines and fsync, all or nothing: a failed append (a full disk) is cut back off,
+    so its records are counted once, as dropped, and never half-replayed. `json.dumps` escapes
+    what a strict UTF-8 encoder would refuse (lone surrogates), so every line encodes."""
+    data = "".join(line + "\n" for line in lines).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
-    with open(path, "ab+") as spool:
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         # A crash mid-append leaves a torn last line; start on a new one so only it is lost.
-        if spool.seek(0, os.SEEK_END) > 0:
-            spool.seek(-1, os.SEEK_END)
-            if spool.read(1) != b"\n":
-                data = b"\n" + data
-        spool.write(data)
-        spool.flush()
-        os.fsync(spool.fileno())
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
     if created:
         _fsync_dir(path.parent)
 
@@ -264,19 +575,22 @@ def _claim(spool: Path, replaying: Path) -> bool:
     return True
 
 
-def _read_batch(path: Path, offset: int, size: int) -> tuple[list[TurnRecord], int, int]:
+def _read_batch(path: Path, offset: int, size: int) -> tuple[list[_Pending], int, list[str]]:
     """Up to `size` records from byte `offset`: (records, next offset, unreadable lines)."""
-    records: list[TurnRecord] = []
-    unreadable = 0
+    records: list[_Pending] = []
+    unreadable: list[str] = []
     with open(path, "rb") as spool:
         spool.seek(offset)
-        while len(records) < size and (line := spool.readline()):
-            if not line.strip():
+        while len(records) < size and (raw := spool.readline()):
+            line = raw.decode(errors="replace").strip()
+            if not line:
                 continue
             try:
-                records.append(TurnRecord.model_validate(json.loads(line)))
-            except ValueError:
-                unreadable += 1
+                record = TurnRecord.model_validate(json.loads(line))
+            except Exception:  # torn, too deep for the parser, or not a record
+                unreadable.append(line)
+                continue
+            records.append(_Pending(record, line=line, redacted=True))
         return records, spool.tell(), unreadable
 
 

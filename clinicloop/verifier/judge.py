@@ -13,8 +13,12 @@ the conversation) computes the conversation once.
 
 A verdict never raises: with `constrained=True` the engine enforces `VERDICT_SCHEMA` (a grammar on
 llama.cpp); otherwise the reply is parsed leniently. A reply that still does not parse, or an
-endpoint error, is retried up to `max_retries` more times with a fresh sampling seed, then recorded
-as `criteria_met=None, source="unparseable"`. `kind:rule` items are checked without a model.
+endpoint error that another try can mend (no answer, 429, 5xx), is retried up to `max_retries` more
+times with a fresh sampling seed; then the verdict is `criteria_met=None` with
+`source="unparseable"`, or `source="error"` and the server's message in `error` when the last try
+failed. A request the server refuses (another 4xx, e.g. a prompt longer than the judge's context)
+is never retried: it would fail the same way. `kind:rule` items are checked without a model. A key
+the server refuses (`KeyRefused`) is no verdict's fault: it stops the batch.
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ RETRY_TEMPERATURE = 0.7
 
 
 class Verdict(BaseModel):
-    criteria_met: bool | None  # None = unparseable after retries
+    criteria_met: bool | None  # None = unparseable or failed after retries
     explanation: str = ""
-    source: Literal["llm", "rule", "cache", "unparseable"]
+    source: Literal["llm", "rule", "cache", "unparseable", "error"]
     attempts: int = 0  # model calls made for this verdict (0 for rule and cache verdicts)
+    error: str | None = None  # source "error": why the judge call failed, as the server said
 
 
 class VerdictCache(Protocol):
@@ -218,6 +223,7 @@ class Judge:
     async def _ask(self, prompt: str) -> Verdict:
         messages = [{"role": "user", "content": prompt}]
         attempts = self.max_retries + 1
+        error: ChatError | None = None
         for attempt in range(attempts):
             try:
                 reply = await self.client.chat(
@@ -226,13 +232,20 @@ class Judge:
                     json_schema=VERDICT_SCHEMA if self.constrained else None,
                 )
             except ChatError as exc:
-                # The class only: the message may echo the graded conversation.
-                log.warning("judge call failed (%s), attempt %d of %d",
-                            type(exc).__name__, attempt + 1, attempts)
+                # The class and status only: the message may echo the graded conversation.
+                log.warning("judge call failed (%s %s), attempt %d of %d", type(exc).__name__,
+                            exc.status, attempt + 1, attempts)
+                error = exc
+                if not exc.retryable:
+                    break
                 continue
+            error = None
             parsed = parse_verdict(reply)
             if parsed is not None:
                 return Verdict(criteria_met=parsed[0], explanation=parsed[1], source="llm",
                                attempts=attempt + 1)
             log.info("unparseable verdict, attempt %d of %d", attempt + 1, attempts)
-        return Verdict(criteria_met=None, source="unparseable", attempts=attempts)
+        made = attempt + 1  # the loop's last attempt: all of them, or the one not to retry
+        if error is not None:
+            return Verdict(criteria_met=None, source="error", error=str(error), attempts=made)
+        return Verdict(criteria_met=None, source="unparseable", attempts=made)

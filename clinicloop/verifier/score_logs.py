@@ -8,21 +8,27 @@ killed at any point: each verdict is written as the judge produces it (the judge
 counts as done once its `turn_scores` row exists.
 
 Verdicts are keyed by content (conversation, response, item, judge model, template), so two turns
-with identical text share one verdict row: the second is graded from the first's verdicts.
+with identical text share one verdict row: the second is graded from the first's verdicts (or,
+graded at the same time, writes the same row). Only client turns are scored: the store leaves out
+service traffic (the judge's, the simulator's, benchmarks'). One turn failing stops the run at
+once, with the others cancelled, instead of leaving them running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Coroutine, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast, get_args
+from typing import Any, TypeVar, cast, get_args
 
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from clinicloop.config import Settings
+from clinicloop.errors import UserError
 from clinicloop.store.db import Store, StoredVerdict, TurnScore
 from clinicloop.store.records import TurnRecord
 from clinicloop.verifier.client import open_client
@@ -32,31 +38,39 @@ from clinicloop.verifier.rubrics import RubricItem
 from clinicloop.verifier.scoring import ExampleGrades, aggregate, example_metrics, score_example
 
 _PAGE = 64  # turns read from the store, and graded concurrently, at a time
+T = TypeVar("T")
 
 
 class StoreVerdictCache:
     """A `VerdictCache` on the store's `verdicts` table.
 
     A verdict row names its turn and item, which a cache key alone does not carry, so `score_logs`
-    registers each turn's keys (`expect`) before grading it. Reads and writes block the event
+    registers each turn's keys (`expect`) before grading it and drops them after (`forget`).
+    Turns with identical text, graded at once, share keys: the first to expect a key owns its
+    row, and the key is kept until the last of them forgets it. Reads and writes block the event
     loop for a few milliseconds, against a judge call's hundreds.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._expected: dict[str, StoredVerdict] = {}
+        self._holders: Counter[str] = Counter()
 
     def expect(self, turn_id: str, keys: list[str], items: list[RubricItem], judge_model: str,
                template: Template) -> None:
         for key, item in zip(keys, items, strict=True):
-            self._expected[key] = StoredVerdict(
+            self._holders[key] += 1
+            self._expected.setdefault(key, StoredVerdict(
                 turn_id=turn_id, verdict_key=key, judge_model=judge_model, template=template,
                 item=item.model_dump(mode="json", exclude_none=True), criteria_met=None,
-                source="unparseable")
+                source="unparseable"))
 
     def forget(self, keys: list[str]) -> None:
         for key in keys:
-            self._expected.pop(key, None)
+            self._holders[key] -= 1
+            if self._holders[key] <= 0:
+                del self._holders[key]
+                self._expected.pop(key, None)
 
     def get(self, key: str) -> Verdict | None:
         stored = self.store.get_verdict(key)
@@ -68,8 +82,8 @@ class StoreVerdictCache:
 
     def put(self, key: str, verdict: Verdict) -> None:
         self.store.put_verdict(self._expected[key].model_copy(update={
-            "criteria_met": verdict.criteria_met, "explanation": verdict.explanation,
-            "source": verdict.source}))
+            "criteria_met": verdict.criteria_met,
+            "explanation": verdict.error or verdict.explanation, "source": verdict.source}))
 
 
 class ScoreSummary(BaseModel):
@@ -80,7 +94,8 @@ class ScoreSummary(BaseModel):
     n_verdicts: int
     n_judged: int = Field(description="Verdicts the judge model was asked for in this run.")
     n_cached: int = Field(description="Verdicts found in the store from an earlier run.")
-    n_unparseable: int
+    n_unparseable: int = Field(description="Verdicts without an answer: unparseable or failed.")
+    errors: dict[str, int] = Field(description="Failed judge calls by the server's message.")
     n_rubric_errors: int = Field(description="Turns whose rubric generation failed: graded on "
                                              "their rule items only.")
     score: float | None = Field(description="overall_score: the mean turn score, clipped to [0,1].")
@@ -98,9 +113,10 @@ async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, j
     cache.expect(turn.id, keys, items, model, judge.template)
     try:
         verdicts = await judge.grade_all(conversation, response, items)
-        # The judge caches model verdicts as it makes them; rule and unparseable ones it does not.
+        # The judge caches model verdicts as it makes them; rule, unparseable and failed ones it
+        # does not.
         for key, verdict in zip(keys, verdicts, strict=True):
-            if verdict.source in ("rule", "unparseable"):
+            if verdict.source in ("rule", "unparseable", "error"):
                 cache.put(key, verdict)
     finally:
         cache.forget(keys)
@@ -111,6 +127,17 @@ async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, j
         n_items=len(items), n_unparseable=sum(m is None for m in grades.met), judge_model=model))
     bar.update(1)
     return grades, verdicts
+
+
+async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently, results in order. The first failure cancels the others, waits for them
+    to stop (nothing keeps using the engine behind the caller's back) and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
 
 
 async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
@@ -140,22 +167,24 @@ async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
             after = (page[-1].created_at, page[-1].id)
             # All of a page's rubrics first: on a one-sequence engine, a rubric request between
             # two verdicts of one conversation would evict the prefix those verdicts share.
-            rubrics = await asyncio.gather(*(generator.for_conversation(t.messages) for t in page))
+            rubrics = await _all(generator.for_conversation(t.messages) for t in page)
             rubric_errors += sum(r.error is not None for r in rubrics)
-            graded = await asyncio.gather(*(_score_turn(t, r.items, store, judge, cache, bar)
-                                            for t, r in zip(page, rubrics, strict=True)))
+            graded = await _all(_score_turn(t, r.items, store, judge, cache, bar)
+                                for t, r in zip(page, rubrics, strict=True))
             for turn_grades, turn_verdicts in graded:
                 grades.append(turn_grades)
                 verdicts.extend(turn_verdicts)
     wall_s = time.perf_counter() - started
     metrics = aggregate(grades) if grades else {}
-    judged = sum(v.source in ("llm", "unparseable") for v in verdicts)
+    judged = sum(v.source in ("llm", "unparseable", "error") for v in verdicts)
     return ScoreSummary(
         judge_model=judge.client.model, template=judge.template, n_turns=len(grades),
         n_scored=sum(score_example(g.items, g.met) is not None for g in grades),
         n_verdicts=len(verdicts), n_judged=judged,
         n_cached=sum(v.source == "cache" for v in verdicts),
-        n_unparseable=sum(v.criteria_met is None for v in verdicts), n_rubric_errors=rubric_errors,
+        n_unparseable=sum(v.criteria_met is None for v in verdicts),
+        errors=dict(Counter(v.error for v in verdicts if v.error is not None)),
+        n_rubric_errors=rubric_errors,
         score=metrics.get("overall_score"), metrics=metrics, wall_s=wall_s,
         verdicts_per_s=judged / wall_s if wall_s > 0 else 0.0)
 
@@ -169,9 +198,11 @@ def format_summary(summary: ScoreSummary) -> str:
         f"turns scored: {summary.n_turns} ({summary.n_scored} with a score)",
         f"score: {score}",
         f"verdicts: {summary.n_verdicts} ({summary.n_judged} judged, {summary.n_cached} cached, "
-        f"{summary.n_unparseable} unparseable), {summary.n_rubric_errors} rubric errors",
+        f"{summary.n_unparseable} unanswered: unparseable or failed), "
+        f"{summary.n_rubric_errors} rubric errors",
         f"wall time: {summary.wall_s:.1f} s, {summary.verdicts_per_s:.2f} verdicts/s",
     ]
+    lines += [f"  judge error x{n}: {message}" for message, n in summary.errors.items()]
     lines += [f"  {name:<40} {summary.metrics[name]:.3f}  "
               f"(n={summary.metrics[name + ':n_samples']:.0f})"
               for name in sub_score_names(summary.metrics)]
@@ -183,9 +214,10 @@ def sub_score_names(metrics: dict[str, float]) -> list[str]:
     return sorted(k for k in metrics if ":" in k and not k.endswith(("n_samples", "bootstrap_std")))
 
 
-async def _score(store: Store, judge_url: str | None, template: Template,
-                 **filters: Any) -> ScoreSummary:
-    async with open_client(judge_url, models_dir=Settings().models_dir) as client:
+async def _score(store: Store, judge_url: str | None, judge_key: str | None,
+                 template: Template, **filters: Any) -> ScoreSummary:
+    async with open_client(judge_url, api_key=judge_key, key_option="--judge-key",
+                           models_dir=Settings().models_dir) as client:
         # One sequence at a time in-process: a second conversation would evict the prefix cache.
         judge = Judge(client, template=template, cache=StoreVerdictCache(store),
                       concurrency=8 if judge_url else 1)
@@ -194,21 +226,26 @@ async def _score(store: Store, judge_url: str | None, template: Template,
 
 def score_command(store_url: str, judge_url: str | None, since: str | None,
                   model_version: str | None, limit: int | None, template: str,
-                  out: Path | None) -> ScoreSummary:
+                  out: Path | None, *, judge_key: str | None = None) -> ScoreSummary:
     """`clinicloop verify score`: score the store's unscored turns, print a summary, write JSON.
 
-    `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process);
-    `since` an ISO 8601 time (naive = UTC); `template` "split" or "healthbench".
+    `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process),
+    `judge_key` its API key (None: from the environment, see `client.resolve_key`); `since` an
+    ISO 8601 time (naive = UTC); `template` "split" or "healthbench".
     """
     if template not in get_args(Template):
-        raise ValueError(f"template must be one of {get_args(Template)}, not {template!r}")
+        raise UserError(f"--template must be one of {', '.join(get_args(Template))}, "
+                        f"not {template!r}")
+    try:
+        start = None if since is None else datetime.fromisoformat(since)
+    except ValueError:
+        raise UserError(f"--since {since!r} is not an ISO 8601 time, e.g. "
+                        "2025-03-01T12:00") from None
     store = Store(store_url)
     try:
         store.migrate()
-        summary = asyncio.run(_score(
-            store, judge_url, cast(Template, template),
-            since=None if since is None else datetime.fromisoformat(since),
-            model_version=model_version, limit=limit))
+        summary = asyncio.run(_score(store, judge_url, judge_key, cast(Template, template),
+                                     since=start, model_version=model_version, limit=limit))
     finally:
         store.dispose()
     print(format_summary(summary))

@@ -2,11 +2,16 @@
 stored as conversations, with the run's metrics.
 
 The doctor is any OpenAI-compatible endpoint (our own server, vLLM, a hosted model) and so is the
-patient's model; either left unset runs the tiny model in-process. Each doctor turn becomes one
-`TurnRecord` in the store (`conversation_id = sim-<script id>-<run id>`, params `simulated: true`),
-so `clinicloop verify score` treats simulated consultations like logged ones. The records go
-straight to `Store.insert_many`, not through the gateway's redacting writer: every word of them is
-synthetic (invented scripts and model output), so there is no PHI to redact.
+patient's model; either left unset runs the tiny model in-process. Each doctor turn is stored once,
+so `clinicloop verify score` treats simulated consultations like logged ones:
+- a doctor that is a clinicloop gateway (its /v1/models cards are `owned_by: clinicloop`) logs the
+  turns itself, as client traffic, in its own store; they are not stored again here;
+- any other doctor's turns become one `TurnRecord` each in the store
+  (`conversation_id = sim-<script id>-<run id>`, params `simulated: true`), written straight with
+  `Store.insert_many`, not through the gateway's redacting writer: every word of them is synthetic
+  (invented scripts and model output), so there is no PHI to redact.
+The patient's model calls are service traffic (`X-Clinicloop-Origin: service`): a gateway serving
+them keeps them out of scoring and training.
 
 Writes `<out>/simulate.json` (the run's metrics and every consultation, turn by turn) and prints a
 short summary.
@@ -28,7 +33,7 @@ from tqdm import tqdm
 from clinicloop.config import Settings
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
-from clinicloop.verifier.client import ChatClient, open_client
+from clinicloop.verifier.client import ChatClient, HttpChatClient, open_client
 from clinicloop.verifier.patients import SCRIPTS_PATH, PatientScript, load_scripts
 from clinicloop.verifier.simulator import Consultation, PatientSimulator, SimulatorOptions
 
@@ -85,6 +90,9 @@ class SimulationReport(BaseModel):
     seed: int
     doctor_model: str
     patient_model: str
+    logged_by_doctor: bool = Field(description="The doctor's server logged the doctor turns in "
+                                               "its own store, so this run stored none.")
+    stored_turns: int = Field(description="Doctor turns this run wrote to the store.")
     options: SimulatorOptions
     metrics: RunMetrics
     consultations: list[Consultation]
@@ -113,9 +121,9 @@ def turn_records(c: Consultation, model: str, run_id: str) -> list[TurnRecord]:
 
 
 @asynccontextmanager
-async def _clients(doctor_url: str | None, patient_url: str | None, api_key: str | None,
-                   doctor_model: str | None, patient_model: str | None,
-                   model_path: Path | None, models_dir: Path,
+async def _clients(doctor_url: str | None, patient_url: str | None, doctor_key: str | None,
+                   patient_key: str | None, doctor_model: str | None,
+                   patient_model: str | None, model_path: Path | None, models_dir: Path,
                    ) -> AsyncIterator[tuple[ChatClient, ChatClient]]:
     async with AsyncExitStack() as stack:
         local: ChatClient | None = None
@@ -123,26 +131,35 @@ async def _clients(doctor_url: str | None, patient_url: str | None, api_key: str
             # One engine serves both sides: it runs one sequence at a time anyway.
             local = await stack.enter_async_context(
                 open_client(gguf=model_path, models_dir=models_dir))
-
-        async def remote(url: str, model: str | None) -> ChatClient:
-            return await stack.enter_async_context(open_client(url, api_key=api_key,
-                                                               model=model))
-
-        doctor = await remote(doctor_url, doctor_model) if doctor_url else local
-        patient = await remote(patient_url, patient_model) if patient_url else local
+        doctor = patient = local
+        if doctor_url:
+            # The consultation is what gets scored: the doctor's turns are client traffic.
+            doctor = await stack.enter_async_context(open_client(
+                doctor_url, api_key=doctor_key, key_option="--doctor-key", origin="client",
+                model=doctor_model))
+        if patient_url:
+            patient = await stack.enter_async_context(open_client(
+                patient_url, api_key=patient_key, key_option="--patient-key",
+                model=patient_model))
         assert doctor is not None and patient is not None
         yield doctor, patient
 
 
 async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list[PatientScript],
                    options: SimulatorOptions, store: Store | None, seed: int, *,
-                   api_key: str | None = None, doctor_model: str | None = None,
-                   patient_model: str | None = None, model_path: Path | None = None,
-                   models_dir: Path = Path("var/models"), concurrency: int = 4,
-                   progress: bool = True) -> SimulationReport:
+                   api_key: str | None = None, patient_key: str | None = None,
+                   doctor_model: str | None = None, patient_model: str | None = None,
+                   model_path: Path | None = None, models_dir: Path = Path("var/models"),
+                   concurrency: int = 4, progress: bool = True) -> SimulationReport:
+    """Consult every chosen script. `store`: where doctor turns go unless the doctor's server
+    logs them itself (None: nowhere). `api_key`: the doctor URL's key, `patient_key` the
+    patient URL's (None: from the environment, see `client.resolve_key`)."""
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    async with _clients(doctor_url, patient_url, api_key, doctor_model, patient_model,
-                        model_path, models_dir) as (doctor, patient):
+    async with _clients(doctor_url, patient_url, api_key, patient_key, doctor_model,
+                        patient_model, model_path, models_dir) as (doctor, patient):
+        logged_by_doctor = isinstance(doctor, HttpChatClient) and doctor.logs_traffic
+        keep = None if logged_by_doctor else store
+        stored = 0
         simulator = PatientSimulator(patient, options)
         slots = asyncio.Semaphore(concurrency)
         bar = tqdm(total=len(chosen), desc="simulate", unit="consultation",
@@ -150,10 +167,12 @@ async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list
         consultations: dict[str, Consultation] = {}
 
         async def one(script: PatientScript) -> None:
+            nonlocal stored
             async with slots:
                 c = await simulator.consult(script, doctor, f"sim-{script.id}-{run_id}", seed)
-            if store is not None:  # None: the doctor endpoint logs its own traffic (ours does)
-                await asyncio.to_thread(store.insert_many, turn_records(c, doctor.model, run_id))
+            if keep is not None:
+                stored += await asyncio.to_thread(keep.insert_many,
+                                                  turn_records(c, doctor.model, run_id))
             consultations[script.id] = c
             bar.update()
 
@@ -164,8 +183,8 @@ async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list
         ordered = [consultations[s.id] for s in chosen]
         return SimulationReport(
             run_id=run_id, created_at=datetime.now(UTC), seed=seed, doctor_model=doctor.model,
-            patient_model=patient.model, options=options, metrics=run_metrics(ordered),
-            consultations=ordered)
+            patient_model=patient.model, logged_by_doctor=logged_by_doctor, stored_turns=stored,
+            options=options, metrics=run_metrics(ordered), consultations=ordered)
 
 
 def summary(report: SimulationReport) -> str:
@@ -191,6 +210,7 @@ def simulate_command(doctor_url: str | None = None, patient_url: str | None = No
                      scripts: int = 10, max_turns: int = 6, store_url: str | None = None,
                      out: Path = Path("var/simulate"), seed: int = 0, *,
                      script_ids: list[str] | None = None, api_key: str | None = None,
+                     patient_key: str | None = None,
                      doctor_model: str | None = None, patient_model: str | None = None,
                      model_path: Path | None = None, models_dir: Path | None = None,
                      llm_gate: bool = False, llm_fact_check: bool = False,
@@ -202,7 +222,9 @@ def simulate_command(doctor_url: str | None = None, patient_url: str | None = No
     doctor_url / patient_url: OpenAI-compatible base URLs ending in /v1 (None: the tiny model,
     or `model_path`, in-process). scripts: how many patient scripts, drawn with `seed` (or
     `script_ids`). max_turns: doctor turns before the budget ends a consultation. store_url:
-    where the doctor turns are stored (default: the configured store). out: the folder for
+    where the doctor turns are stored (default: the configured store) unless the doctor is a
+    clinicloop gateway, which logs them in its own store. api_key / patient_key: the doctor /
+    patient URL's API key (None: from the environment). out: the folder for
     simulate.json. llm_gate / llm_fact_check: also ask the patient's model in the termination
     gate / factual unit. concurrency: consultations at once.
     Prints a summary and returns the report.
@@ -216,7 +238,8 @@ def simulate_command(doctor_url: str | None = None, patient_url: str | None = No
     try:
         report = asyncio.run(simulate(
             doctor_url, patient_url, chosen, options, store, seed, api_key=api_key,
-            doctor_model=doctor_model, patient_model=patient_model, model_path=model_path,
+            patient_key=patient_key, doctor_model=doctor_model, patient_model=patient_model,
+            model_path=model_path,
             models_dir=models_dir or settings.models_dir, concurrency=concurrency,
             progress=progress))
     finally:
@@ -224,5 +247,11 @@ def simulate_command(doctor_url: str | None = None, patient_url: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
     print(summary(report))
-    print(f"wrote {out / 'simulate.json'}; stored {report.metrics.doctor_turns} doctor turns")
+    if report.logged_by_doctor:
+        where = (f"the doctor's server at {doctor_url} logged the {report.metrics.doctor_turns} "
+                 "doctor turns in its own store (not stored again here)")
+    else:
+        where = (f"stored {report.stored_turns} doctor turns in "
+                 f"{store.engine.url.render_as_string(hide_password=True)}")
+    print(f"wrote {out / 'simulate.json'}; {where}")
     return report

@@ -162,8 +162,11 @@ async def _json_verdict(client: ChatClient, prompt: str, key: str, max_tokens: i
         text = await client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
                                  temperature=0.0, seed=seed,
                                  json_schema=_verdict_schema(key))
+    except ChatError:
+        return None
+    try:  # not around the call: a refused key (a ValueError) must stop the run
         value = json.loads(text)[key]
-    except (ChatError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     return value if isinstance(value, bool) else None
 

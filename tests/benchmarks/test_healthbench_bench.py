@@ -1,5 +1,6 @@
 """`benchmarks/healthbench.py` end to end: a real clinicloop server on the tiny model answers and
-judges the three HealthBench rows, and the script writes metrics, verdicts and a report."""
+judges the three HealthBench rows, and the script writes metrics, verdicts and a report; a judge
+request the server refuses is reported with its cause, never retried."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import subprocess
 import sys
 
+from clinicloop.store.db import Store
 from clinicloop.verifier.rubrics import read_jsonl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 DATA = ROOT / "tests" / "verifier" / "data" / "healthbench_format.jsonl"
 
@@ -44,3 +46,37 @@ def test_healthbench_benchmark_on_a_tiny_model_server(server_factory, tmp_path):
     assert f"Overall score: **{metrics['overall_score']:.3f}**" in report
     assert "| axis:completeness |" in report and report.count("\n## ") == 3
     assert "Overall score" in done.stdout
+
+
+def test_a_judge_context_too_short_is_reported_not_retried(server_factory, tmp_path):
+    # At the default 2,048-token context, the judge prompts of HealthBench's long cluster
+    # criteria do not fit: the server answers 400, which no retry can mend.
+    server = server_factory()
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "healthbench.py"), "--data", str(DATA),
+         "--model-url", server.v1, "--judge-url", server.v1, "--out", str(out),
+         "--examples", "3", "--max-tokens", "32", "--template", "healthbench"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr + server.log()
+    assert "X-Clinicloop-Origin: service" in done.stderr  # where its traffic goes
+
+    lines = [json.loads(line) for line in (out / "verdicts.jsonl").read_text().splitlines()]
+    failed = [line for line in lines if line["error"] is not None]
+    assert failed and all(line["criteria_met"] is None for line in failed)
+    assert all(line["error"].startswith("400: This model's maximum context length is 2048 "
+                                        "tokens. However, you requested") for line in failed)
+    report = (out / "report.md").read_text()
+    assert "judge call failed ×" in report and "maximum context length is 2048" in report
+
+    # Asked once each: the server logged one failed request per failed verdict, all of them
+    # (and every answer) as service traffic.
+    store = Store(f"sqlite:///{server.db_path}")
+    calls = 3 + len(lines)
+    wait_until(lambda: store.count() >= calls, 30, "the server's log")
+    turns = store.list_turns(limit=1000)
+    assert len(turns) == calls and {t.origin for t in turns} == {"service"}
+    assert sum(t.status == "error" for t in turns) == len(failed)
+    assert store.count_turns_to_score() == 0
+    store.dispose()

@@ -49,3 +49,16 @@ def test_dedup_filter_and_stable_split(tmp_path):
     (kept,) = low.train + low.heldout
     assert kept.turn_id == turns[2].id and kept.score == 0.1 and low.filtered == 59
     assert prompt_key(prompt_of(turns[0].messages)) == prompt_key(prompt_of(turns[-1].messages))
+
+
+def test_service_turns_never_become_prompts(tmp_path):
+    # The judge's, rubric generator's and simulator's calls, logged by the gateway as service.
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.migrate()
+    patient = turn(0, "my knee hurts when I climb stairs")
+    judge = turn(1, "You grade the last assistant turn of a conversation ...", '{"criteria_met"')
+    store.insert_many([patient, judge.model_copy(update={"origin": "service"})])
+
+    split = logged_prompts(store, heldout_fraction=0.5)
+    assert [p.turn_id for p in split.train + split.heldout] == [patient.id]
+    assert split.seen == 1

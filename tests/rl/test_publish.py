@@ -1,6 +1,9 @@
-"""A LoRA adapter becomes a GGUF that llama.cpp serves, and the merge really changes the model."""
+"""A LoRA adapter becomes a GGUF that llama.cpp serves, and the merge really changes the model; a
+publish killed midway leaves its work only in `<out>.part`, which the next publish clears."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from clinicloop.rl.publish import publishable_gguf
+from tests.rl.killed import run_killed_after
 
 
 def _logits(gguf, tokens):
@@ -19,7 +23,7 @@ def _logits(gguf, tokens):
     return out
 
 
-def test_adapter_merges_into_a_servable_gguf(tiny_model, tmp_path):
+def _adapter(tiny_model, out: Path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model.hf_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
                                                                                     "v_proj"]))
@@ -27,7 +31,12 @@ def test_adapter_merges_into_a_servable_gguf(tiny_model, tmp_path):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.full_like(p, 0.05))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
+def test_adapter_merges_into_a_servable_gguf(tiny_model, tmp_path):
+    peft_model = _adapter(tiny_model, tmp_path / "adapter")
 
     merged = publishable_gguf(tiny_model.hf_dir, tmp_path / "adapter", tmp_path / "v1")
     assert merged.gguf.name == "model-q8_0.gguf" and merged.gguf.exists()
@@ -41,3 +50,22 @@ def test_adapter_merges_into_a_servable_gguf(tiny_model, tmp_path):
         trained = peft_model(torch.tensor([tokens])).logits[0].numpy()
     assert (trained.argmax(-1) == after.argmax(-1)).mean() > 0.9
     assert np.abs(trained - after).max() < 0.1
+
+
+def test_a_killed_publish_leaves_nothing_unowned(tiny_model, tmp_path):
+    _adapter(tiny_model, tmp_path / "adapter")
+    # Killed once the merged model's weights are on disk, before they are renamed into place.
+    killed = run_killed_after(
+        "transformers.modeling_utils:PreTrainedModel.save_pretrained",
+        "from pathlib import Path; from clinicloop.rl.publish import publishable_gguf; "
+        f"publishable_gguf(Path({str(tiny_model.hf_dir)!r}), Path({str(tmp_path / 'adapter')!r}),"
+        f" Path({str(tmp_path / 'v1')!r}))")
+    assert killed.returncode == -9, killed.stderr
+    # The merged model lies in the publish's own work directory, nothing elsewhere.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v1.part"]
+    assert list((tmp_path / "v1.part").glob("*/model.safetensors"))
+
+    merged = publishable_gguf(tiny_model.hf_dir, tmp_path / "adapter", tmp_path / "v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v1"]
+    assert sorted(p.name for p in merged.hf_dir.parent.iterdir()) == [
+        "hf", "model-f16.gguf", "model-q8_0.gguf"]

@@ -1,6 +1,8 @@
 """The refresh job on the real tiny model: logged prompts -> GRPO -> gate -> swap, in the registry
 and through a running server's admin API; the gate's refusal leaving serving untouched; a kill
-mid-training resumed without redoing finished steps; the lock."""
+mid-training resumed without redoing finished steps; a SIGKILL at every step boundary, each
+re-run completing with serving untouched until the swap; a failed run that names its way out
+(--fresh, --abandon); the lock."""
 
 from __future__ import annotations
 
@@ -12,15 +14,28 @@ import sys
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from clinicloop.cli import app
 from clinicloop.rl.config import PaperGRPOConfig
-from clinicloop.rl.refresh import Paths, RefreshBusy, RefreshOptions, refresh, refresh_lock
+from clinicloop.rl.refresh import (
+    STEPS,
+    Paths,
+    Refresh,
+    RefreshBusy,
+    RefreshFailed,
+    RefreshOptions,
+    latest_run,
+    refresh,
+    refresh_lock,
+)
 from clinicloop.rl.stages import corpus_prompts
 from clinicloop.serving.registry import BASE_ID, Registry
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.generator import rule_items
 from tests.conftest import ROOT, wait_until
+from tests.rl.killed import run_killed_after
 
 CLIENT_KEY, ADMIN_KEY = "sk-refresh-client", "sk-refresh-admin"
 FAST = PaperGRPOConfig(max_steps=6, max_completion_length=32, per_device_train_batch_size=8)
@@ -94,10 +109,14 @@ def test_a_second_job_is_refused_while_one_holds_the_lock(setup):
         refresh(setup, RefreshOptions(stage="rule", grpo=FAST), progress=False)
 
 
+def _env(paths: Paths) -> dict[str, str]:
+    return {"CLINICLOOP_STORE__URL": paths.store_url,
+            "CLINICLOOP_REGISTRY__DIR": str(paths.registry_dir),
+            "CLINICLOOP_MODELS_DIR": str(paths.models_dir)}
+
+
 def test_killed_mid_training_resumes_without_redoing_finished_steps(setup, tmp_path):
-    env = {**os.environ, "CLINICLOOP_STORE__URL": setup.store_url,
-           "CLINICLOOP_REGISTRY__DIR": str(setup.registry_dir),
-           "CLINICLOOP_MODELS_DIR": str(setup.models_dir)}
+    env = {**os.environ, **_env(setup)}
     command = [sys.executable, "-m", "clinicloop.cli", "rl", "refresh", "--stage", "rule",
                "--steps", "30", "--margin", "1", "--runs-dir", str(setup.runs_dir)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
@@ -159,7 +178,73 @@ def test_no_swap_onto_a_version_that_changed_since_the_run_began(setup, tiny_mod
     registry = Registry(setup.registry_dir)
     other = registry.register(parent=BASE_ID, kind="gguf", model_path=tiny_model.gguf_f16)
     registry.activate(other.id)  # someone else swapped while the candidate waited
-    with pytest.raises(RuntimeError, match="serving version changed"):
+    with pytest.raises(RefreshFailed, match="serving version changed"):
         refresh(setup, progress=False)
     state = registry.read()
     assert state.active == other.id and f"rl-{job.state.run_id}" not in state.versions
+
+
+def test_killed_at_every_step_leaves_serving_untouched_and_a_rerun_completes(setup):
+    options = RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST)
+    with refresh_lock(setup.runs_dir):  # the run, with options the CLI has no flags for
+        job = Refresh.open(setup, options, progress=False)
+    before = Registry(setup.registry_dir).read()
+    cli = ("from clinicloop.cli import app; "
+           f"app(['rl', 'refresh', '--runs-dir', {str(setup.runs_dir)!r}])")
+    for i, step in enumerate(STEPS):
+        killed = run_killed_after(f"clinicloop.rl.refresh:Refresh._step_{step}", cli, _env(setup))
+        assert killed.returncode == -signal.SIGKILL, (step, killed.stdout, killed.stderr)
+        state = latest_run(setup.runs_dir)
+        assert state is not None and state.run_id == job.state.run_id
+        assert list(state.done) == list(STEPS[:i]), step  # the killed step is redone
+        if STEPS.index(step) < STEPS.index("swap"):
+            assert Registry(setup.registry_dir).read() == before, step
+    # The last re-run completes, each step's outputs whole; the swap, killed once after it
+    # landed, was not done twice.
+    done = refresh(setup, progress=False)
+    assert done.run_dir == job.run_dir and done.state.finished and done.state.failed is None
+    state = Registry(setup.registry_dir).read()
+    version = f"rl-{job.state.run_id}"
+    assert state.active == version and state.version(version).model_path.is_file()
+    assert [a.version for a in state.history] == [BASE_ID, version]
+    assert json.loads((job.run_dir / "report.json").read_text())["swapped"] == "activated"
+    assert not list(setup.runs_dir.glob("**/*.part")) and not list(setup.runs_dir.glob("**/.*"))
+
+
+def test_a_failed_run_names_the_way_out_and_fresh_or_abandon_take_it(setup, tiny_model):
+    options = RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST)
+    job = refresh(setup, options, until="gate", progress=False)
+    registry = Registry(setup.registry_dir)
+    other = registry.register(parent=BASE_ID, kind="gguf", model_path=tiny_model.gguf_f16,
+                              hf_dir=tiny_model.hf_dir)
+    registry.activate(other.id)  # the swap can never land now
+    runner = CliRunner()
+    args = ["rl", "refresh", "--runs-dir", str(setup.runs_dir)]
+    for _ in range(2):  # every re-run resumes the run and fails the same way
+        result = runner.invoke(app, args, env=_env(setup))
+        assert result.exit_code == 1, result.output
+        assert result.stderr.strip() == (
+            f"rl refresh: run {job.state.run_id} failed at step swap: RuntimeError: the serving "
+            f"version changed from 'base' to {other.id!r} since this run began; start a new "
+            "refresh; run again to retry the step, with --fresh to start a new run, or with "
+            "--abandon to give this one up")
+    state = latest_run(setup.runs_dir)
+    assert state is not None and state.failed is not None and state.failed.step == "swap"
+
+    result = runner.invoke(app, [*args, "--abandon"], env=_env(setup))
+    assert result.exit_code == 0, result.output
+    assert f"run {job.state.run_id} abandoned" in result.stdout
+    result = runner.invoke(app, [*args, "--abandon"], env=_env(setup))
+    assert result.exit_code == 1 and "already abandoned" in result.stderr
+    with pytest.raises(ValueError, match="was abandoned"):
+        refresh(setup, run_id=job.state.run_id, progress=False)
+
+    # A new run trains from the version now serving; --fresh supersedes it while unfinished.
+    second = refresh(setup, options, until="prompts", progress=False)
+    assert second.state.run_id != job.state.run_id and second.state.serving_version == other.id
+    third = refresh(setup, options, until="prompts", fresh=True, progress=False)
+    assert third.state.run_id not in (job.state.run_id, second.state.run_id)
+    abandoned = json.loads((second.run_dir / "state.json").read_text())["abandoned"]
+    assert abandoned.startswith(f"superseded by run {third.state.run_id}")
+    assert refresh(setup, progress=False).run_dir == third.run_dir  # the latest run resumes
+    assert registry.read().active == f"rl-{third.state.run_id}"

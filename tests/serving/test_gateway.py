@@ -3,14 +3,18 @@ conversation log — each against a real server."""
 
 from __future__ import annotations
 
+import json
+import socket
 import sqlite3
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from clinicloop.serving.auth import KeyRing, hash_key
+from clinicloop.serving.auth import NO_ADMIN_KEY, KeyRing, hash_key
 from tests.conftest import wait_until
+from tests.serving import scripted_upstream
 
 CLIENT_KEY, ADMIN_KEY = "sk-test-client", "sk-test-admin"
 MESSAGES = [{"role": "user", "content": "My name is John Carter, call me at 555-867-5309. "
@@ -69,6 +73,59 @@ def test_body_over_limit_is_413(keyed):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def test_chunked_body_over_limit_is_413(keyed):
+    """A body that does not declare its length is counted as it arrives."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"messages": [{"role": "user", "content": "'
+        yield from (b"x" * 1000 for _ in range(6))
+        yield b'"}]}'
+
+    r = httpx.post(keyed.v1 + "/chat/completions", content=chunks(), timeout=30,
+                   headers={"authorization": f"Bearer {CLIENT_KEY}",
+                            "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def _first_response(server, head: str, body: bytes) -> str:
+    """Send a request head and only the start of its body; what the server answers meanwhile."""
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head.encode() + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                answer.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+            answer += conn.recv(65536)
+        return answer.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("path", "key", "status"), [
+    ("/v1/chat/completions", None, 401),
+    ("/v1/chat/completions", "sk-wrong", 401),
+    ("/admin/v1/versions", None, 401),
+    ("/admin/v1/versions", CLIENT_KEY, 403),
+])
+@pytest.mark.parametrize("declared", [3000, 1 << 20])
+def test_keys_are_checked_before_the_body_is_read(keyed, path, key, status, declared):
+    """The body is announced (within and over the limit) but never sent: the refusal comes at
+    once, without waiting for a byte of it, and before the body limit is looked at."""
+    auth = f"authorization: Bearer {key}\r\n" if key else ""
+    head = (f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}"
+            f"content-length: {declared}\r\n\r\n")
+    answer = _first_response(keyed, head, b'{"messages": [')
+    assert answer.startswith(f"HTTP/1.1 {status} "), answer[:200]
+    error = json.loads(answer.split("\r\n\r\n", 1)[1])["error"]
+    assert error["type"] == ("authentication_error" if status == 401 else "permission_error")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/health"])
+def test_cors_is_closed_by_default(keyed, path):
+    r = httpx.options(keyed.base_url + path, headers={
+        "origin": "https://evil.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert r.status_code >= 400
+    assert not any(h.startswith("access-control-") for h in r.headers)
+
+
 def test_full_queue_is_429_with_retry_after_and_disconnect_cancels(keyed):
     """One slot, no waiting room: while a stream holds the slot a second request gets 429. The
     stream's client then disconnects, which must free the slot at once (generation cancelled)."""
@@ -123,15 +180,6 @@ def test_health_and_metrics(keyed):
         assert name in text, name
 
 
-def test_dead_engine_is_503(server_factory, tmp_path):
-    server = server_factory({"CLINICLOOP_ENGINE__MODEL_PATH": str(tmp_path / "missing.gguf")},
-                            wait_healthy=False)
-    wait_until(lambda: "failed" in httpx.get(server.base_url + "/health").text, 30, "load failed")
-    assert httpx.get(server.base_url + "/health").status_code == 503
-    r = httpx.post(server.v1 + "/chat/completions", json={"messages": MESSAGES})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
-
-
 def test_request_deadline(server_factory):
     server = server_factory({"CLINICLOOP_SERVER__REQUEST_TIMEOUT_S": "0.3"})
     body = {"messages": MESSAGES, "max_tokens": 1800, "response_format": {
@@ -145,3 +193,73 @@ def test_request_deadline(server_factory):
     assert '"code":"timeout"' in lines[-2] and lines[-1] == "data: [DONE]"
     assert httpx.post(server.v1 + "/chat/completions", timeout=30,
                       json={"messages": MESSAGES, "max_tokens": 4}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def over_scripted(server_factory) -> Iterator:
+    """A gateway (client key only, no admin key) in front of the scripted failing upstream."""
+    with scripted_upstream.running() as url:
+        yield server_factory({"CLINICLOOP_ENGINE__KIND": "openai",
+                              "CLINICLOOP_ENGINE__UPSTREAM_URL": url,
+                              "CLINICLOOP_SERVER__API_KEYS": f'["{CLIENT_KEY}"]'})
+
+
+UPSTREAM_FAILURES = {  # scenario: the status a non-streamed request gets
+    "error_chunk": 502, "error_first": 502, "finish:abort": 502, "finish:eos_token": 502,
+    "bad_json": 502, "bad_delta": 502, "bad_choice": 502, "drop": 503, "no_done": 503,
+    "http_500": 503,
+}
+# These fail before the first token, so a streamed request gets the HTTP error, as OpenAI's do.
+BEFORE_THE_FIRST_TOKEN = {"error_first", "http_500"}
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+@pytest.mark.parametrize("scenario", sorted(UPSTREAM_FAILURES))
+def test_an_upstream_failure_ends_the_stream_with_an_error_then_done(over_scripted, scenario,
+                                                                    endpoint):
+    """Streamed: the chunks so far, an error event, `[DONE]`. Not streamed (or failed before the
+    first token): a 502/503 in OpenAI's shape naming the upstream. Then the server goes on
+    serving."""
+    def body(text: str) -> dict:
+        return ({"messages": [{"role": "user", "content": text}]}
+                if endpoint == "chat/completions" else {"prompt": text})
+
+    failing = body(f"I have a cough. @@{scenario}@@")
+    headers = {"authorization": f"Bearer {CLIENT_KEY}"}
+    url = f"{over_scripted.v1}/{endpoint}"
+    with httpx.stream("POST", url, json={**failing, "stream": True}, headers=headers,
+                      timeout=30) as resp:
+        events = [line[5:].strip() for line in resp.iter_lines() if line.startswith("data:")]
+    if scenario in BEFORE_THE_FIRST_TOKEN:
+        assert resp.status_code == UPSTREAM_FAILURES[scenario] and not events
+    else:
+        assert resp.status_code == 200 and events[-1] == "[DONE]", events
+        error = json.loads(events[-2])["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert "upstream" in error["message"]
+        assert not any(c["choices"][0].get("finish_reason")
+                       for c in map(json.loads, events[:-2]) if c.get("choices"))
+
+    whole = httpx.post(url, json=failing, headers=headers, timeout=30)
+    assert whole.status_code == UPSTREAM_FAILURES[scenario], whole.text
+    assert set(whole.json()["error"]) == {"message", "type", "param", "code"}
+    assert "upstream" in whole.json()["error"]["message"]
+    assert httpx.post(url, json=body("hi"), headers=headers, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("reason", ["tool_calls", "content_filter", "length"])
+def test_finish_reasons_openai_knows_pass_through(over_scripted, reason):
+    client = openai.OpenAI(base_url=over_scripted.v1, api_key=CLIENT_KEY, max_retries=0)
+    messages = [{"role": "user", "content": f"@@finish:{reason}@@"}]
+    full = client.chat.completions.create(model="scripted", messages=messages)
+    assert full.choices[0].finish_reason == reason
+    chunks = list(client.chat.completions.create(model="scripted", messages=messages,
+                                                 stream=True))
+    assert chunks[-1].choices[0].finish_reason == reason
+
+
+def test_admin_routes_without_an_admin_key_configured_say_so(over_scripted):
+    for key in (CLIENT_KEY, None):
+        r = httpx.get(over_scripted.base_url + "/admin/v1/stats",
+                      headers={"authorization": f"Bearer {key}"} if key else {})
+        assert r.status_code == 403 and r.json()["error"]["message"] == NO_ADMIN_KEY

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -10,12 +11,17 @@ import time
 import httpx
 import pytest
 
+from clinicloop.serving.auth import KeyRing
+from clinicloop.serving.generation import conversation_id
+from clinicloop.serving.registry import Registry
 from clinicloop.serving.versions import canary_bucket
 from tests.conftest import wait_until
 
 CLIENT_KEY, ADMIN_KEY = "sk-swap-client", "sk-swap-admin"
 KEYS = {"CLINICLOOP_SERVER__API_KEYS": f'["{CLIENT_KEY}"]',
         "CLINICLOOP_SERVER__ADMIN_KEYS": f'["{ADMIN_KEY}"]'}
+# The server checks the registry file every second; loading a tiny version takes well under one.
+FOLLOW_BOUND_S = 5.0
 # A schema no reply within max_tokens can finish keeps the model generating for a while.
 LONG = {"max_tokens": 1200, "response_format": {"type": "json_schema", "json_schema": {
     "name": "long", "schema": {"type": "string", "minLength": 8000}}}}
@@ -27,12 +33,29 @@ def _admin(server, method: str, path: str, key: str | None = ADMIN_KEY, **kwargs
                          timeout=60, **kwargs)
 
 
+# The store keeps a hash of the caller's key and the conversation's name: back to the names.
+_NAMES: dict[str, str] = {}
+
+
+def _stored(conversation: str) -> str:
+    caller = KeyRing([CLIENT_KEY], [ADMIN_KEY]).identify(CLIENT_KEY)
+    assert caller is not None
+    stored = conversation_id([], caller, conversation)
+    _NAMES[stored] = conversation
+    return stored
+
+
+def _headers(conversation: str) -> dict[str, str]:
+    _stored(conversation)
+    return {"authorization": f"Bearer {CLIENT_KEY}", "x-conversation-id": conversation}
+
+
 def _chat(server, conversation: str, *, stream: bool = False, turn: int = 1,
           **body) -> httpx.Response | list[str]:
     """One turn of `conversation`; a stream comes back as its SSE lines."""
     request = {"messages": [{"role": "user", "content": f"Turn {turn}: I have a headache."}],
                "max_tokens": 16, "stream": stream, **body}
-    headers = {"authorization": f"Bearer {CLIENT_KEY}", "x-conversation-id": conversation}
+    headers = _headers(conversation)
     if not stream:
         return httpx.post(server.v1 + "/chat/completions", json=request, headers=headers,
                           timeout=60)
@@ -58,7 +81,7 @@ def _versions_by_conversation(server, expected: int) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for conversation, version, status in _logged(server):
         assert status == "ok", (conversation, version, status)
-        out.setdefault(conversation, []).append(version)
+        out.setdefault(_NAMES.get(conversation, conversation), []).append(version)
     return out
 
 
@@ -95,7 +118,7 @@ def test_swap_under_load_drops_nothing_and_logs_the_serving_version(server, tiny
         t.start()
     wait_until(lambda: len(results) >= 12, 30, "traffic before the swap")
     # One long generation is in flight on `base` while the swap happens.
-    headers = {"authorization": f"Bearer {CLIENT_KEY}", "x-conversation-id": "in-flight"}
+    headers = _headers("in-flight")
     with httpx.stream("POST", server.v1 + "/chat/completions", headers=headers, timeout=60, json={
             "messages": [{"role": "user", "content": "Long answer please."}], "stream": True,
             **LONG}) as in_flight:
@@ -135,27 +158,54 @@ def test_swap_under_load_drops_nothing_and_logs_the_serving_version(server, tiny
     assert models[1]["root"] == str(tiny_model.gguf_f16.resolve())
 
 
-def test_a_version_that_fails_to_load_is_refused_and_the_old_one_keeps_serving(server, tmp_path,
-                                                                                tiny_model):
-    corrupt = tmp_path / "corrupt.gguf"
-    corrupt.write_bytes(b"GGUF" + b"\x00" * 4096)
+def test_corrupt_or_foreign_files_are_refused_and_the_active_one_keeps_serving(
+        server, tmp_path, tiny_model):
+    model = tiny_model.gguf_q8_0.read_bytes()
+    (tmp_path / "truncated.gguf").write_bytes(model[: len(model) // 2])
+    (tmp_path / "random.gguf").write_bytes(b"\x00" + os.urandom(4095))
+    (tmp_path / "directory.gguf").mkdir()
+    (tmp_path / "config.gguf").write_bytes((tiny_model.hf_dir / "config.json").read_bytes())
+    (tmp_path / "zeros.gguf").write_bytes(b"GGUF" + b"\x00" * 4096)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    cases = [
+        ({"model_path": "truncated.gguf"}, "llama.cpp cannot load"),
+        ({"model_path": "random.gguf"}, "is not a GGUF file"),
+        ({"model_path": "directory.gguf"}, "is a directory"),
+        ({"model_path": "config.gguf"}, "is not a GGUF file (it begins with b'{"),
+        ({"model_path": "zeros.gguf"}, "GGUF version 0"),
+        ({"kind": "lora", "model_path": str(tiny_model.gguf_q8_0),
+          "lora_path": str(tiny_model.gguf_f16)}, "cannot apply the LoRA"),
+        ({"kind": "vllm_lora", "model_path": "tiny", "lora_path": "adapter"},
+         "adapter_config.json is not JSON"),
+    ]
+    for body, why in cases:
+        body = {"parent": "v1", **body}
+        for key in ("model_path", "lora_path"):
+            if key in body and "/" not in body[key] and body[key] != "tiny":
+                body[key] = str(tmp_path / body[key])
+        r = _admin(server, "POST", "/versions", json=body)
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["code"] == "invalid_version_files", (body, r.text)
+        assert why in error["message"], (why, error["message"])
+    # A file that goes away after registration is refused when it would start serving.
     gone = tmp_path / "gone.gguf"
-    gone.write_bytes(tiny_model.gguf_q8_0.read_bytes())
-    for vid, path in (("corrupt", corrupt), ("gone", gone)):
-        r = _admin(server, "POST", "/versions", json={"id": vid, "parent": "v1",
-                                                      "model_path": str(path)})
-        assert r.status_code == 201, r.text
+    gone.write_bytes(model)
+    r = _admin(server, "POST", "/versions", json={"id": "gone", "parent": "v1",
+                                                  "model_path": str(gone)})
+    assert r.status_code == 201, r.text
     gone.unlink()
-    for vid, why in (("corrupt", "ValueError"), ("gone", "not found")):
-        for method, path, body in (("POST", f"/versions/{vid}/activate", None),
-                                   ("POST", "/canary", {"version": vid, "share": 0.5})):
-            r = _admin(server, method, path, json=body)
-            error = r.json()["error"]
-            assert r.status_code == 422 and error["code"] == "version_load_failed", r.text
-            assert f"version {vid!r} failed to load" in error["message"]
-            assert why in error["message"]
+    for method, path, body in (("POST", "/versions/gone/activate", None),
+                               ("POST", "/canary", {"version": "gone", "share": 0.5})):
+        r = _admin(server, method, path, json=body)
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["code"] == "version_load_failed", r.text
+        assert "version 'gone' failed to load" in error["message"]
+        assert "not found" in error["message"]
     state = _admin(server, "GET", "/versions").json()
     assert state["active"] == "base" and state["canary"] is None
+    assert [v["id"] for v in state["data"]] == ["base", "v1", "gone"]
     assert [v["id"] for v in state["loaded"]] == ["base"]
     assert _ok(_chat(server, "after-refusal"))
     assert _versions_by_conversation(server, 1)["after-refusal"] == ["base"]
@@ -163,11 +213,61 @@ def test_a_version_that_fails_to_load_is_refused_and_the_old_one_keeps_serving(s
     assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
 
 
+def test_a_version_is_removed_unless_it_is_in_use(server, tiny_model):
+    assert _admin(server, "POST", "/canary", json={"version": "v1", "share": 1.0}).is_success
+    assert _ok(_chat(server, "on-the-canary"))
+    for vid, why in (("base", "is active"), ("v1", "is the canary")):
+        r = _admin(server, "DELETE", f"/versions/{vid}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "version_in_use", r.text
+        assert why in r.json()["error"]["message"]
+    assert _admin(server, "DELETE", "/canary").is_success
+    r = _admin(server, "DELETE", "/versions/v1")
+    assert r.status_code == 200, r.text
+    assert [v["id"] for v in r.json()["data"]] == ["base"] and tiny_model.gguf_f16.exists()
+    wait_until(lambda: [v["id"] for v in _admin(server, "GET", "/versions").json()["loaded"]]
+               == ["base"], 10, "v1 unloaded")
+    assert _ok(_chat(server, "on-the-canary", turn=2))
+    assert _versions_by_conversation(server, 2)["on-the-canary"] == ["v1", "base"]
+    r = _admin(server, "DELETE", "/versions/v1")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+
+
+def test_the_server_follows_changes_another_process_makes_to_the_registry(server, tmp_path,
+                                                                          tiny_model):
+    """`rl refresh` without --server-url writes the registry file: the running server serves
+    what it names within a bounded time, and refuses (sets back) a version that fails to load."""
+    registry = Registry(server.db_path.parent / "var" / "registry")
+    changed = time.monotonic()
+    registry.set_canary("v1", 1.0)
+    wait_until(lambda: _admin(server, "GET", "/versions").json()["canary"] == {
+        "version": "v1", "share": 1.0}, FOLLOW_BOUND_S, "the canary followed")
+    print(f"registry change followed in {time.monotonic() - changed:.2f}s")
+    assert _ok(_chat(server, "after-the-canary"))
+    registry.activate("v1")  # promoted
+    wait_until(lambda: _admin(server, "GET", "/versions").json()["active"] == "v1",
+               FOLLOW_BOUND_S, "the activation followed")
+    assert _ok(_chat(server, "after-the-activation"))
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(tiny_model.gguf_q8_0.read_bytes())
+    registry.register(parent="v1", kind="gguf", model_path=bad, version_id="bad")
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    registry.activate("bad")
+    wait_until(lambda: registry.read().active == "v1", FOLLOW_BOUND_S, "the file set back")
+    state = _admin(server, "GET", "/versions").json()
+    assert state["active"] == "v1" and "bad" not in {v["id"] for v in state["loaded"]}
+    assert [a["version"] for a in state["history"]] == ["base", "v1"]
+    assert _ok(_chat(server, "after-the-refusal"))
+    served = _versions_by_conversation(server, 3)
+    assert served == {"after-the-canary": ["v1"], "after-the-activation": ["v1"],
+                      "after-the-refusal": ["v1"]}
+
+
 def test_canary_splits_new_conversations_and_keeps_each_on_its_version(server):
     r = _admin(server, "POST", "/canary", json={"version": "v1", "share": 0.5})
     assert r.status_code == 200 and r.json()["canary"] == {"version": "v1", "share": 0.5}
     conversations = [f"canary-{i}" for i in range(16)]
-    expected = {c: "v1" if canary_bucket(c) < 0.5 else "base" for c in conversations}
+    expected = {c: "v1" if canary_bucket(_stored(c)) < 0.5 else "base" for c in conversations}
     assert set(expected.values()) == {"base", "v1"}
     for c in conversations:
         assert _ok(_chat(server, c))
@@ -210,6 +310,7 @@ def test_admin_routes_need_an_admin_key(server):
     routes = [("GET", "/versions", None),
               ("POST", "/versions", {"parent": "base", "model_path": "/x.gguf"}),
               ("POST", "/versions/v1/activate", None),
+              ("DELETE", "/versions/v1", None),
               ("POST", "/canary", {"version": "v1", "share": 0.5}),
               ("DELETE", "/canary", None),
               ("POST", "/rollback", None)]

@@ -16,6 +16,7 @@ from clinicloop.serving.registry import (
     RegistryError,
     UnknownVersion,
     VersionConflict,
+    VersionInUse,
 )
 
 
@@ -133,3 +134,27 @@ def test_concurrent_writers_lose_nothing_and_readers_see_whole_files(registry, f
     ids = set(registry.read().versions)
     assert ids == {BASE_ID} | {f"{w}-{i}" for w in ("p0", "p1", "t0", "t1") for i in range(15)}
     assert not list(registry.path.parent.glob(".registry-*"))  # no temp file left behind
+
+
+def test_remove_refuses_versions_in_use_and_leaves_no_rollback_onto_a_removed_one(registry,
+                                                                                  files):
+    for name, parent in (("v1", BASE_ID), ("v2", BASE_ID), ("v3", "v2")):
+        registry.register(parent=parent, kind="gguf", model_path=files["merged.gguf"],
+                          version_id=name)
+    registry.activate("v1")
+    registry.activate(BASE_ID)
+    registry.set_canary("v3", 0.1)
+    for vid, why in ((BASE_ID, "is active"), ("v3", "is the canary"), ("v2", "parent of v3")):
+        with pytest.raises(VersionInUse, match=why):
+            registry.remove(vid)
+    registry.activate("v2")
+    with pytest.raises(VersionInUse, match="registry's base"):
+        registry.remove(BASE_ID)  # not active now, still the root every version descends from
+    with pytest.raises(UnknownVersion):
+        registry.remove("nope")
+    # v1 was active once: its activation leaves the history with it.
+    assert registry.remove("v1").id == "v1"
+    state = registry.read()
+    assert set(state.versions) == {BASE_ID, "v2", "v3"} and files["merged.gguf"].exists()
+    assert [a.version for a in state.history] == [BASE_ID, "v2"]
+    assert registry.rollback().id == BASE_ID

@@ -120,16 +120,22 @@ def test_unconstrained_garbage_is_recorded_as_unparseable_after_the_retries(tiny
     assert len(cache) == 0  # an unparseable verdict is retried next time, not cached
 
 
-def test_an_endpoint_error_becomes_an_unparseable_verdict(tiny_model, tmp_path, caplog):
-    # A completion longer than the context is a real ChatError from the engine, on every attempt.
-    async def body(client: CountingClient) -> Verdict:
-        return await Judge(client, max_tokens=4096).grade(CONVERSATION, RESPONSE, ITEMS[0])
+def test_a_refused_request_is_not_retried_and_keeps_the_servers_message(tiny_model, tmp_path,
+                                                                         caplog):
+    # A completion longer than the context is a real 400 from the engine: it would fail the
+    # same way on every attempt, so it is asked once and the verdict says why it failed.
+    async def body(client: CountingClient) -> tuple[Verdict, int]:
+        verdict = await Judge(client, max_tokens=4096).grade(CONVERSATION, RESPONSE, ITEMS[0])
+        return verdict, client.calls
 
     with caplog.at_level(logging.WARNING, logger="clinicloop.verifier.judge"):
-        verdict = with_client(tiny_model, tmp_path, body, n_ctx=1024)
-    assert verdict == Verdict(criteria_met=None, source="unparseable", attempts=3)
+        verdict, calls = with_client(tiny_model, tmp_path, body, n_ctx=1024)
+    assert calls == 1 and verdict.attempts == 1
+    assert verdict.criteria_met is None and verdict.source == "error"
+    assert verdict.error is not None and verdict.error.startswith(
+        "400: This model's maximum context length is 1024 tokens")
     logged = [r.getMessage() for r in caplog.records if r.name == "clinicloop.verifier.judge"]
-    assert len(logged) == 3 and all("ChatError" in m for m in logged)
+    assert len(logged) == 1 and "ChatError 400" in logged[0]
     assert not any("context length" in m or "headache" in m for m in logged)
 
 

@@ -3,6 +3,7 @@ tiny model as judge and rubric writer, killed mid-run and resumed without redoin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,14 +11,15 @@ from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, Table, inspect
+from sqlalchemy import text as sql_text
 
-from clinicloop.store.db import Store, StoredVerdict, TurnScore, alembic_config
+from clinicloop.store.db import Store, StoredVerdict, TurnScore, _to_row, alembic_config
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, prefix_hash
 from clinicloop.verifier.judge import Judge
-from clinicloop.verifier.rubrics import RubricItem
+from clinicloop.verifier.rubrics import RubricItem, RuleCheck
 from clinicloop.verifier.score_logs import (
     ScoreSummary,
     StoreVerdictCache,
@@ -68,11 +70,28 @@ def new_store(tmp_path: Path) -> Store:
     return store
 
 
+def at_revision(store: Store, revision: str) -> None:
+    with store.engine.begin() as connection:
+        command.upgrade(alembic_config(connection), revision)
+
+
+def insert_as_is(store: Store, records: list[TurnRecord]) -> None:
+    """Insert into `turns` as the database has it: an older revision lacks newer columns."""
+    table = Table("turns", MetaData(), autoload_with=store.engine)
+    rows = [{k: v for k, v in _to_row(r).items() if k in table.c} for r in records]
+    with store.engine.begin() as connection:
+        connection.execute(table.insert(), rows)
+
+
+def stored_ids(store: Store) -> list[str]:
+    with store.engine.connect() as connection:
+        return list(connection.execute(sql_text("SELECT id FROM turns ORDER BY id")).scalars())
+
+
 def test_migration_0002_upgrades_a_0001_database_and_downgrades(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'old.db'}")
-    with store.engine.begin() as connection:
-        command.upgrade(alembic_config(connection), "0001")
-    store.insert_many(TURNS[:1])
+    at_revision(store, "0001")
+    insert_as_is(store, TURNS[:1])
     assert not VERIFIER_TABLES & set(inspect(store.engine).get_table_names())
 
     store.migrate()
@@ -89,7 +108,24 @@ def test_migration_0002_upgrades_a_0001_database_and_downgrades(tmp_path):
     with store.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0001")
     assert not VERIFIER_TABLES & set(inspect(store.engine).get_table_names())
-    assert store.get("turn-0") == TURNS[0]
+    assert stored_ids(store) == ["turn-0"]
+
+
+def test_migration_0003_marks_older_turns_as_client_traffic_and_downgrades(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    at_revision(store, "0002")
+    insert_as_is(store, TURNS[:2])
+    store.migrate()
+    assert [t.origin for t in store.list_turns()] == ["client", "client"]
+    store.insert_many([turn(9, "You grade the last assistant turn", "{}").model_copy(
+        update={"origin": "service"})])
+    assert store.get("turn-9").origin == "service"
+    assert [t.id for t in store.turns_to_score()] == ["turn-0", "turn-1"]
+
+    with store.engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+    assert "origin" not in {c["name"] for c in inspect(store.engine).get_columns("turns")}
+    assert stored_ids(store) == ["turn-0", "turn-1", "turn-9"]
 
 
 def test_turns_to_score_filters_and_pages(tmp_path):
@@ -183,3 +219,44 @@ def test_score_command_scores_a_store_with_the_in_process_tiny_model(
     assert "turns scored: 2" in printed and "verdicts/s" in printed
     with pytest.raises(ValueError, match="template"):
         score_command(str(store.engine.url), None, None, None, None, "lenient", None)
+
+
+def test_identical_turns_graded_at_once_share_their_verdicts(tiny_model, tmp_path):
+    # Two clients asked the same thing and got the same reply: the turns' verdict keys collide.
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    twins = [TURNS[0].model_copy(update={"id": f"twin-{i}", "conversation_id": f"c{i}"})
+             for i in range(2)]
+    store.insert_many(twins)
+    rule = RubricItem(criterion="Mentions 911", points=5, tags=["kind:rule"],
+                      rule=RuleCheck(type="keywords", keywords=["911"]))
+    store.put_rubric_set(prefix_hash(twins[0].messages),
+                         [i.model_dump(mode="json") for i in [*SEEDED, rule]], "seed")
+
+    async def body(client: EngineChatClient) -> ScoreSummary:
+        judge = Judge(client, concurrency=2, max_tokens=64, cache=StoreVerdictCache(store))
+        return await score_logs(store, judge, RubricGenerator(client, store=store),
+                                progress=False)
+
+    summary = with_engine(tiny_model, tmp_path, body, n_parallel=2)
+    assert summary.n_turns == 2 and all(store.get_turn_score(t.id) for t in twins)
+    # One row per verdict, owned by the first turn that asked for it.
+    assert store.count_verdicts() == len(SEEDED) + 1
+    assert len(store.list_verdicts("twin-0")) == len(SEEDED) + 1
+
+
+def test_a_failing_turn_stops_the_run_with_nothing_left_running(tiny_model, tmp_path):
+    store = new_store(tmp_path)
+    for t in SCORABLE:
+        store.put_rubric_set(prefix_hash(t.messages),
+                             [i.model_dump(mode="json") for i in SEEDED], "seed")
+
+    async def body(client: EngineChatClient) -> set[asyncio.Task]:
+        judge = Judge(CountingClient(client, kill_after=1), concurrency=2, max_tokens=32,
+                      cache=StoreVerdictCache(store))
+        with pytest.raises(Killed):
+            await score_logs(store, judge, RubricGenerator(client, store=store), progress=False)
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    # Before: the other turns' tasks kept calling the engine while it was being closed.
+    assert with_engine(tiny_model, tmp_path, body, n_parallel=2) == set()

@@ -15,6 +15,7 @@ from clinicloop.store.db import Store
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.patient_scripts import generate, to_jsonl
 from clinicloop.verifier.patients import SCRIPTS_PATH, load_scripts
+from clinicloop.verifier.score_logs import score_command
 from clinicloop.verifier.simulate_cli import simulate_command
 from clinicloop.verifier.simulator import (
     FactualUnit,
@@ -22,8 +23,7 @@ from clinicloop.verifier.simulator import (
     conclusion,
     fallback_reply,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, wait_until
 
 # Hand-written doctor messages, labelled by whether a consultation should end on them (a
 # diagnosis and a plan, an emergency referral, or a goodbye). Written before the rule was tuned;
@@ -176,6 +176,7 @@ def _check_run(report, out: Path, store_url: str, script_ids: list[str]) -> None
     assert 1 <= m["mean_turns"] <= 4
     assert [c["script_id"] for c in data["consultations"]] == script_ids
     store = Store(store_url)
+    assert not report.logged_by_doctor and report.stored_turns == m["doctor_turns"]
     for c in report.consultations:
         turns = store.list_turns(conversation_id=c.conversation_id)
         assert c.conversation_id == f"sim-{c.script_id}-{report.run_id}"
@@ -185,6 +186,7 @@ def _check_run(report, out: Path, store_url: str, script_ids: list[str]) -> None
             assert turn.model_version == report.doctor_model and turn.params["turn"] == n
             assert turn.response == c.exchanges[n - 1].doctor
             assert turn.messages == c.messages[:c.exchanges[n - 1].request_len]
+            assert turn.origin == "client"
     store.dispose()
 
 
@@ -198,12 +200,31 @@ def test_simulate_in_process(tiny_model, tmp_path):
     assert report.doctor_model == report.patient_model == tiny_model.gguf_q8_0.stem
 
 
-def test_simulate_against_a_server(server_factory, tiny_model, tmp_path):
+def test_simulate_against_our_server_stores_each_doctor_turn_once(
+        server_factory, tiny_model, tmp_path, monkeypatch, capsys):
+    # The README's way: the gateway as doctor and patient, simulate and the server on one store.
+    monkeypatch.setenv("CLINICLOOP_MODELS_DIR", str(ROOT / "var" / "models"))
     server = server_factory()
-    ids = ["neuro-stroke"]
-    store_url = f"sqlite:///{tmp_path / 'sim.db'}"
-    report = simulate_command(server.v1, None, scripts=1, max_turns=3, store_url=store_url,
-                              out=tmp_path, seed=1, script_ids=ids,
-                              model_path=tiny_model.gguf_q8_0, progress=False)
-    _check_run(report, tmp_path, store_url, ids)
-    assert report.doctor_model == tiny_model.name
+    store_url = f"sqlite:///{server.db_path}"
+    report = simulate_command(server.v1, server.v1, scripts=1, max_turns=3, store_url=store_url,
+                              out=tmp_path, seed=1, script_ids=["neuro-stroke"], progress=False)
+    assert report.doctor_model == report.patient_model == tiny_model.name
+    assert report.logged_by_doctor and report.stored_turns == 0
+    assert "logged the" in capsys.readouterr().out
+
+    doctor_turns = report.metrics.doctor_turns
+    (c,) = report.consultations
+    store = Store(store_url)
+    wait_until(lambda: len(store.list_turns(limit=1000)) >= doctor_turns + 1, 30, "the log")
+    turns = store.list_turns(limit=1000)
+    client = [t for t in turns if t.origin == "client"]
+    # Once each, logged by the gateway: the doctor's replies, as the consultation went.
+    assert [t.response for t in client] == [e.doctor for e in c.exchanges]
+    assert len({t.conversation_id for t in client}) == 1
+    assert {t.origin for t in turns} == {"client", "service"}  # the patient's model calls
+    assert store.count_turns_to_score() == doctor_turns
+    store.dispose()
+
+    # Scoring that store (in-process judge) scores each doctor turn once.
+    summary = score_command(store_url, None, None, None, None, "split", None)
+    assert summary.n_turns == doctor_turns

@@ -1,1 +1,2 @@
-"""Admin routes for model versions: list, register, activate, canary, rollback (admin key)."""
+"""Admin routes for model versions: list, register, remove, activate, canary, rollback (admin
+key)."""

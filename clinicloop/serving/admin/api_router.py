@@ -1,8 +1,10 @@
 """Routes under /admin/v1 for model versions: auth, one call to the versioned engine, the result.
 
 Every change answers with the full version list, so a caller sees what it did. Failures are
-OpenAI-shaped errors: 404 unknown version, 409 id taken by other files, 400 a change the registry
-refuses, 422 a version whose files do not load (and the old version keeps serving).
+OpenAI-shaped errors: 404 unknown version, 409 id taken by other files or a version in use (which
+cannot be removed), 400 a change the registry refuses, 422 a version whose files are not a
+loadable model or adapter, refused at registration or when it is first loaded (and the old
+version keeps serving).
 """
 
 from __future__ import annotations
@@ -19,8 +21,15 @@ from clinicloop.serving.admin.protocol import (
     RegisterRequest,
     VersionList,
 )
+from clinicloop.serving.artifacts import VersionFilesError
 from clinicloop.serving.errors import OpenAIError
-from clinicloop.serving.registry import RegistryError, UnknownVersion, Version, VersionConflict
+from clinicloop.serving.registry import (
+    RegistryError,
+    UnknownVersion,
+    Version,
+    VersionConflict,
+    VersionInUse,
+)
 from clinicloop.serving.versions import VersionedEngine, VersionLoadError
 
 
@@ -48,6 +57,10 @@ def _errors() -> Iterator[None]:
         raise OpenAIError(404, str(exc), code="version_not_found") from None
     except VersionConflict as exc:
         raise OpenAIError(409, str(exc), code="version_conflict") from None
+    except VersionInUse as exc:
+        raise OpenAIError(409, str(exc), code="version_in_use") from None
+    except VersionFilesError as exc:
+        raise OpenAIError(422, str(exc), code="invalid_version_files") from None
     except RegistryError as exc:
         raise OpenAIError(400, str(exc), code="invalid_version") from None
     except VersionLoadError as exc:
@@ -73,7 +86,18 @@ async def list_versions(request: Request) -> VersionList:
 async def register_version(body: RegisterRequest, request: Request) -> Version:
     versions = _versions(request)
     with _errors():
+        await versions.check_files(body.kind, body.model_path, body.lora_path)
         return await asyncio.to_thread(body.register_in, versions.registry)
+
+
+@router.delete("/versions/{version_id}")
+async def remove_version(version_id: str, request: Request) -> VersionList:
+    """Take a version out of the registry (its files stay); 409 for the active version, the
+    canary, and a parent of other versions."""
+    versions = _versions(request)
+    with _errors():
+        await versions.remove(version_id)
+    return await _listing(versions)
 
 
 @router.post("/versions/{version_id}/activate")

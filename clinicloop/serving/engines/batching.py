@@ -184,15 +184,19 @@ class BatchScheduler:
             self._finish(seq, "stop")
         while self._waiting and len(self._running) < self.n_parallel:
             seq = self._waiting.pop(0)
-            self._place(seq)
             seq.sampler = self._sampler(seq)
+            if seq.sampler is None:  # llama.cpp refused its grammar: never sample without it
+                self._finish(seq, "error")
+                continue
+            self._place(seq)
             seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
             self._running.append(seq)
 
     def _place(self, seq: Request) -> None:
         """Give `seq` a slot whose KV cache already holds as much of its prompt as possible."""
         lib = self._lib
-        usable = len(seq.prompt) - 1  # the last prompt token is always fed: its logits start it
+        # The last prompt token is always fed: its logits start it.
+        usable = max(len(seq.prompt) - 1, 0)
 
         shared = {s.seq_id: min(common_prefix(s.tokens, seq.prompt), usable) for s in self.slots}
 
@@ -222,11 +226,16 @@ class BatchScheduler:
         self.prefix_hits += kept
 
     def _sampler(self, seq: Request) -> Any:
+        """The request's sampler chain, or None when llama.cpp cannot compile its grammar (a
+        NULL sampler in the chain would crash the process at the first sample)."""
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if seq.grammar is not None:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_grammar(
-                self.vocab, seq.grammar.encode(), b"root"))
+            grammar = lib.llama_sampler_init_grammar(self.vocab, seq.grammar.encode(), b"root")
+            if not grammar:
+                lib.llama_sampler_free(chain)
+                return None
+            lib.llama_sampler_chain_add(chain, grammar)
         if seq.temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         else:
@@ -240,6 +249,10 @@ class BatchScheduler:
         """One decode over every running sequence; then sample, emit and retire."""
         for seq in [s for s in self._running if s.cancel.is_set()]:
             self._retire(seq, "stop")
+        # A sequence with nothing to feed would never advance, and the loop would spin over it
+        # while it holds a slot: it ends in an error instead (an empty prompt, for one).
+        for seq in [s for s in self._running if not s.pending]:
+            self._retire(seq, "error")
         feeds: list[_Feed] = []
         budget = self.n_batch
         decoding = [s for s in self._running if len(s.pending) == 1]

@@ -32,12 +32,15 @@ from clinicloop.serving.engines.base import (
 )
 from clinicloop.serving.engines.batching import DONE, BatchScheduler, Request
 from clinicloop.serving.engines.drafting import Drafter, ModelDrafter, NgramDrafter
+from clinicloop.serving.engines.grammar import (
+    GrammarError,
+    check_grammar,
+    json_object_gbnf,
+    schema_to_gbnf,
+)
 from clinicloop.serving.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
 
 log = logging.getLogger(__name__)
-
-_LAX_CHAR_RULE = r'char ::= [^"\\]'
-_STRICT_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F]'
 
 
 def file_version(path: Path) -> str:
@@ -227,19 +230,24 @@ class LlamaCppEngine(Engine):
         thinking = self.settings.reasoning_parser == "think"
         opened = thinking and prompt.rstrip().endswith(THINK_OPEN)
         return self._generate(
-            prompt, params, lambda: ReasoningSplitter(opened) if thinking else None
+            prompt, params, lambda: ReasoningSplitter(opened) if thinking else None, "messages"
         )
 
     def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
         self._require_loaded()
-        return self._generate(prompt, params, lambda: None)
+        return self._generate(prompt, params, lambda: None, "prompt")
 
     def _require_loaded(self) -> None:
         if not self.healthy():
             raise EngineUnavailable("the model is not loaded")
 
-    def _prepare(self, prompt: str, params: SamplingParams) -> tuple[list[int], int]:
+    def _prepare(self, prompt: str, params: SamplingParams,
+                 param: str = "messages") -> tuple[list[int], int, str | None]:
+        """The prompt's tokens, the completion budget and the grammar: everything a request is
+        refused for is found here, before it is admitted."""
         tokens = self._llama.tokenize(prompt.encode(), add_bos=True, special=True)
+        if not tokens:  # nothing to decode (a model without BOS): as vLLM words it
+            raise EngineError("The decoder prompt cannot be empty", param=param)
         room = self.n_ctx - len(tokens)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             asked = params.max_tokens or 0
@@ -250,34 +258,31 @@ class LlamaCppEngine(Engine):
                 code="context_length_exceeded",
                 param="messages",
             )
-        return tokens, params.max_tokens or room
+        return tokens, params.max_tokens or room, self._grammar(params)
 
     def _grammar(self, params: SamplingParams) -> str | None:
-        """The GBNF that constrains the output, parsed once here so a bad one is a 400."""
-        import json
-
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
-
-        if params.json_schema is None:
-            return JSON_GBNF if params.json_object else None
+        """The GBNF that constrains the output, compiled by llama.cpp once here (the decode
+        thread compiles it again per sequence) so a schema it cannot enforce is a 400."""
+        if params.json_schema is None and not params.json_object:
+            return None
+        assert self._scheduler is not None
         try:
-            gbnf = json_schema_to_gbnf(json.dumps(params.json_schema))
-            # The binding's string rule lets raw control characters into JSON strings, which
-            # strict parsers reject; llama.cpp's own converter excludes them, as we do here.
-            gbnf = gbnf.replace(_LAX_CHAR_RULE, _STRICT_CHAR_RULE)
-            LlamaGrammar.from_string(gbnf, verbose=False)
-        except Exception as exc:
-            raise EngineError(f"unsupported JSON schema: {exc}", param="response_format") from exc
+            gbnf = (json_object_gbnf() if params.json_schema is None
+                    else schema_to_gbnf(params.json_schema))
+            check_grammar(self._scheduler.vocab, gbnf)
+        except GrammarError as exc:
+            raise EngineError(f"Invalid JSON schema in response_format: {exc}",
+                              param="response_format", code="invalid_json_schema") from None
         return gbnf
 
     async def _generate(
-        self, prompt: str, params: SamplingParams, splitter: Callable[[], ReasoningSplitter | None]
+        self, prompt: str, params: SamplingParams,
+        splitter: Callable[[], ReasoningSplitter | None], param: str,
     ) -> AsyncIterator[Event]:
         # Validate before the first event so a bad request is a clean 400, not a broken stream.
-        tokens, max_tokens = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._prepare, prompt, params
+        tokens, max_tokens, grammar = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._prepare, prompt, params, param
         )
-        grammar = self._grammar(params)
         completion_tokens = 0
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index

@@ -6,6 +6,11 @@ produces, so the gateway (logging, metrics, admission, the OpenAI response shape
 in front of it.
 The upstream batches concurrent requests itself, so many run at once here.
 
+A stream that goes wrong upstream is an `EngineError` here, never a stream that just stops: an
+error chunk, a finish reason OpenAI does not know (vLLM's `abort`), a malformed chunk or a choice
+nobody asked for is `UpstreamFailed` (502); a broken or timed-out connection, or a stream without
+`[DONE]`, is `EngineUnavailable` (503). Finish reasons OpenAI knows pass through unchanged.
+
 With `upstream_command` set the upstream is launched and supervised (`supervisor.py`): started and
 waited for in `start()`, restarted if it dies, stopped in `close()`. Health is kept by a background
 probe rather than a request per `healthy()` call, which the gateway makes on every /health hit.
@@ -41,6 +46,16 @@ log = logging.getLogger(__name__)
 
 # vLLM reports a token with no logprob (e.g. an echoed first prompt token) as this.
 _NO_LOGPROB = -9999.0
+# Passed through as they are; any other finish reason means the generation failed.
+_OPENAI_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+
+class UpstreamFailed(EngineError):
+    """The upstream accepted a request and then failed it, or answered it with something that is
+    not an OpenAI stream: the gateway's fault is none, hence 502."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=502, code="upstream_error")
 
 
 class OpenAIUpstreamEngine(Engine):
@@ -176,14 +191,14 @@ class OpenAIUpstreamEngine(Engine):
             body["top_logprobs"] = params.top_logprobs
         if template_kwargs:
             body["chat_template_kwargs"] = _with_enable_thinking(template_kwargs)
-        return self._stream("/chat/completions", body, _chat_delta)
+        return self._stream("/chat/completions", body, _chat_delta, params.n)
 
     def complete(self, prompt: str, params: SamplingParams, *, model: str | None = None
                  ) -> AsyncIterator[Event]:
         body: dict[str, Any] = {"prompt": prompt, **self._sampling(params, model)}
         if params.top_logprobs is not None:
             body["logprobs"] = params.top_logprobs
-        return self._stream("/completions", body, _text_delta)
+        return self._stream("/completions", body, _text_delta, params.n)
 
     def _sampling(self, params: SamplingParams, model: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -212,8 +227,9 @@ class OpenAIUpstreamEngine(Engine):
         return body
 
     async def _stream(self, path: str, body: dict[str, Any],
-                      to_delta: Callable[[dict[str, Any]], Delta | None]) -> AsyncIterator[Event]:
-        """POST a streamed request; yield its deltas, then one Usage.
+                      to_delta: Callable[[dict[str, Any]], Delta | None], n: int
+                      ) -> AsyncIterator[Event]:
+        """POST a streamed request for `n` choices; yield its deltas, then one Usage.
 
         Upstreams that ignore `include_usage` (llama-cpp-python's server) get their completion
         tokens counted from the stream instead: one per logprob entry when logprobs were asked
@@ -238,14 +254,9 @@ class OpenAIUpstreamEngine(Engine):
                     if data == "[DONE]":
                         done = True
                         break
-                    chunk = _parse_chunk(data)
-                    if chunk.get("usage"):
-                        usage = Usage(int(chunk["usage"].get("prompt_tokens") or 0),
-                                      int(chunk["usage"].get("completion_tokens") or 0))
-                    for choice in chunk.get("choices") or []:
-                        delta = to_delta(choice)
-                        if delta is None:
-                            continue
+                    chunk_usage, deltas = _read_chunk(data, to_delta, n)
+                    usage = chunk_usage or usage
+                    for delta in deltas:
                         delta.tokens = len(delta.logprobs) or int(bool(delta.content
                                                                        or delta.reasoning))
                         counted += delta.tokens
@@ -341,17 +352,39 @@ class UpstreamModel(Engine):
         return None if self.adapter is None else self.adapter[0]
 
 
-def _parse_chunk(data: str) -> dict[str, Any]:
+def _read_chunk(data: str, to_delta: Callable[[dict[str, Any]], Delta | None], n: int
+                ) -> tuple[Usage | None, list[Delta]]:
+    """The usage and the deltas of one stream chunk; `UpstreamFailed` for an error chunk or
+    anything that is not a chunk of an `n`-choice stream."""
     try:
         chunk = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise EngineUnavailable(f"upstream sent a malformed stream chunk: {data[:200]!r}") from exc
-    if not isinstance(chunk, dict):
-        raise EngineUnavailable(f"upstream sent a malformed stream chunk: {data[:200]!r}")
-    if "error" in chunk:
+    except ValueError:
+        raise UpstreamFailed("upstream sent a stream chunk that is not JSON") from None
+    if isinstance(chunk, dict) and "error" in chunk:
         # vLLM reports a failure after the response started as an error chunk in the stream.
-        raise EngineUnavailable(f"upstream failed mid-stream: {_error_fields(chunk)[0]}")
-    return chunk
+        raise UpstreamFailed(f"upstream failed mid-stream: {_error_fields(chunk)[0]}")
+    try:
+        raw = chunk.get("usage")
+        usage = Usage(int(raw.get("prompt_tokens") or 0),
+                      int(raw.get("completion_tokens") or 0)) if raw else None
+        deltas = [d for d in map(to_delta, chunk.get("choices") or []) if d is not None]
+    except (AttributeError, KeyError, OverflowError, TypeError, ValueError) as exc:
+        raise UpstreamFailed(
+            f"upstream sent a malformed stream chunk ({type(exc).__name__})") from None
+    if any(not 0 <= d.index < n for d in deltas):
+        raise UpstreamFailed(f"upstream sent a choice index outside the {n} asked for")
+    return usage, deltas
+
+
+def _finish_reason(reason: Any) -> str | None:
+    """An upstream's finish reason as OpenAI's; `UpstreamFailed` for one that means the generation
+    failed (vLLM's `abort`) or that OpenAI does not know."""
+    if reason is None or reason in _OPENAI_FINISH_REASONS:
+        return reason
+    if reason == "abort":
+        raise UpstreamFailed("upstream aborted the generation (finish_reason 'abort')")
+    raise UpstreamFailed(f"upstream ended the generation with finish_reason "
+                         f"{str(reason)[:40]!r}, which OpenAI does not define")
 
 
 def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
@@ -386,12 +419,19 @@ def _upstream_error(status: int, raw: bytes) -> EngineError:
     return EngineError(message, status=status, code=code, param=param)
 
 
+def _text(value: Any) -> str:
+    """A text field of a chunk; a TypeError (a malformed chunk) unless it is a string or null."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise TypeError(f"expected a string, got {type(value).__name__}")
+
+
 def _top(entry: dict[str, Any]) -> TopLogprob:
-    token = entry.get("token") or ""
+    token = _text(entry.get("token"))
     raw = entry.get("bytes")
     logprob = entry.get("logprob")
     return TopLogprob(token, _NO_LOGPROB if logprob is None else float(logprob),
-                      list(raw) if raw is not None else list(token.encode()))
+                      [int(b) for b in raw] if raw is not None else list(token.encode()))
 
 
 def _chat_delta(choice: dict[str, Any]) -> Delta | None:
@@ -402,10 +442,10 @@ def _chat_delta(choice: dict[str, Any]) -> Delta | None:
     ]
     out = Delta(
         index=int(choice.get("index", 0)),
-        content=delta.get("content") or "",
-        reasoning=delta.get("reasoning_content") or delta.get("reasoning") or "",
+        content=_text(delta.get("content")),
+        reasoning=_text(delta.get("reasoning_content") or delta.get("reasoning")),
         logprobs=logprobs,
-        finish_reason=choice.get("finish_reason"),
+        finish_reason=_finish_reason(choice.get("finish_reason")),
     )
     # The opening role-only chunk carries nothing.
     if not (out.content or out.reasoning or out.logprobs or out.finish_reason):
@@ -420,13 +460,14 @@ def _text_delta(choice: dict[str, Any]) -> Delta | None:
     for i, (token, logprob) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [],
                                              strict=False)):
         top = tops[i] if i < len(tops) and tops[i] else {}
+        token = _text(token)
         logprobs.append(TokenLogprob(
             token, _NO_LOGPROB if logprob is None else float(logprob), list(token.encode()),
             top=[TopLogprob(t, _NO_LOGPROB if v is None else float(v), list(t.encode()))
                  for t, v in top.items()],
         ))
-    out = Delta(index=int(choice.get("index", 0)), content=choice.get("text") or "",
-                logprobs=logprobs, finish_reason=choice.get("finish_reason"))
+    out = Delta(index=int(choice.get("index", 0)), content=_text(choice.get("text")),
+                logprobs=logprobs, finish_reason=_finish_reason(choice.get("finish_reason")))
     if not (out.content or out.logprobs or out.finish_reason):
         return None
     return out

@@ -140,9 +140,13 @@ class ProcessSupervisor:
 
     def _check_running(self) -> None:
         if not self.alive:
+            # The first line says why (the process's last words); the tail follows for the log.
+            tail = self.log_tail()
+            last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()),
+                        "no output")
             raise UpstreamStartError(
                 f"upstream exited with code {self._proc and self._proc.returncode} before "
-                f"answering; tail of {self.log_path}:\n{self.log_tail()}"
+                f"answering: {last} (log: {self.log_path})\n{tail}"
             )
 
     def log_tail(self, max_bytes: int = 4000) -> str:

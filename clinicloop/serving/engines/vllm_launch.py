@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,6 +220,17 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
         "upstream_startup_timeout_s": timeout,
     })
     return VllmLaunch(command=command, engine=engine, plan=plan)
+
+
+def check_launcher(settings: EngineSettings) -> None:
+    """`ValueError` unless `engine.vllm_launcher`'s program runs on this machine: refused before
+    a process is launched, rather than supervised through restarts that cannot succeed."""
+    program = settings.vllm_launcher[0]
+    if shutil.which(program) is None:
+        raise ValueError(f"engine.vllm_launcher: {program!r} is not a program on this machine "
+                         "(install vLLM, or point engine.vllm_launcher at its python: "
+                         "[\"/venv/bin/python\", \"-m\", \"vllm.entrypoints.openai.api_server\", "
+                         "\"--model\", \"{model}\"])")
 
 
 def managed_vllm(settings: EngineSettings, models_dir: Path) -> VllmLaunch:

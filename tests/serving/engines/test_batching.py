@@ -210,3 +210,62 @@ def test_draft_models_the_engine_cannot_use_are_refused(tiny_model, bench, tmp_p
         mode="draft_model", draft_model=bench.gguf_q8_0))
     with pytest.raises(ValueError, match="vocabulary"):
         _start_then_close(other_vocab)
+
+
+def _submit_raw(engine: LlamaCppEngine, **fields) -> list:
+    """Submit one request straight to the scheduler; what it emits, up to DONE (deadline 30 s)."""
+    import queue
+
+    from clinicloop.serving.engines.batching import DONE, Request
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    request = Request(**{"prompt": [1], "max_tokens": 4, "temperature": 0.0, "top_p": 1.0,
+                         "seed": None, "grammar": None, "top_logprobs": None,
+                         "ignore_eos": True, "emit": events.put, **fields})
+    assert engine._scheduler is not None
+    engine._scheduler.submit(request)
+    out = []
+    while (item := events.get(timeout=30)) is not DONE:
+        out.append(item)
+    return out
+
+
+def test_a_request_with_nothing_to_feed_or_a_refused_grammar_ends_in_error(tiny_model,
+                                                                           tmp_path):
+    """Neither may hold a slot (the loop would spin over a sequence with no tokens) nor reach the
+    sampler with a NULL grammar (the decode thread would crash the process)."""
+    async def main():
+        engine = _engine(tiny_model, tmp_path, n_parallel=1)
+        await engine.start()
+        try:
+            empty = await asyncio.to_thread(_submit_raw, engine, prompt=[])
+            # A left-recursive grammar: llama.cpp's grammar sampler for it is NULL.
+            refused = await asyncio.to_thread(_submit_raw, engine, grammar="root ::= root")
+            scheduler = engine._scheduler
+            assert scheduler is not None
+            free = not scheduler._running and all(s.busy is None for s in scheduler.slots)
+            # The one slot serves the next request.
+            _, n = await asyncio.wait_for(_run(engine, prompts()[0]), 30)
+            return empty, refused, free, n
+        finally:
+            await engine.close()
+
+    empty, refused, free, n = asyncio.run(main())
+    assert empty == [("finish", "error", None)]
+    assert refused == [("finish", "error", None)]
+    assert free and n == GREEDY.max_tokens
+
+
+def test_an_empty_prompt_is_400_and_holds_no_slot(server_factory):
+    """The tiny model adds no BOS: an empty completion prompt has no tokens at all."""
+    import httpx
+
+    server = server_factory({"CLINICLOOP_ENGINE__N_PARALLEL": "1"})
+    r = httpx.post(server.v1 + "/completions", json={"prompt": "", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"] == "The decoder prompt cannot be empty" and error["param"] == "prompt"
+    # Its one slot is free at once (no deadline to wait for).
+    ok = httpx.post(server.v1 + "/completions", json={"prompt": "Hi", "max_tokens": 4},
+                    timeout=30)
+    assert ok.status_code == 200

@@ -29,7 +29,7 @@ from clinicloop.serving.engines.base import (
 )
 from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine, _upstream_error
 from clinicloop.serving.engines.supervisor import UpstreamStartError
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, group_gone, wait_until
 
 MESSAGES = [{"role": "user", "content": "What helps a mild headache?"}]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, seed=7)
@@ -232,14 +232,6 @@ def test_upstream_going_away_is_unavailable(upstream: str) -> None:
         assert not engine.healthy()
 
     run_engine(keyed(upstream), body)
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 async def until(ready: Callable[[], bool], deadline_s: float, what: str) -> None:

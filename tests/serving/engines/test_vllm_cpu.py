@@ -255,7 +255,8 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     assert vid in {m.id for m in vllm.models.list().data}
     # A new conversation is served, and logged, by the new version.
     _chat(client, "bench", "after-the-refresh")
-    wait_until(lambda: _versions(db).get("after-the-refresh") == vid, 30, "logged under it")
+    stored = _stored_id("after-the-refresh")
+    wait_until(lambda: _versions(db).get(stored) == vid, 30, "logged under it")
 
 
 def _logged(db: Path) -> int:
@@ -263,6 +264,16 @@ def _logged(db: Path) -> int:
 
     with sqlite3.connect(db) as conn:
         return conn.execute("select count(*) from turns").fetchone()[0]
+
+
+def _stored_id(conversation: str) -> str:
+    """How the gateway stores a client's `X-Conversation-Id`: hashed with the caller's key."""
+    from clinicloop.serving.auth import KeyRing
+    from clinicloop.serving.generation import conversation_id
+
+    caller = KeyRing([CLIENT_KEY], [ADMIN_KEY]).identify(CLIENT_KEY)
+    assert caller is not None
+    return conversation_id([], caller, conversation)
 
 
 def _versions(db: Path) -> dict[str, str]:
