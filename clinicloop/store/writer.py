@@ -277,10 +277,20 @@ class LogWriter:
         """Prepare each record, then insert the batch (if `to_store` and the store is up) or spool
         it; every record ends settled. Never raises but `CancelledError`."""
         try:
-            ready = await self._prepare(batch)
-            if to_store and self.store_up:
-                inserted, ready = await self._insert(ready)
-                self.inserted += inserted
+            # One thread hop for redaction, serialisation and the insert: each hop waits for the
+            # GIL behind the decode thread, which an `ack` response would wait for in turn.
+            store = to_store and self.store_up
+            bad, inserted, error = await _blocking(self._prepare_and_insert, batch, store)
+            await self._dead_letter([entry for _, entry in bad], [p for p, _ in bad])
+            ready = [p for p in batch if p.line is not None]
+            if store and ready:
+                if error is None:
+                    self._settle(ready, "stored")
+                    self.inserted += inserted
+                    ready = []
+                else:
+                    inserted, ready = await self._insert_failed(ready, error)
+                    self.inserted += inserted
             await self._append_spool(ready)
         except Exception as exc:  # a fault of the writer's own costs this batch at most
             left = [p for p in batch if p in self._held]
@@ -289,13 +299,20 @@ class LogWriter:
             await self._dead_letter([_dead_entry(p, "writer", exc, keep_text=False) for p in left],
                                     left)
 
-    async def _prepare(self, batch: list[_Pending]) -> list[_Pending]:
-        """Redact and serialise each record in a thread; dead-letter the ones that fail."""
-        todo = [p for p in batch if p.line is None]
-        failed = await _blocking(lambda: [(p, self._prepare_one(p)) for p in todo])
-        bad = [(p, entry) for p, entry in failed if entry is not None]
-        await self._dead_letter([entry for _, entry in bad], [p for p, _ in bad])
-        return [p for p in batch if p.line is not None]
+    def _prepare_and_insert(self, batch: list[_Pending], store: bool,
+                            ) -> tuple[list[tuple[_Pending, str]], int, Exception | None]:
+        """In a thread: redact and serialise each record, then (if `store`) insert the ones that
+        could be. Returns (each record that cannot be kept with its dead-letter entry, rows
+        inserted, the insert's exception)."""
+        bad = [(p, entry) for p in batch if p.line is None
+               if (entry := self._prepare_one(p)) is not None]
+        ready = [p for p in batch if p.line is not None]
+        if not (store and ready):
+            return bad, 0, None
+        try:
+            return bad, self._store.insert_many([p.record for p in ready]), None
+        except Exception as exc:  # judged on the loop: store down, or a bad record among them
+            return bad, 0, exc
 
     def _prepare_one(self, pending: _Pending) -> str | None:
         """Set `pending.line`; or return the dead-letter entry of a record that cannot be kept."""
@@ -319,14 +336,20 @@ class LogWriter:
         try:
             inserted = await _blocking(self._store.insert_many, [p.record for p in items])
         except Exception as exc:  # whatever the store raised, the batch must survive it
-            if _store_unavailable(exc):
-                self._mark_down(exc)
-                return 0, items
-            log.warning("the store refused a batch of %d log records (%s); inserting them one "
-                        "at a time", len(items), type(exc).__name__)
-            return await self._insert_each(items)
+            return await self._insert_failed(items, exc)
         self._settle(items, "stored")
         return inserted, []
+
+    async def _insert_failed(self, items: list[_Pending], exc: Exception,
+                             ) -> tuple[int, list[_Pending]]:
+        """After inserting `items` raised `exc`: a store that is down is marked so and every
+        item is left (for the spool); else the items are retried one at a time."""
+        if _store_unavailable(exc):
+            self._mark_down(exc)
+            return 0, items
+        log.warning("the store refused a batch of %d log records (%s); inserting them one "
+                    "at a time", len(items), type(exc).__name__)
+        return await self._insert_each(items)
 
     async def _insert_each(self, items: list[_Pending]) -> tuple[int, list[_Pending]]:
         inserted = 0
