@@ -66,6 +66,9 @@ def test_bad_paths_and_values_are_one_line(tmp_path):
         ["verify", "score", "--store-url", store, "--template", "lenient"])
     assert "is not an ISO 8601 time" in one_line_error(
         ["verify", "score", "--store-url", store, "--since", "yesterday"])
+    assert "store URL must be sqlite or postgresql, not 'mysql'" in one_line_error(
+        ["verify", "score", "--store-url", "mysql://db/turns"])
+    assert "is not a URL" in one_line_error(["verify", "score", "--store-url", "no url"])
 
 
 def test_a_plan_that_cannot_fit_says_so_and_exits_non_zero():

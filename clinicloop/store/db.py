@@ -45,11 +45,13 @@ from sqlalchemy import (
 from sqlalchemy import text as sql
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from clinicloop.errors import UserError
 from clinicloop.store.records import TurnRecord
 
+_URL_HINT = "e.g. sqlite:///var/clinicloop.db or postgresql+psycopg://user@host/db"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant works; it only has to be the same for every replica that migrates.
 _MIGRATE_LOCK_KEY = 0x636C696E  # "clin"
@@ -106,7 +108,10 @@ class Store:
 
     def __init__(self, url: str, *, sqlite_busy_timeout_s: float = 5.0,
                  sqlite_synchronous: Literal["FULL", "NORMAL"] = "NORMAL") -> None:
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise UserError(f"store URL {url!r} is not a URL: {_URL_HINT}") from None
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             _make_parent_dir(parsed)
@@ -133,7 +138,8 @@ class Store:
                 parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5}
             )
         else:
-            raise ValueError(f"store URL must be sqlite or postgresql, not {self.dialect!r}")
+            raise UserError(f"store URL must be sqlite or postgresql, not {self.dialect!r}: "
+                            f"{_URL_HINT}")
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is there already)."""
