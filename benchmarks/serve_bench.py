@@ -223,7 +223,11 @@ def request_headers(api_key: str | None) -> dict[str, str]:
 
 async def first_model(base_url: str, api_key: str | None = None) -> str:
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        resp = await client.get(f"{base_url.rstrip('/')}/models", headers=request_headers(api_key))
+        url = f"{base_url.rstrip('/')}/models"
+        resp = await client.get(url, headers=request_headers(api_key))
+        if resp.status_code in (401, 403):
+            raise SystemExit(f"{url} refused the key ({resp.status_code}): pass --api-key, or "
+                             "set OPENAI_API_KEY")
         resp.raise_for_status()
         return resp.json()["data"][0]["id"]
 

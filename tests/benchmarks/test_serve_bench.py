@@ -118,12 +118,17 @@ def test_failed_requests_are_counted_not_raised(server):
     assert result.texts == ["", "", ""]
 
 
-def test_api_key_is_sent(server_factory):
+def test_api_key_is_sent(server_factory, tmp_path, monkeypatch):
     keyed = server_factory({"CLINICLOOP_SERVER__API_KEYS": '["bench-key"]'})
     ok = asyncio.run(run_workload(keyed.v1, "random", 1, api_key="bench-key", **SMALL))
     assert (ok.completed, ok.failed) == (4, 0)
     denied = asyncio.run(run_workload(keyed.v1, "random", 1, model=ok.model, **SMALL))
     assert denied.failed == 4 and all("HTTP 401" in r.error for r in denied.requests)
+    # The command without a key: one line saying what to pass, not a traceback.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match=r"/v1/models refused the key \(401\): pass --api-key"):
+        main(["--base-url", keyed.v1, "--num-prompts", "1", "--concurrency", "1",
+              "--no-progress", "--out", str(tmp_path)])
 
 
 def test_cli_writes_json_png_and_summary(server, tmp_path, capsys):
