@@ -26,6 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stored_conversation_id(key: str, header: str) -> str:
+    """The conversation id the gateway stores for a client key's `X-Conversation-Id`: a hash of
+    the key's id and the header, never the header itself."""
+    from clinicloop.serving.auth import KeyRing
+    from clinicloop.serving.generation import conversation_id
+
+    caller = KeyRing([key], []).identify(key)
+    assert caller is not None
+    return conversation_id([], caller, header)
+
+
 def report_to_harness(figures: dict[str, object]) -> None:
     """Print a durability fault's figures and, under `make harden`, append them as one JSON line
     to the file `$CLINICLOOP_HARDEN_OUT` names (the harness sums their `rows_lost`)."""

@@ -11,11 +11,9 @@ import time
 import httpx
 import pytest
 
-from clinicloop.serving.auth import KeyRing
-from clinicloop.serving.generation import conversation_id
 from clinicloop.serving.registry import Registry
 from clinicloop.serving.versions import canary_bucket
-from tests.conftest import wait_until
+from tests.conftest import stored_conversation_id, wait_until
 
 CLIENT_KEY, ADMIN_KEY = "sk-swap-client", "sk-swap-admin"
 KEYS = {"CLINICLOOP_SERVER__API_KEYS": f'["{CLIENT_KEY}"]',
@@ -38,9 +36,7 @@ _NAMES: dict[str, str] = {}
 
 
 def _stored(conversation: str) -> str:
-    caller = KeyRing([CLIENT_KEY], [ADMIN_KEY]).identify(CLIENT_KEY)
-    assert caller is not None
-    stored = conversation_id([], caller, conversation)
+    stored = stored_conversation_id(CLIENT_KEY, conversation)
     _NAMES[stored] = conversation
     return stored
 

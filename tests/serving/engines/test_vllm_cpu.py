@@ -24,7 +24,16 @@ import pytest
 
 from clinicloop.config import EngineSettings
 from clinicloop.serving.engines.vllm_launch import build_launch
-from tests.conftest import ROOT, VLLM_CPU, Server, free_port, start_server, stop_server, wait_until
+from tests.conftest import (
+    ROOT,
+    VLLM_CPU,
+    Server,
+    free_port,
+    start_server,
+    stop_server,
+    stored_conversation_id,
+    wait_until,
+)
 from tests.serving.engines.test_vllm_launch import QWEN_32B_AWQ, _checkpoint
 
 pytestmark = pytest.mark.slow
@@ -255,7 +264,7 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     assert vid in {m.id for m in vllm.models.list().data}
     # A new conversation is served, and logged, by the new version.
     _chat(client, "bench", "after-the-refresh")
-    stored = _stored_id("after-the-refresh")
+    stored = stored_conversation_id(CLIENT_KEY, "after-the-refresh")
     wait_until(lambda: _versions(db).get(stored) == vid, 30, "logged under it")
 
 
@@ -264,16 +273,6 @@ def _logged(db: Path) -> int:
 
     with sqlite3.connect(db) as conn:
         return conn.execute("select count(*) from turns").fetchone()[0]
-
-
-def _stored_id(conversation: str) -> str:
-    """How the gateway stores a client's `X-Conversation-Id`: hashed with the caller's key."""
-    from clinicloop.serving.auth import KeyRing
-    from clinicloop.serving.generation import conversation_id
-
-    caller = KeyRing([CLIENT_KEY], [ADMIN_KEY]).identify(CLIENT_KEY)
-    assert caller is not None
-    return conversation_id([], caller, conversation)
 
 
 def _versions(db: Path) -> dict[str, str]:
