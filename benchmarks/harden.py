@@ -62,7 +62,7 @@ from pydantic import BaseModel, Field
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("fuzz", "security", "properties", "overload", "faults")
 PROPERTY_FILES = ("tests/store/test_redact.py", "tests/store/test_writer.py",
-                  "tests/serving/engines/test_grammar.py")
+                  "tests/backends/test_grammar.py")
 
 
 class Fault(BaseModel):
@@ -86,7 +86,7 @@ FAULTS = (
           files=("tests/serving/test_hot_swap.py", "tests/serving/test_registry.py"),
           select=("-k", "corrupt")),
     Fault(slug="upstream_killed", title="upstream killed mid-stream",
-          files=("tests/serving/engines/test_upstream_faults.py",)),
+          files=("tests/backends/test_upstream_faults.py",)),
 )
 HARDEN_OUT_ENV = "CLINICLOOP_HARDEN_OUT"
 PYTEST_TIMEOUT_S = 420

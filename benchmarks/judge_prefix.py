@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
 from clinicloop.model.tiny import SIZES, build_tiny
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge, Verdict, prompt_prefix, prompt_suffix
 from clinicloop.verifier.rubrics import RubricItem

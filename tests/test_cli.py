@@ -87,7 +87,7 @@ def test_a_plan_that_cannot_fit_says_so_and_exits_non_zero():
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    from clinicloop.quant import plan
+    from clinicloop.backends import plan
 
     def broken(_: object) -> str:
         raise RuntimeError("a bug")

@@ -51,14 +51,14 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, Field
 
+from clinicloop.backends.openai_upstream import load_lora_adapter
+from clinicloop.backends.registry import UPSTREAM_KINDS, Registry, RegistryState, Version
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
 from clinicloop.rl.publish import build_dir, publishable_gguf
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
 from clinicloop.serving.admin.protocol import RegisterRequest
-from clinicloop.serving.engines.openai_upstream import load_lora_adapter
-from clinicloop.serving.registry import UPSTREAM_KINDS, Registry, RegistryState, Version
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import ChatClient, open_client
 from clinicloop.verifier.generator import RubricGenerator, rule_items

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clinicloop.backends.base import Engine
+from clinicloop.backends.registry import Registry
 from clinicloop.config import Settings
 from clinicloop.serving.admin.api_router import router as admin_router
 from clinicloop.serving.admission import Admission
@@ -28,13 +30,11 @@ from clinicloop.serving.chat_completion.api_router import router as chat_router
 from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
 from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
-from clinicloop.serving.engines.base import Engine
 from clinicloop.serving.errors import ContainErrors, error_response, install_error_handlers
 from clinicloop.serving.generation import Services
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.models.api_router import router as models_router
 from clinicloop.serving.protocol import body_problem
-from clinicloop.serving.registry import Registry
 from clinicloop.serving.versions import VersionedEngine
 
 log = logging.getLogger(__name__)

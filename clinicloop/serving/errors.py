@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clinicloop.serving.engines.base import EngineError
+from clinicloop.backends.base import EngineError
 from clinicloop.serving.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from clinicloop.backends.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
 from clinicloop.serving.admission import Admission
 from clinicloop.serving.auth import Caller
-from clinicloop.serving.engines.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.protocol import UsageInfo, new_id, now

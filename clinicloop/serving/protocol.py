@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from clinicloop.serving.engines.base import SamplingParams
+from clinicloop.backends.base import SamplingParams
 
 # Bounds that keep every number a request carries within what engines and stores take.
 INT32_MAX = 2**31 - 1

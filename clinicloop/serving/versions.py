@@ -43,17 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clinicloop.config import EngineSettings, Settings
-from clinicloop.serving.artifacts import check_gguf_file, check_peft_adapter, probe_llamacpp
-from clinicloop.serving.engines.base import (
+from clinicloop.backends.artifacts import check_gguf_file, check_peft_adapter, probe_llamacpp
+from clinicloop.backends.base import (
     Engine,
     EngineUnavailable,
     Event,
     SamplingParams,
 )
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
-from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine, UpstreamModel
-from clinicloop.serving.registry import (
+from clinicloop.backends.llamacpp import LlamaCppEngine
+from clinicloop.backends.openai_upstream import OpenAIUpstreamEngine, UpstreamModel
+from clinicloop.backends.registry import (
     UPSTREAM_KINDS,
     Canary,
     Kind,
@@ -62,6 +61,7 @@ from clinicloop.serving.registry import (
     RegistryState,
     Version,
 )
+from clinicloop.config import EngineSettings, Settings
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
+from clinicloop.backends.base import Delta, Engine, EngineError, SamplingParams
 from clinicloop.config import EngineSettings
 from clinicloop.errors import UserError
-from clinicloop.serving.engines.base import Delta, Engine, EngineError, SamplingParams
 
 Origin = Literal["client", "service"]
 ORIGIN_HEADER = "X-Clinicloop-Origin"
@@ -227,7 +227,7 @@ async def open_client(url: str | None = None, *, api_key: str | None = None,
         finally:
             await client.aclose()
         return
-    from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+    from clinicloop.backends.llamacpp import LlamaCppEngine
 
     engine = LlamaCppEngine(EngineSettings(model_path=gguf, lora_path=lora, n_ctx=n_ctx),
                             models_dir)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
 from clinicloop.model.gguf_export import write_gguf_f16
 from clinicloop.rl.gate import Evaluation, HeldoutExample, decide, evaluate
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck

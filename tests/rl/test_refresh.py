@@ -16,6 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from clinicloop.backends.registry import BASE_ID, Registry
 from clinicloop.cli import app
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.refresh import (
@@ -30,7 +31,6 @@ from clinicloop.rl.refresh import (
     refresh_lock,
 )
 from clinicloop.rl.stages import corpus_prompts
-from clinicloop.serving.registry import BASE_ID, Registry
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.generator import rule_items

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
 from clinicloop.rl.rewards import (
     BackgroundLoop,
@@ -15,7 +16,6 @@ from clinicloop.rl.rewards import (
     length_rewards,
     rule_reward,
 )
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem

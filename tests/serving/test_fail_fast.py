@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clinicloop.serving.registry import Registry
+from clinicloop.backends.registry import Registry
 from tests.conftest import ROOT, free_port, group_gone
 
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from clinicloop.serving.registry import Registry
+from clinicloop.backends.registry import Registry
 from clinicloop.serving.versions import canary_bucket
 from tests.conftest import stored_conversation_id, wait_until
 

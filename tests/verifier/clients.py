@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.verifier.client import EngineChatClient
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.patient_scripts import generate, to_jsonl

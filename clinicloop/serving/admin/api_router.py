@@ -15,21 +15,21 @@ from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, Request
 
-from clinicloop.serving.admin.protocol import (
-    CanaryRequest,
-    LoadedVersion,
-    RegisterRequest,
-    VersionList,
-)
-from clinicloop.serving.artifacts import VersionFilesError
-from clinicloop.serving.errors import OpenAIError
-from clinicloop.serving.registry import (
+from clinicloop.backends.artifacts import VersionFilesError
+from clinicloop.backends.registry import (
     RegistryError,
     UnknownVersion,
     Version,
     VersionConflict,
     VersionInUse,
 )
+from clinicloop.serving.admin.protocol import (
+    CanaryRequest,
+    LoadedVersion,
+    RegisterRequest,
+    VersionList,
+)
+from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.versions import VersionedEngine, VersionLoadError
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicloop.serving.registry import Activation, Canary, Kind, Registry, Version
+from clinicloop.backends.registry import Activation, Canary, Kind, Registry, Version
 
 
 class RegisterRequest(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from clinicloop.backends.base import TokenLogprob
 from clinicloop.serving.auth import Caller
 from clinicloop.serving.chat_completion.protocol import (
     AssistantMessage,
@@ -19,7 +20,6 @@ from clinicloop.serving.chat_completion.protocol import (
     TokenLogprobOut,
     TopLogprobOut,
 )
-from clinicloop.serving.engines.base import TokenLogprob
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.generation import GenerationRun, Services, conversation_id
 

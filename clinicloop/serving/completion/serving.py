@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from clinicloop.backends.base import TokenLogprob
 from clinicloop.serving.auth import Caller
 from clinicloop.serving.completion.protocol import (
     CompletionChoice,
@@ -11,7 +12,6 @@ from clinicloop.serving.completion.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from clinicloop.serving.engines.base import TokenLogprob
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.generation import GenerationRun, Services, conversation_id
 

@@ -13,8 +13,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from clinicloop.backends.registry import RegistryState
 from clinicloop.serving.protocol import now
-from clinicloop.serving.registry import RegistryState
 
 router = APIRouter()
 

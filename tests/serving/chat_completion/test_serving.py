@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings, StoreSettings
 from clinicloop.serving.admission import Admission
 from clinicloop.serving.auth import Caller
 from clinicloop.serving.chat_completion.protocol import ChatCompletionRequest
 from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.generation import Services
 from clinicloop.serving.metrics import Metrics

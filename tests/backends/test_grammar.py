@@ -15,15 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.base import Delta, EngineError, SamplingParams
-from clinicloop.serving.engines.grammar import (
+from clinicloop.backends.base import Delta, EngineError, SamplingParams
+from clinicloop.backends.grammar import (
     MAX_REPEAT,
     GrammarError,
     check_grammar,
     schema_to_gbnf,
 )
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
+from clinicloop.backends.llamacpp import LlamaCppEngine
+from clinicloop.config import EngineSettings
 
 HOSTILE = ['say "hi"', "back\\slash", '\\"', "\\", '"', "new\nline", "tab\there", "\x00\x7f",
            "é ü 漢字 🙂", "\ud800", "]-[^", "::= |", "${x}"]

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from clinicloop.backends.base import Delta, EngineError, Event, SamplingParams
+from clinicloop.backends.openai_upstream import OpenAIUpstreamEngine
 from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.base import Delta, EngineError, Event, SamplingParams
-from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine
 from tests.serving import scripted_upstream
 
 PARAMS = SamplingParams(max_tokens=8)

@@ -28,8 +28,7 @@ from typing import Any
 
 import httpx
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.base import (
+from clinicloop.backends.base import (
     Delta,
     Engine,
     EngineError,
@@ -40,7 +39,8 @@ from clinicloop.serving.engines.base import (
     TopLogprob,
     Usage,
 )
-from clinicloop.serving.engines.supervisor import ProcessSupervisor, wait_for_http
+from clinicloop.backends.supervisor import ProcessSupervisor, wait_for_http
+from clinicloop.config import EngineSettings
 
 log = logging.getLogger(__name__)
 

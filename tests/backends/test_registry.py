@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clinicloop.serving.registry import (
+from clinicloop.backends.registry import (
     BASE_ID,
     Registry,
     RegistryError,

@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.engines.base import (
+from clinicloop.backends.base import (
     Delta,
     EngineError,
     EngineUnavailable,
@@ -27,8 +26,9 @@ from clinicloop.serving.engines.base import (
     SamplingParams,
     Usage,
 )
-from clinicloop.serving.engines.openai_upstream import OpenAIUpstreamEngine, _upstream_error
-from clinicloop.serving.engines.supervisor import UpstreamStartError
+from clinicloop.backends.openai_upstream import OpenAIUpstreamEngine, _upstream_error
+from clinicloop.backends.supervisor import UpstreamStartError
+from clinicloop.config import EngineSettings
 from tests.conftest import free_port, group_gone, wait_until
 
 MESSAGES = [{"role": "user", "content": "What helps a mild headache?"}]
@@ -291,8 +291,8 @@ def test_versions_of_an_upstream(upstream: str, tiny_model: Any, tmp_path: Path)
     """Over an upstream the registry's base is the upstream's own model; an adapter version the
     upstream cannot load (llama_cpp.server has no /v1/load_lora_adapter) is refused and the base
     keeps serving; a registry made for GGUF files is refused at start."""
+    from clinicloop.backends.registry import Registry, RegistryError
     from clinicloop.config import Settings
-    from clinicloop.serving.registry import Registry, RegistryError
     from clinicloop.serving.versions import VersionedEngine, VersionLoadError
 
     adapter = tmp_path / "adapter"

@@ -18,9 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from clinicloop.config import EngineSettings
-from clinicloop.serving.chat_template import ChatTemplate
-from clinicloop.serving.engines.base import (
+from clinicloop.backends.base import (
     Delta,
     Engine,
     EngineError,
@@ -30,15 +28,17 @@ from clinicloop.serving.engines.base import (
     TokenLogprob,
     Usage,
 )
-from clinicloop.serving.engines.batching import DONE, BatchScheduler, Request
-from clinicloop.serving.engines.drafting import Drafter, ModelDrafter, NgramDrafter
-from clinicloop.serving.engines.grammar import (
+from clinicloop.backends.batching import DONE, BatchScheduler, Request
+from clinicloop.backends.chat_template import ChatTemplate
+from clinicloop.backends.drafting import Drafter, ModelDrafter, NgramDrafter
+from clinicloop.backends.grammar import (
     GrammarError,
     check_grammar,
     json_object_gbnf,
     schema_to_gbnf,
 )
-from clinicloop.serving.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
+from clinicloop.backends.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
+from clinicloop.config import EngineSettings
 
 log = logging.getLogger(__name__)
 

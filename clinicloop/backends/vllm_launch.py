@@ -1,6 +1,6 @@
 """Managed vLLM launches: `clinicloop serve --engine vllm --profile rtx4090|cpu`.
 
-A profile holds what differs between machines: which GPU the memory planner (`quant/plan.py`)
+A profile holds what differs between machines: which GPU the memory planner (`backends/plan.py`)
 sizes the limits for, the KV-cache dtype, and flags only that hardware takes. What every launch
 shares (the launcher, batching, prefix caching, the qwen3 reasoning parser, speculative decoding,
 runtime LoRA) is `vllm_args.vllm_serve_command`. The result is the `openai` engine's settings with
@@ -31,9 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from clinicloop.config import EngineSettings
-from clinicloop.model.checkpoint import safetensors_bytes
-from clinicloop.quant.plan import (
+from clinicloop.backends.plan import (
     GPUS,
     VLLM_BLOCK_TOKENS,
     Assumptions,
@@ -42,7 +40,9 @@ from clinicloop.quant.plan import (
     plan_memory,
     vllm_limits,
 )
-from clinicloop.serving.engines.vllm_args import vllm_serve_command, vllm_serve_env
+from clinicloop.backends.vllm_args import vllm_serve_command, vllm_serve_env
+from clinicloop.config import EngineSettings
+from clinicloop.model.checkpoint import safetensors_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class VllmProfile(BaseModel):
 
     name: str
     gpu: str | None = Field(
-        description="`quant/plan.py` GPU preset the limits are planned for; None: limits from "
+        description="`backends/plan.py` GPU preset the limits are planned for; None: limits from "
         "the engine settings.")
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     dtype: str | None = Field(None, description="`--dtype`; None: the checkpoint's.")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clinicloop.serving.textstream import ReasoningSplitter, StopMatcher
+from clinicloop.backends.textstream import ReasoningSplitter, StopMatcher
 
 
 def _chunkings(text: str):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from clinicloop.backends.vllm_args import vllm_serve_command, vllm_serve_env
 from clinicloop.config import EngineSettings, SpeculativeSettings
-from clinicloop.serving.engines.vllm_args import vllm_serve_command, vllm_serve_env
-from tests.serving.engines.test_vllm_launch import _flag
+from tests.backends.test_vllm_launch import _flag
 
 
 def test_defaults_carry_batching_prefix_caching_reasoning_and_lora():

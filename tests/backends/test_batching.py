@@ -9,12 +9,12 @@ import asyncio
 
 import pytest
 
+from clinicloop.backends.base import Delta, SamplingParams
+from clinicloop.backends.drafting import common_prefix, lookup_draft
+from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings, SpeculativeSettings
 from clinicloop.model.corpus import load_corpus
 from clinicloop.model.tiny import build_tiny
-from clinicloop.serving.engines.base import Delta, SamplingParams
-from clinicloop.serving.engines.drafting import common_prefix, lookup_draft
-from clinicloop.serving.engines.llamacpp import LlamaCppEngine
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
@@ -216,7 +216,7 @@ def _submit_raw(engine: LlamaCppEngine, **fields) -> list:
     """Submit one request straight to the scheduler; what it emits, up to DONE (deadline 30 s)."""
     import queue
 
-    from clinicloop.serving.engines.batching import DONE, Request
+    from clinicloop.backends.batching import DONE, Request
 
     events: queue.SimpleQueue = queue.SimpleQueue()
     request = Request(**{"prompt": [1], "max_tokens": 4, "temperature": 0.0, "top_p": 1.0,

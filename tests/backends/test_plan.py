@@ -11,8 +11,7 @@ import pytest
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from clinicloop.cli import app
-from clinicloop.quant.plan import (
+from clinicloop.backends.plan import (
     GPUS,
     PRESETS,
     ModelShape,
@@ -21,6 +20,7 @@ from clinicloop.quant.plan import (
     plan_memory,
     vllm_limits,
 )
+from clinicloop.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN = PRESETS["qwen2.5-32b"]

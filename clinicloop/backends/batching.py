@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from clinicloop.serving.engines.base import TokenLogprob, TopLogprob
-from clinicloop.serving.engines.drafting import Drafter, DraftWant, common_prefix
+from clinicloop.backends.base import TokenLogprob, TopLogprob
+from clinicloop.backends.drafting import Drafter, DraftWant, common_prefix
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ it (header, metadata, every tensor within the file, the vocabulary, a chat templ
 LoRA must apply to its base; a peft adapter directory must hold an `adapter_config.json` that is a
 LoRA config and weights whose safetensors header is whole.
 
-The llama.cpp load runs in a child process (`python -m clinicloop.serving.artifacts`), loading
+The llama.cpp load runs in a child process (`python -m clinicloop.backends.artifacts`), loading
 the vocabulary only for a whole model, or the base's weights memory-mapped on the CPU for a LoRA:
 a file that crashes llama.cpp's parser crashes the child, never the server, and no GPU memory is
 taken from the version that is serving.
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clinicloop.serving.registry import RegistryError
+from clinicloop.backends.registry import RegistryError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
@@ -112,7 +112,7 @@ async def probe_llamacpp(model_path: Path, lora_path: Path | None = None,
     process; `VersionFilesError` with llama.cpp's own reason if it does not."""
     argv = [str(model_path)] + ([] if lora_path is None else [str(lora_path)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "clinicloop.serving.artifacts", *argv,
+        sys.executable, "-m", "clinicloop.backends.artifacts", *argv,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clinicloop.config import EngineSettings, SpeculativeSettings
-from clinicloop.quant.plan import GPUS, PRESETS, MiB, plan_memory, vllm_limits
-from clinicloop.serving.engines.vllm_launch import (
+from clinicloop.backends.plan import GPUS, PRESETS, MiB, plan_memory, vllm_limits
+from clinicloop.backends.vllm_launch import (
     PROFILES,
     build_launch,
     lora_slot_bytes,
     weight_scheme,
 )
+from clinicloop.config import EngineSettings, SpeculativeSettings
 
 # Qwen/Qwen2.5-32B-Instruct-AWQ's config.json (AutoAWQ GEMM, 4 bits, group 128, zero points).
 QWEN_32B_AWQ = {
