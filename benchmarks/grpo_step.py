@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clinicloop.config import DEFAULT_MODELS_DIR
 from clinicloop.model.tiny import build_tiny
 from clinicloop.rl.config import PINNED_TRL_OPTIONS, PaperGRPOConfig
 from clinicloop.rl.grpo import train_grpo
@@ -62,7 +63,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side")
-    parser.add_argument("--models-dir", type=Path, default=Path("var/models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     args = parser.parse_args()
 

@@ -483,7 +483,7 @@ def security(url: str, client_key: str, admin_key: str, log_path: Path) -> Secur
     requests = [(chat, auth, body) for body in bodies] + [
         (url + "/v1/completions", auth, {"prompt": marker, "max_tokens": 4, "stop": marker}),
         (url + "/admin/v1/versions", admin,
-         {"id": marker, "parent": "base", "kind": "gguf", "model_path": marker}),
+         {"id": marker, "parent": "base", "model_path": marker}),
     ]
     answers: dict[str, int] = {}
     for i, (target, headers, body) in enumerate(requests):

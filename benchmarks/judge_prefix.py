@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from clinicloop.backends.llamacpp import LlamaCppEngine
-from clinicloop.config import EngineSettings
+from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
 from clinicloop.model.tiny import SIZES, build_tiny
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge, Verdict, prompt_prefix, prompt_suffix
@@ -107,7 +107,7 @@ class FreshKV:
 
     async def forget(self) -> None:
         await asyncio.get_running_loop().run_in_executor(
-            self.engine._executor, self.engine._llama.reset)
+            self.engine._executor, self.engine.base.llama.reset)
 
     async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         await self.forget()
@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "shared": Judge(EngineChatClient(engine), template=args.template, concurrency=1),
             "fresh": Judge(fresh, template=args.template, concurrency=1),
         }
-        tokenize = engine._llama.tokenize
+        tokenize = engine.base.llama.tokenize
         prefix_tokens = len(tokenize(prompt_prefix(CONVERSATION, RESPONSE, args.template).encode()))
         suffix_tokens = [len(tokenize(prompt_suffix(i, args.template).encode(), add_bos=False))
                          for i in items]
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="bench",
                         help="tiny model to build or reuse (default: bench)")
     parser.add_argument("--gguf", type=Path, help="judge with this GGUF instead of a tiny model")
-    parser.add_argument("--models-dir", type=Path, default=Path("var/models"))
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     parser.add_argument("--template", choices=["split", "healthbench"], default="split")
     parser.add_argument("--items", type=int, default=len(CRITERIA),
                         help=f"rubric items of the conversation (at most {len(CRITERIA)})")

@@ -7,12 +7,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
+from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from clinicloop.config import Settings
+from clinicloop.config import EngineSettings, Settings
 from clinicloop.errors import UserError
 from clinicloop.verifier.client import FALLBACK_KEY_ENV, key_env
 
@@ -115,15 +116,20 @@ def serve(
     overrides = {"host": host, "port": port}
     settings.server = settings.server.model_copy(
         update={k: v for k, v in overrides.items() if v is not None})
-    vllm = engine == "vllm"
-    engine_overrides = {"model_path": None if vllm else model, "kind": None if vllm else engine,
-                        "upstream_url": upstream_url, "vllm_profile": profile,
-                        "vllm_model": str(model) if vllm and model is not None else None}
-    settings.engine = settings.engine.model_copy(
-        update={k: v for k, v in engine_overrides.items() if v is not None})
-    if vllm:
+    try:
+        settings.engine = EngineSettings.model_validate(settings.engine.model_dump() | {
+            k: v for k, v in {"kind": engine, "upstream_url": upstream_url,
+                              "vllm_profile": profile}.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.errors()[0]["msg"]) from None
+    if settings.engine.kind != "vllm":
+        if model is not None:
+            settings.engine = settings.engine.model_copy(update={"model_path": model})
+    else:
         from clinicloop.backends.vllm_launch import check_launcher, managed_vllm
 
+        if model is not None:
+            settings.engine = settings.engine.model_copy(update={"vllm_model": str(model)})
         try:
             launch = managed_vllm(settings.engine, settings.models_dir)
         except ValueError as exc:
@@ -197,11 +203,16 @@ def store_migrate() -> None:
 
 
 @store_app.command("redaction-recall")
-def redaction_recall(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def redaction_recall(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    cases: Annotated[Path | None, typer.Option(
+        help="A JSONL case file instead of the shipped one.")] = None,
+) -> None:
     """Measure PHI redaction recall on the shipped synthetic PHI set."""
-    from clinicloop.store.redact_eval import main
+    from clinicloop.store.redact_eval import evaluate, format_table, load_cases
 
-    main(["--json"] if as_json else [])
+    report = evaluate(load_cases(cases))
+    typer.echo(report.model_dump_json(indent=2) if as_json else format_table(report))
 
 
 @verify_app.command("score")
@@ -225,10 +236,26 @@ def verify_score(
     write verdicts and scores back to the store. Resumable: finished verdicts are never redone.
     Only client traffic is scored: turns a service key or `X-Clinicloop-Origin: service` marked
     (the judge's own calls, the simulator's, benchmarks') are left out."""
-    from clinicloop.verifier.score_logs import score_command
+    from datetime import datetime
+    from typing import get_args
 
-    score_command(store_url or Settings().store.url, judge_url, since, model_version, limit,
-                  template, out, judge_key=judge_key)
+    from clinicloop.verifier.judge import Template
+    from clinicloop.verifier.score_logs import format_summary, score_store
+
+    templates = get_args(Template)
+    if template not in templates:
+        raise UserError(f"--template must be one of {', '.join(templates)}, not {template!r}")
+    try:
+        start = None if since is None else datetime.fromisoformat(since)
+    except ValueError:
+        raise UserError(f"--since {since!r} is not an ISO 8601 time, e.g. "
+                        "2025-03-01T12:00") from None
+    settings = Settings()
+    summary = score_store(store_url or settings.store.url, judge_url,
+                          models_dir=settings.models_dir, judge_key=judge_key,
+                          template=cast(Template, template), since=start,
+                          model_version=model_version, limit=limit, out=out)
+    typer.echo(format_summary(summary))
 
 
 @verify_app.command("simulate")
@@ -242,6 +269,11 @@ def verify_simulate(
     scripts: Annotated[int, typer.Option(help="How many patient scripts to run.")] = 10,
     max_turns: Annotated[int, typer.Option(help="Doctor turns before the budget ends it.")] = 6,
     seed: Annotated[int, typer.Option(help="Which scripts, and sampling.")] = 0,
+    script: Annotated[list[str] | None, typer.Option(
+        help="Run this patient script (by id; repeat for several) instead of drawing --scripts "
+             "of them.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="A GGUF for the side(s) run in-process (default: the tiny model).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for simulate.json.")] = Path("var/simulate"),
     store_url: Annotated[str | None, typer.Option(
         help="Where consultations are stored (default: store.url from the settings).")] = None,
@@ -256,11 +288,31 @@ def verify_simulate(
     conversations, and report privacy score, fact score, termination accuracy and turns.
     A doctor that is a clinicloop server logs the doctor turns itself (as client traffic, to be
     scored); they are not stored twice. The patient model's calls are marked as service traffic."""
-    from clinicloop.verifier.simulate_cli import simulate_command
+    from clinicloop.verifier.patients import load_scripts
+    from clinicloop.verifier.simulation import run_simulation, select_scripts, summary
+    from clinicloop.verifier.simulator import SimulatorOptions
 
-    simulate_command(doctor_url, patient_url, scripts, max_turns, store_url, out, seed,
-                     api_key=doctor_key, patient_key=patient_key, llm_gate=llm_gate,
-                     llm_fact_check=llm_fact_check)
+    settings = Settings()
+    options = SimulatorOptions(max_turns=max_turns, llm_gate=llm_gate,
+                               llm_fact_check=llm_fact_check)
+    try:
+        chosen = select_scripts(load_scripts(), scripts, seed, script)
+    except ValueError as exc:
+        raise UserError(f"--script: {exc}") from None
+    url = store_url or settings.store.url
+    report = run_simulation(url, out, doctor_url, patient_url, chosen, options, seed,
+                            models_dir=settings.models_dir, api_key=doctor_key,
+                            patient_key=patient_key, model_path=model)
+    typer.echo(summary(report))
+    if report.logged_by_doctor:
+        where = (f"the doctor's server at {doctor_url} logged the {report.metrics.doctor_turns} "
+                 "doctor turns in its own store (not stored again here)")
+    else:
+        from sqlalchemy import make_url
+
+        where = (f"stored {report.stored_turns} doctor turns in "
+                 f"{make_url(url).render_as_string(hide_password=True)}")
+    typer.echo(f"wrote {out / 'simulate.json'}; {where}")
 
 
 def _policy_dir(model_dir: Path | None) -> Path:
@@ -348,7 +400,7 @@ def rl_stage_multiturn(
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.stages import Endpoint, multiturn_stage
     from clinicloop.verifier.patients import load_scripts
-    from clinicloop.verifier.simulate_cli import select_scripts
+    from clinicloop.verifier.simulation import select_scripts
 
     chosen = select_scripts(load_scripts(), scripts, seed)
     _echo_training(multiturn_stage(
@@ -382,7 +434,11 @@ def rl_refresh(
                             "records for it).")] = None,
     upstream_url: Annotated[str | None, typer.Option(
         help="When the serving version runs on a vLLM upstream: its base URL ending in /v1 "
-             "(default: engine.upstream_url).")] = None,
+             "(default: engine.upstream_url, or the managed vLLM's).")] = None,
+    publish: Annotated[str, typer.Option(
+        help="`lora`: the candidate is the serving base plus the new adapter, sharing the base "
+             "in memory; `merged` (llama.cpp): a whole GGUF with the adapter merged in.")
+    ] = "lora",
     run_id: Annotated[str | None, typer.Option(
         help="Resume this run (default: the latest run if unfinished, else a new one).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where runs are kept.")] = Path("var/rl/refresh"),
@@ -419,14 +475,22 @@ def rl_refresh(
         typer.echo(f"run {gone.run_id} abandoned; the next rl refresh starts a new run")
         return
     settings = Settings()
-    options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
-                             canary_share=canary_share, judge_url=judge_url,
-                             grpo=PaperGRPOConfig(max_steps=steps))
+    try:
+        options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
+                                 canary_share=canary_share, judge_url=judge_url,
+                                 publish=publish, grpo=PaperGRPOConfig(max_steps=steps))
+    except ValidationError as exc:
+        raise typer.BadParameter(exc.errors()[0]["msg"]) from None
+    if upstream_url is None and settings.engine.kind == "vllm":
+        from clinicloop.backends.vllm_launch import managed_url
+
+        upstream_url = managed_url(settings.engine)
+    engine = settings.engine.model_copy(update={
+        "upstream_url": upstream_url or settings.engine.upstream_url})
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
                   admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"), judge_api_key=judge_key,
-                  upstream_url=upstream_url or settings.engine.upstream_url,
-                  upstream_api_key=settings.engine.upstream_api_key)
+                  engine=engine)
     try:
         job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until,
                       fresh=fresh)
@@ -514,9 +578,18 @@ def quant_plan(
     group_size: Annotated[int, typer.Option(
         help="Quantization group size for w8a16 / w4a16 / w4a8; -1 per channel.")] = 128,
     kv: Annotated[str, typer.Option(
-        help="KV-cache dtype: fp16, bf16, fp8 (vLLM), q8_0 (llama.cpp).")] = "fp16",
+        help="KV-cache dtype: fp16, bf16, fp8 (vLLM), q8_0 or q4_0 (llama.cpp).")] = "fp16",
     seq_len: Annotated[int | None, typer.Option(
-        help="Count concurrent sequences of this length (default: the longest).")] = None,
+        help="The longest sequence: vLLM's --max-model-len, llama.cpp's slot size (default: "
+             "the longest that fits).")] = None,
+    typical_len: Annotated[int | None, typer.Option(
+        help="A typical conversation's tokens: vLLM's --max-num-seqs is how many fit at once "
+             "(default engine.vllm_typical_len, 2048).", min=1)] = None,
+    versions: Annotated[int, typer.Option(
+        help="Model versions served as LoRA adapters on the one base (2: a canary or a swap); "
+             "0: the base alone.", min=0)] = 0,
+    lora_rank: Annotated[int, typer.Option(
+        help="With --versions: the adapters' rank (on every linear layer).", min=1)] = 16,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         help="Share of GPU memory the engine may use (default 0.90).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -536,15 +609,20 @@ def quant_plan(
     overrides = ({} if gpu_memory_utilization is None
                  else {"gpu_memory_utilization": gpu_memory_utilization})
     try:
-        result = planner.plan_memory(shape, planner.parse_gpu(gpu), weights, kv, seq_len,
-                                     group_size=group_size, **overrides)
+        result = planner.plan_memory(
+            shape, planner.parse_gpu(gpu), weights, kv, seq_len, group_size=group_size,
+            typical_len=planner.TYPICAL_LEN if typical_len is None else typical_len,
+            versions=versions, lora_rank=lora_rank, **overrides)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     if as_json:
         out = result.model_dump()
-        out["vllm"] = (planner.vllm_limits(result)
-                       if result.fits and result.kv_cache_dtype != "q8_0" else None)
+        out["vllm"] = (planner.vllm_limits(result) if result.fits
+                       and result.kv_cache_dtype not in planner.LLAMACPP_ONLY_KV else None)
         out["llamacpp"] = planner.llamacpp_limits(result)
+        if result.kv_cache_dtype != "fp8":
+            flags, env = planner.llamacpp_serving(result)
+            out["llamacpp"] |= {"flags": flags, "env": env}
         typer.echo(json.dumps(out))
     else:
         typer.echo(planner.render(result))

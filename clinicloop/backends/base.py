@@ -9,7 +9,7 @@ streamed deltas join to exactly the non-streamed text.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,15 @@ class Usage:
 Event = Delta | Usage
 
 
+@dataclass
+class Lease:
+    """The engine and model version chosen for one admitted request, held until `release`."""
+
+    engine: Engine
+    version: str
+    release: Callable[[], None] = lambda: None
+
+
 class Engine(abc.ABC):
     """Lifecycle: `start()` once (loads or connects), `close()` once."""
 
@@ -100,6 +109,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def healthy(self) -> bool:
         """False while loading, or when the engine (or its upstream) is dead."""
+
+    def lease(self, conversation: str | None) -> Lease:
+        """Choose what serves an admitted request of `conversation` (an engine serving several
+        versions routes here); raise `EngineUnavailable` if nothing can."""
+        return Lease(self, self.model_version)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this engine holds beyond what it shares (its KV cache, its adapter)."""
+        return {}
 
     def stats(self) -> dict[str, int]:
         """Cumulative counters of the decode loop, exported as `vllm:<name>` counters."""

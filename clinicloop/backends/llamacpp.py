@@ -1,11 +1,15 @@
 """In-process llama.cpp engine (llama-cpp-python) over one GGUF file: the embedded default.
 
-`Llama` loads the model and tokenizer; decoding runs on a context of our own with one KV-cache
-sequence per slot, driven by `BatchScheduler` (continuous batching, prefix reuse across turns,
-speculative decoding by prompt lookup or a draft model with its own context; see `batching.py`,
-`drafting.py`). This module turns requests into token sequences
-(chat template, context-length check, grammar) and the scheduler's tokens back into events (stop
-strings, the reasoning split). Logprobs come from each sequence's own logits row.
+`LlamaCppModel` is a loaded GGUF (`Llama`: weights, vocabulary, chat template, metadata), shared
+by reference count between the engines of the versions it serves: versions that differ by a LoRA
+are one engine each on the same base, each with a context of its own (its KV cache, scheduler and
+decode thread) and its adapter applied to that context at runtime, so a canary or a swap adds an
+adapter and a KV cache, never a second copy of the weights. Decoding runs on that context with one
+KV-cache sequence per slot, driven by `BatchScheduler` (continuous batching, prefix reuse across
+turns, speculative decoding by prompt lookup or a draft model with its own context; see
+`batching.py`, `drafting.py`). This module turns requests into token sequences (chat template,
+context-length check, grammar) and the scheduler's tokens back into events (stop strings, the
+reasoning split). Logprobs come from each sequence's own logits row.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -62,8 +67,99 @@ def check_same_vocab(target: Any, draft: Any, draft_path: Path) -> None:
         raise ValueError(f"draft model {draft_path} does not share the served model's vocabulary")
 
 
+#: Bytes per elements of each KV-cache type (ggml's block sizes: 32 values in 34 / 18 bytes).
+_CACHE_BYTES = {"f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+
+
+def open_llama(path: Path, settings: EngineSettings) -> Any:
+    """`Llama` as the model and tokenizer; its own context stays minimal (we decode on ours)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_batch=64, n_threads=settings.n_threads,
+        n_gpu_layers=settings.n_gpu_layers, verbose=False,
+    )
+
+
+class LlamaCppModel:
+    """A loaded GGUF that engines share: `llama` (weights, vocabulary, metadata), its chat
+    template, and the LoRA adapters loaded on it. Reference-counted: whoever holds one calls
+    `release` once; the weights are freed at the last release (call it off the event loop)."""
+
+    def __init__(self, llama: Any, path: Path, name: str, hf_dir: Path | None) -> None:
+        self.llama = llama
+        self.path = path
+        #: The served model name and HF weights when the engine's settings give none.
+        self.name = name
+        self.hf_dir = hf_dir
+        self.version = file_version(path)
+        source = llama.metadata.get("tokenizer.chat_template")
+        if not source:
+            raise ValueError(f"{path} has no tokenizer.chat_template in its GGUF metadata")
+
+        def token_text(token_id: int) -> str:
+            return llama.detokenize([token_id], special=True).decode("utf-8", "replace")
+
+        self.template = ChatTemplate(
+            source, bos_token=token_text(llama.token_bos()), eos_token=token_text(llama.token_eos())
+        )
+        self._refs = 1
+        # Guards the count and the model's adapter set (engines start and stop on own threads).
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path, settings: EngineSettings, name: str,
+             hf_dir: Path | None) -> LlamaCppModel:
+        llama = open_llama(path, settings)
+        try:
+            return cls(llama, path, name, hf_dir)
+        except BaseException:
+            llama.close()
+            raise
+
+    @property
+    def refs(self) -> int:
+        return self._refs
+
+    def share(self) -> LlamaCppModel:
+        """This model, with one more reference (the caller releases it)."""
+        with self._lock:
+            if self._refs == 0:
+                raise EngineUnavailable(f"the base model {self.path} was already freed")
+            self._refs += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            if self._refs == 0:
+                self.llama.close()
+
+    def load_adapter(self, path: Path) -> Any:
+        """A LoRA adapter GGUF loaded on these weights (`llama_adapter_lora_init`); the caller
+        frees it with `free_adapter` once no context uses it, before its last `release`."""
+        import llama_cpp
+
+        with self._lock:
+            adapter = llama_cpp.llama_adapter_lora_init(self.llama.model, str(path).encode())
+        if not adapter:
+            raise ValueError(f"llama.cpp could not load the LoRA adapter {path} on {self.path}")
+        return adapter
+
+    def free_adapter(self, adapter: Any) -> None:
+        import llama_cpp
+
+        with self._lock:
+            llama_cpp.llama_adapter_lora_free(adapter)
+
+
 class LlamaCppEngine(Engine):
-    def __init__(self, settings: EngineSettings, models_dir: Path) -> None:
+    """One model version: a context (KV cache for `n_parallel` sequences and the idle slots) with
+    its scheduler and decode thread, on a base model it loads or, given `base`, shares, with
+    `settings.lora_path` applied to its context as a runtime adapter."""
+
+    def __init__(self, settings: EngineSettings, models_dir: Path, *,
+                 base: LlamaCppModel | None = None) -> None:
         self.settings = settings
         self.models_dir = models_dir
         self.model_name = settings.served_model_name or "loading"
@@ -71,27 +167,36 @@ class LlamaCppEngine(Engine):
         #: The GGUF file served, once loaded (the tiny model's path is known only then).
         self.model_path: Path | None = None
         self.hf_dir: Path | None = settings.hf_dir
-        self._llama: Any = None
+        #: The loaded base, once started: further versions start on it (`base=engine.base`).
+        self.base: LlamaCppModel | None = None
+        self._given_base = base
+        self._adapter: Any = None
         self._context: Any = None
         self._draft: Any = None  # the draft model (`speculative.mode=draft_model`) and its context
         self._draft_context: Any = None
         self._scheduler: BatchScheduler | None = None
         self.max_concurrency = settings.n_parallel
-        self._template: ChatTemplate | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamacpp")
 
-    def _resolve_model(self) -> Path:
-        if self.settings.model_path is not None:
-            return self.settings.model_path
-        from clinicloop.model.tiny import build_tiny
+    def _load_base(self) -> LlamaCppModel:
+        if self._given_base is not None:
+            return self._given_base.share()
+        s = self.settings
+        if s.model_path is not None:
+            path, name, hf_dir = s.model_path, s.model_path.stem, s.hf_dir
+        else:
+            from clinicloop.model.tiny import build_tiny
 
-        tiny = build_tiny(self.settings.tiny_size, out_root=self.models_dir)
-        self.model_name = self.settings.served_model_name or tiny.name
-        self.hf_dir = tiny.hf_dir
-        return tiny.gguf_q8_0 if self.settings.tiny_quant == "q8_0" else tiny.gguf_f16
+            tiny = build_tiny(s.tiny_size, out_root=self.models_dir)
+            path = tiny.gguf_q8_0 if s.tiny_quant == "q8_0" else tiny.gguf_f16
+            name, hf_dir = tiny.name, tiny.hf_dir
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model not found: {path}")
+        return LlamaCppModel.load(path, s, name, hf_dir)
 
     def _load(self) -> None:
-        spec = self.settings.speculative
+        s = self.settings
+        spec = s.speculative
         # Refused before minutes of model loading.
         if spec.mode == "eagle3":
             raise ValueError("speculative.mode=eagle3 is for a vLLM upstream; the llamacpp engine "
@@ -101,41 +206,28 @@ class LlamaCppEngine(Engine):
             raise FileNotFoundError(
                 f"speculative.draft_model must be a GGUF file for the llamacpp engine, not "
                 f"{spec.draft_model}")
-        path = self._resolve_model()
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF model not found: {path}")
-        lora = self.settings.lora_path
+        if s.cache_type_v != "f16" and not s.flash_attn:
+            raise ValueError(f"engine.cache_type_v={s.cache_type_v} needs engine.flash_attn=true: "
+                             "llama.cpp attends over a quantized V cache only with flash attention")
+        lora = s.lora_path
         if lora is not None and not lora.is_file():
             raise FileNotFoundError(f"LoRA adapter GGUF not found: {lora}")
-        llama = self._open_model(path, lora)
-        source = llama.metadata.get("tokenizer.chat_template")
-        if not source:
-            raise ValueError(f"{path} has no tokenizer.chat_template in its GGUF metadata")
+        base = self.base = self._load_base()
+        try:
+            if lora is not None:
+                self._adapter = base.load_adapter(lora)
+            self._scheduler = self._batching(base.llama)
+        except BaseException:
+            self._unload()
+            raise
+        self.model_name = s.served_model_name or base.name
+        self.hf_dir = s.hf_dir or base.hf_dir
+        self.model_version = (base.version if lora is None
+                              else f"{base.version}+{file_version(lora)}")
+        self.model_path = base.path
 
-        def token_text(token_id: int) -> str:
-            return llama.detokenize([token_id], special=True).decode("utf-8", "replace")
-
-        self._template = ChatTemplate(
-            source, bos_token=token_text(llama.token_bos()), eos_token=token_text(llama.token_eos())
-        )
-        self._llama = llama
-        self._context, self._scheduler = self._batching(llama)
-        if self.settings.served_model_name is None and self.settings.model_path is not None:
-            self.model_name = path.stem
-        self.model_version = file_version(path)
-        self.model_path = path
-
-    def _open_model(self, path: Path, lora: Path | None = None) -> Any:
-        """`Llama` as the model, tokenizer and LoRA adapter; its own context stays minimal."""
-        import llama_cpp
-
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=64, n_batch=64, n_threads=self.settings.n_threads,
-            n_gpu_layers=self.settings.n_gpu_layers,
-            lora_path=None if lora is None else str(lora), verbose=False,
-        )
-
-    def _open_context(self, llama: Any, n_slots: int) -> Any:
+    def _open_context(self, llama: Any, n_slots: int, cache_k: str = "f16",
+                      cache_v: str = "f16") -> Any:
         """A context of `llama`'s model with one KV-cache sequence per slot."""
         import llama_cpp
         from llama_cpp import _internals
@@ -148,24 +240,41 @@ class LlamaCppEngine(Engine):
         params.n_batch = params.n_ubatch = s.n_batch
         params.n_seq_max = n_slots
         params.kv_unified = False
+        ggml_types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                      "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+        params.type_k, params.type_v = ggml_types[cache_k], ggml_types[cache_v]
         # Flash attention's f16 accumulation makes a token's logits depend on how its prompt
         # was split into batches; without it, prefix reuse and drafting are exact.
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if s.flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.n_threads = params.n_threads_batch = s.n_threads
-        return _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        try:
+            return _internals.LlamaContext(model=llama._model, params=params, verbose=False)
+        except ValueError:
+            if (cache_k, cache_v) == ("f16", "f16"):
+                raise
+            model = llama.model
+            head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+            raise ValueError(
+                f"llama.cpp could not create a context with engine.cache_type_k={cache_k}, "
+                f"engine.cache_type_v={cache_v}, engine.flash_attn={s.flash_attn}: with flash "
+                f"attention a quantized cache type needs the head dimension to be a multiple of "
+                f"its block of 32 (this model's: {head_dim})") from None
 
-    def _batching(self, llama: Any) -> tuple[Any, BatchScheduler]:
+    def _batching(self, llama: Any) -> BatchScheduler:
+        """Open this engine's context (kept as `_context` at once, so a failure after it
+        closes it) with the adapter applied, the drafter, and the scheduler over them."""
         import ctypes
 
         import llama_cpp
 
         s = self.settings
         n_slots = s.n_parallel + s.prefix_cache_slots
-        context = self._open_context(llama, n_slots)
-        if llama._lora_adapter is not None:
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(llama._lora_adapter)
-            scales = (ctypes.c_float * 1)(llama.lora_scale)
+        context = self._context = self._open_context(llama, n_slots, s.cache_type_k,
+                                                     s.cache_type_v)
+        if self._adapter is not None:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapter)
+            scales = (ctypes.c_float * 1)(1.0)
             if llama_cpp.llama_set_adapters_lora(context.ctx, adapters, 1, scales):
                 raise RuntimeError(f"could not apply the LoRA adapter {s.lora_path}")
         spec = s.speculative
@@ -174,15 +283,15 @@ class LlamaCppEngine(Engine):
             drafter = NgramDrafter(spec.ngram)
         elif spec.mode == "draft_model":
             assert spec.draft_model is not None
-            self._draft = self._open_model(spec.draft_model)
+            self._draft = open_llama(spec.draft_model, s)
             check_same_vocab(llama, self._draft, spec.draft_model)
+            # The draft's own cache stays f16: it is small, and its head dim may not suit q8_0.
             self._draft_context = self._open_context(self._draft, n_slots)
             drafter = ModelDrafter(self._draft, self._draft_context.ctx, n_slots=n_slots,
                                    n_batch=s.n_batch)
-        scheduler = BatchScheduler(
+        return BatchScheduler(
             llama, context.ctx, n_parallel=s.n_parallel, n_slots=n_slots, n_batch=s.n_batch,
             n_ctx_seq=s.n_ctx, drafter=drafter, draft_max=spec.num_draft_tokens)
-        return context, scheduler
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
@@ -197,10 +306,36 @@ class LlamaCppEngine(Engine):
             if isinstance(self._scheduler.drafter, ModelDrafter):
                 self._scheduler.drafter.close()
             self._scheduler = None
-        for name in ("_context", "_draft_context", "_llama", "_draft"):
+        for name in ("_context", "_draft_context", "_draft"):
             if (resource := getattr(self, name)) is not None:
                 resource.close()
                 setattr(self, name, None)
+        # The adapter outlives the context that used it; the weights outlive their adapters.
+        if self.base is not None:
+            if self._adapter is not None:
+                self.base.free_adapter(self._adapter)
+                self._adapter = None
+            self.base.release()
+            self.base = None
+
+    def memory(self) -> dict[str, int]:
+        lora = self.settings.lora_path
+        return {"kv_cache_bytes": self.kv_cache_bytes() if self.base is not None else 0,
+                "adapter_bytes": lora.stat().st_size if lora is not None else 0}
+
+    def kv_cache_bytes(self) -> int:
+        """The KV cache of this engine's context as llama.cpp allocates it: a stream of n_ctx
+        cells (padded to 256) per slot, K and V of every layer in their cache types."""
+        import llama_cpp
+
+        assert self.base is not None
+        s, model = self.settings, self.base.llama.model
+        cells = -(-s.n_ctx // 256) * 256 * (s.n_parallel + s.prefix_cache_slots)
+        head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+        per_cell = (llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model)
+                    * head_dim)
+        return sum(cells * per_cell * num // per
+                   for num, per in (_CACHE_BYTES[s.cache_type_k], _CACHE_BYTES[s.cache_type_v]))
 
     def healthy(self) -> bool:
         return self._scheduler is not None and not self._scheduler.dead
@@ -222,9 +357,9 @@ class LlamaCppEngine(Engine):
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
              template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
         self._require_loaded()
-        assert self._template is not None
+        assert self.base is not None
         try:
-            prompt = self._template.render(messages, **template_kwargs)
+            prompt = self.base.template.render(messages, **template_kwargs)
         except Exception as exc:  # a template's raise_exception, or bad kwargs
             raise EngineError(f"chat template failed: {exc}", param="messages") from exc
         thinking = self.settings.reasoning_parser == "think"
@@ -245,7 +380,8 @@ class LlamaCppEngine(Engine):
                  param: str = "messages") -> tuple[list[int], int, str | None]:
         """The prompt's tokens, the completion budget and the grammar: everything a request is
         refused for is found here, before it is admitted."""
-        tokens = self._llama.tokenize(prompt.encode(), add_bos=True, special=True)
+        assert self.base is not None
+        tokens = self.base.llama.tokenize(prompt.encode(), add_bos=True, special=True)
         if not tokens:  # nothing to decode (a model without BOS): as vLLM words it
             raise EngineError("The decoder prompt cannot be empty", param=param)
         room = self.n_ctx - len(tokens)

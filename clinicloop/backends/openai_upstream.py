@@ -59,15 +59,14 @@ class UpstreamFailed(EngineError):
 
 
 class OpenAIUpstreamEngine(Engine):
-    # The gateway's admission limit; the upstream's own scheduler batches what we send it.
-    # `server.max_running` overrides it per deployment.
-    max_concurrency = 64
-
-    def __init__(self, settings: EngineSettings, *, log_dir: Path = Path("var/logs"),
-                 health_interval_s: float = 2.0) -> None:
+    def __init__(self, settings: EngineSettings, *, max_concurrency: int = 64,
+                 log_dir: Path = Path("var/logs"), health_interval_s: float = 2.0) -> None:
+        """`max_concurrency`: requests sent at once (the gateway's admission limit); the
+        upstream's own scheduler batches them."""
         if not settings.upstream_url:
             raise ValueError("engine.upstream_url is required for the openai engine")
         self.settings = settings
+        self.max_concurrency = max_concurrency
         self.url = settings.upstream_url.rstrip("/")
         self.model_name = settings.served_model_name or "loading"
         self.model_version = "loading"
@@ -304,24 +303,16 @@ async def _post_ok(client: httpx.AsyncClient, url: str, body: dict[str, Any]) ->
         raise _upstream_error(resp.status_code, resp.content)
 
 
-async def load_lora_adapter(url: str, name: str, path: Path, *, api_key: str | None = None
-                            ) -> None:
-    """`OpenAIUpstreamEngine.load_adapter` for a caller without a started engine (the refresh
-    job loading a candidate to evaluate it); `url` is the upstream's base URL ending in /v1."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(headers=headers, timeout=600) as client:
-        await _post_ok(client, url.rstrip("/") + "/load_lora_adapter", _load_body(name, path))
-
-
 class UpstreamModel(Engine):
     """One model id of a shared, started upstream: its own model, or a LoRA adapter it loads on
     `start` and unloads on `close`. The upstream itself (its process, client and health) belongs
     to whoever started it; closing this never stops it."""
 
-    def __init__(self, upstream: OpenAIUpstreamEngine, adapter: tuple[str, Path] | None = None
-                 ) -> None:
+    def __init__(self, upstream: OpenAIUpstreamEngine, adapter: tuple[str, Path] | None = None,
+                 *, unload_on_close: bool = True) -> None:
         self.upstream = upstream
         self.adapter = adapter
+        self.unload_on_close = unload_on_close
         self.max_concurrency = upstream.max_concurrency
         self.model_name = upstream.model_name
         self.model_version = upstream.model_version if adapter is None else f"lora:{adapter[0]}"
@@ -331,7 +322,7 @@ class UpstreamModel(Engine):
             await self.upstream.load_adapter(*self.adapter)
 
     async def close(self) -> None:
-        if self.adapter is not None and self.upstream.healthy():
+        if self.adapter is not None and self.unload_on_close and self.upstream.healthy():
             try:
                 await self.upstream.unload_adapter(self.adapter[0])
             except (EngineError, httpx.HTTPError) as exc:  # it only costs upstream memory

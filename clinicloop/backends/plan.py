@@ -1,17 +1,37 @@
-"""GPU memory planner: for a model shape, a weight scheme and a KV-cache dtype, how long one
-sequence can be and how many fit at once on one GPU, and the vLLM / llama.cpp limits that follow.
+"""GPU memory planner: for a model shape, a weight scheme, a KV-cache dtype and the model
+versions served as LoRA adapters on it, how long one sequence can be and how many run at once on
+one GPU, and the vLLM / llama.cpp limits that follow.
 
-GPU memory = weights + KV cache + overhead; the KV cache gets what is left:
+GPU memory = weights + adapters + KV cache + overhead; the KV cache gets what is left:
 
     budget          = gpu_bytes * gpu_memory_utilization
-    kv_pool         = budget - weights - cuda_context - activations
+    kv_pool         = budget - weights - adapters - cuda_context - activations
     overhead        = cuda_context + activations + reserve,  reserve = gpu_bytes - budget
     max_seq_len     = min(kv_pool // kv_bytes_per_token, max_position_embeddings)
-    concurrent_seqs = kv_pool // (kv_bytes_per_token * seq_len)
+    concurrent_seqs = kv_pool // (kv_bytes_per_token * seq_len)      (seq_len: default max_seq_len)
+    typical_seqs    = kv_pool // (kv_bytes_per_token * typical_len)  (typical_len: default 2048)
 
 That is vLLM's own accounting ("total_gpu_memory x gpu_memory_utilization"; weights, non-torch
 memory and the profiled activation peak come out of it, the KV cache gets the rest, CUDA graphs are
 captured afterwards outside the budget), so the limits printed here are ones vLLM accepts.
+
+Concurrency, per engine. vLLM pages the KV cache in blocks of 16 tokens and preempts (and later
+resumes) a sequence when the pool runs out, so it keeps `--max-model-len` at seq_len and runs
+`--max-num-seqs` = typical_seqs sequences: as many typical conversations as the pool holds
+(`engine.vllm_typical_len`, 2048 tokens: a multi-turn consultation and its reply; one longer
+conversation simply takes the room of several): Qwen2.5-32B W4A16 with an FP8 cache on a 4090
+has a pool of 20,009 tokens, one sequence of 20,000 or nine chats of 2,048. llama.cpp does not
+page: `-c n_ctx -np N` gives each slot n_ctx / N cells, so its slots are of seq_len and a slot
+never holds a longer sequence.
+
+Versions as LoRA adapters on one base (`versions`, `lora_rank`): each adapter is rank r on every
+decoder linear layer (q, k, v, o, gate, up, down) of every layer, an A and a B matrix in 16 bits,
+r * (in + out) * 2 bytes per matrix. vLLM preallocates `--max-loras` such slots of
+`--max-lora-rank` at start, whatever the adapters loaded; llama.cpp loads each adapter next to the
+weights of the one model (convert with `convert_lora_to_gguf.py --outtype f16`: its default f32
+doubles them). vLLM's versions share its one paged pool; in clinicloop's llama.cpp engine each
+version has a context of its own, so the pool is split: each version gets n_parallel slots of
+seq_len tokens.
 
 Assumptions, one set for every GPU, model and scheme (each can be overridden by keyword):
 - gpu_memory_utilization 0.90, vLLM's default. The 10 % outside the budget is the reserve for CUDA
@@ -26,7 +46,8 @@ Assumptions, one set for every GPU, model and scheme (each can be overridden by 
   (vLLM's default max_num_seqs): 256 * vocab * 4 * 2 bytes.
 
 KV cache per token: 2 (K and V) * layers * kv_heads * head_dim * bytes per element: 2 for fp16 /
-bf16, 1 for fp8 (vLLM's `--kv-cache-dtype fp8`), 34/32 for q8_0 (llama.cpp's `-ctk/-ctv q8_0`).
+bf16, 1 for fp8 (vLLM's `--kv-cache-dtype fp8`), 34/32 for q8_0 and 18/32 for q4_0 (llama.cpp's
+`-ctk/-ctv`, blocks of 32 values with one f16 scale; a quantized V cache needs flash attention).
 
 Weights, as bytes resident on the GPU:
 - bf16 / fp16: every tensor in 16 bits; the input embedding and an untied lm_head both count.
@@ -62,12 +83,15 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from clinicloop.config import EngineSettings
 from clinicloop.errors import UserError
 
 MiB = 1 << 20
 GiB = 1 << 30
 VLLM_BLOCK_TOKENS = 16  # vLLM's default KV block size: the cache holds whole blocks
 PARTIAL_OFFLOAD_CTX = 4096  # llama.cpp context when the whole model does not fit and none was asked
+TYPICAL_LEN: int = EngineSettings.model_fields["vllm_typical_len"].default
+LORA_RANK: int = EngineSettings.model_fields["vllm_max_lora_rank"].default
 
 
 class ModelShape(BaseModel):
@@ -164,9 +188,11 @@ GPUS: dict[str, int] = {
     "h100-80": 81559 * MiB,
 }
 
-# KV-cache element -> (bytes, per elements); q8_0 is llama.cpp's 8-bit cache (34 bytes per 32).
+# KV-cache element -> (bytes, per elements); q8_0 and q4_0 are llama.cpp's block types (32
+# values and an f16 scale: 34 and 18 bytes).
 KV_DTYPES: dict[str, tuple[int, int]] = {"fp16": (2, 1), "bf16": (2, 1), "fp8": (1, 1),
-                                         "q8_0": (34, 32)}
+                                         "q8_0": (34, 32), "q4_0": (18, 32)}
+LLAMACPP_ONLY_KV = ("q8_0", "q4_0")
 
 
 class _Linear(NamedTuple):
@@ -232,6 +258,9 @@ class Plan(BaseModel):
     num_layers: int
     max_position_embeddings: int | None
     weight_bytes: int
+    versions: int  # model versions served as LoRA adapters on the one base
+    lora_rank: int
+    adapter_bytes: int
     layer_weight_bytes: int  # the largest decoder layer: what partial offload moves per layer
     kv_bytes_per_token: int
     cuda_context_bytes: int
@@ -242,7 +271,9 @@ class Plan(BaseModel):
     kv_pool_tokens: int
     max_seq_len: int
     seq_len: int
-    concurrent_seqs: int
+    concurrent_seqs: int  # sequences of seq_len at once
+    typical_len: int
+    typical_seqs: int  # sequences of typical_len at once: what a paged cache runs
     fits: bool
     gpu_memory_utilization: float
     prefill_tokens: int
@@ -301,9 +332,20 @@ def _activation_bytes(shape: ModelShape, a: Assumptions) -> int:
     return 2 * max(mlp, attention) + a.sampler_seqs * shape.vocab_size * 4 * 2
 
 
+def lora_slot_bytes(shape: ModelShape, rank: int, slots: int) -> int:
+    """Memory of `slots` LoRA adapters of `rank` on every decoder linear layer (an A and a B
+    matrix each, in 16 bits): what vLLM preallocates for `--max-loras slots --max-lora-rank
+    rank`, and what llama.cpp loads beside the model for that many f16 adapters."""
+    per_layer = sum(rank * (n_in + n_out) for _, n_in, n_out in shape.linears())
+    return slots * shape.num_layers * per_layer * 2
+
+
 def plan_memory(shape: ModelShape, gpu_bytes: int, weights: str, kv: str,
-                seq_len: int | None = None, *, group_size: int = 128, **overrides: Any) -> Plan:
-    """Plan one GPU; `overrides` replace fields of `Assumptions` (e.g. gpu_memory_utilization)."""
+                seq_len: int | None = None, *, group_size: int = 128,
+                typical_len: int = TYPICAL_LEN, versions: int = 0, lora_rank: int = LORA_RANK,
+                **overrides: Any) -> Plan:
+    """Plan one GPU; `overrides` replace fields of `Assumptions` (e.g. gpu_memory_utilization).
+    `versions` LoRA adapters of `lora_rank` share the base (0: the base model alone)."""
     a = Assumptions(**overrides)
     weights, kv = weights.lower(), kv.lower()
     if kv not in KV_DTYPES:
@@ -316,10 +358,13 @@ def plan_memory(shape: ModelShape, gpu_bytes: int, weights: str, kv: str,
         raise ValueError(f"unknown weight scheme {weights!r}; choose from {', '.join(SCHEMES)}")
     if seq_len is not None and seq_len <= 0:
         raise ValueError("seq_len must be positive")
+    if typical_len <= 0 or versions < 0 or lora_rank <= 0:
+        raise ValueError("typical_len and lora_rank must be positive, versions not negative")
     weight_bytes = sum(layers) + rest
+    adapter_bytes = lora_slot_bytes(shape, lora_rank, versions)
     budget = int(gpu_bytes * a.gpu_memory_utilization)
     activations = _activation_bytes(shape, a)
-    kv_pool = budget - weight_bytes - a.cuda_context_bytes - activations
+    kv_pool = budget - weight_bytes - adapter_bytes - a.cuda_context_bytes - activations
     per_token = shape.kv_bytes_per_token(kv)
     pool_tokens = max(kv_pool, 0) // per_token
     max_seq_len = min(pool_tokens, shape.max_position_embeddings or pool_tokens)
@@ -327,41 +372,50 @@ def plan_memory(shape: ModelShape, gpu_bytes: int, weights: str, kv: str,
     concurrent = pool_tokens // seq if seq else 0
     if shape.max_position_embeddings and seq > shape.max_position_embeddings:
         concurrent = 0
+    typical = min(typical_len, seq) or typical_len
     return Plan(
         model=shape.name, gpu_bytes=gpu_bytes, weights=weights, group_size=group_size,
         kv_cache_dtype=kv, num_layers=shape.num_layers,
         max_position_embeddings=shape.max_position_embeddings, weight_bytes=weight_bytes,
+        versions=versions, lora_rank=lora_rank, adapter_bytes=adapter_bytes,
         layer_weight_bytes=max(layers), kv_bytes_per_token=per_token,
         cuda_context_bytes=a.cuda_context_bytes, activation_bytes=activations,
         reserve_bytes=gpu_bytes - budget,
         overhead_bytes=a.cuda_context_bytes + activations + gpu_bytes - budget,
         kv_pool_bytes=kv_pool, kv_pool_tokens=pool_tokens, max_seq_len=max_seq_len, seq_len=seq,
-        concurrent_seqs=concurrent, fits=concurrent >= 1,
+        concurrent_seqs=concurrent, typical_len=typical,
+        typical_seqs=pool_tokens // typical if concurrent else 0, fits=concurrent >= 1,
         gpu_memory_utilization=a.gpu_memory_utilization, prefill_tokens=a.prefill_tokens,
         sampler_seqs=a.sampler_seqs)
 
 
 def vllm_limits(plan: Plan) -> dict[str, Any]:
-    """`vllm serve` limits: every admitted sequence can grow to max_model_len without preemption."""
+    """`vllm serve` limits: sequences up to max_model_len, as many at once as the paged KV pool
+    holds at the typical length (capped by the sampler's sequences the activations assume)."""
     if not plan.fits:
         raise ValueError(f"{plan.model} with {plan.weights} weights does not fit "
                          f"{plan.gpu_bytes / GiB:.1f} GiB at {plan.seq_len} tokens")
-    if plan.kv_cache_dtype == "q8_0":
-        raise ValueError("vLLM has no q8_0 KV cache; plan with fp8")
+    if plan.kv_cache_dtype in LLAMACPP_ONLY_KV:
+        raise ValueError(f"vLLM has no {plan.kv_cache_dtype} KV cache; plan with fp8")
     whole_blocks = plan.kv_pool_tokens // VLLM_BLOCK_TOKENS * VLLM_BLOCK_TOKENS
-    return {"max_model_len": min(plan.seq_len, whole_blocks),
-            "max_num_seqs": min(plan.concurrent_seqs, plan.sampler_seqs),
-            "gpu_memory_utilization": plan.gpu_memory_utilization,
-            "kv_cache_dtype": "fp8" if plan.kv_cache_dtype == "fp8" else "auto"}
+    limits = {"max_model_len": min(plan.seq_len, whole_blocks),
+              "max_num_seqs": min(plan.typical_seqs, plan.sampler_seqs),
+              "gpu_memory_utilization": plan.gpu_memory_utilization,
+              "kv_cache_dtype": "fp8" if plan.kv_cache_dtype == "fp8" else "auto"}
+    if plan.versions:
+        limits |= {"max_loras": plan.versions, "max_lora_rank": plan.lora_rank}
+    return limits
 
 
 def llamacpp_limits(plan: Plan) -> dict[str, int]:
-    """llama.cpp limits; a model that does not fit gets as many layers on the GPU as do."""
-    if plan.fits:
+    """llama.cpp limits, per version: slots of seq_len tokens in the version's share of the
+    pool (no paging); a model that does not fit gets as many layers on the GPU as do."""
+    per_version = plan.kv_pool_tokens // max(plan.versions, 1)
+    if plan.fits and per_version:
         # n_layers + 1 also offloads the output layer; n_ctx is shared by the parallel slots.
-        slots = min(plan.concurrent_seqs, plan.sampler_seqs)
-        return {"n_ctx": slots * plan.seq_len, "n_gpu_layers": plan.num_layers + 1,
-                "n_parallel": slots}
+        slot = min(plan.seq_len, per_version)
+        slots = min(per_version // slot, plan.sampler_seqs)
+        return {"n_ctx": slots * slot, "n_gpu_layers": plan.num_layers + 1, "n_parallel": slots}
     n_ctx = plan.seq_len or min(PARTIAL_OFFLOAD_CTX,
                                 plan.max_position_embeddings or PARTIAL_OFFLOAD_CTX)
     budget = plan.kv_pool_bytes + plan.weight_bytes  # what the weights and KV cache may take
@@ -370,24 +424,45 @@ def llamacpp_limits(plan: Plan) -> dict[str, int]:
     return {"n_ctx": n_ctx, "n_gpu_layers": layers, "n_parallel": 1}
 
 
+def llamacpp_serving(plan: Plan) -> tuple[list[str], dict[str, str]]:
+    """The llama.cpp limits as `llama-server` flags and as the clinicloop engine settings that
+    serve them (`CLINICLOOP_ENGINE__*`): n_ctx is per sequence there, and no extra slots are kept
+    for idle conversations (each slot's own cache serves its conversation's next turn)."""
+    if plan.kv_cache_dtype == "fp8":
+        raise ValueError("llama.cpp has no fp8 KV cache; plan with q8_0 or q4_0")
+    c = llamacpp_limits(plan)
+    flags = ["-c", str(c["n_ctx"]), "-ngl", str(c["n_gpu_layers"]), "-np", str(c["n_parallel"])]
+    env = {"N_CTX": c["n_ctx"] // c["n_parallel"], "N_PARALLEL": c["n_parallel"],
+           "PREFIX_CACHE_SLOTS": 0, "N_GPU_LAYERS": c["n_gpu_layers"]}
+    if plan.kv_cache_dtype in LLAMACPP_ONLY_KV:
+        # llama.cpp refuses a quantized V cache without flash attention.
+        flags += ["-fa", "on", "-ctk", plan.kv_cache_dtype, "-ctv", plan.kv_cache_dtype]
+        env |= {"FLASH_ATTN": "true", "CACHE_TYPE_K": plan.kv_cache_dtype,
+                "CACHE_TYPE_V": plan.kv_cache_dtype}
+    return flags, {f"CLINICLOOP_ENGINE__{k}": str(v) for k, v in env.items()}
+
+
 def misfit(plan: Plan) -> str | None:
     """None if the plan fits; else one line: why it does not, and what to change."""
     if plan.fits:
         return None
-    where = (f"{plan.model} with {plan.weights} weights does not fit "
+    adapters = (f" and {_count(plan.versions, f'rank-{plan.lora_rank} adapter')}"
+                if plan.versions else "")
+    where = (f"{plan.model} with {plan.weights} weights{adapters} does not fit "
              f"{plan.gpu_bytes / GiB:.2f} GiB")
+    fewer = ", fewer --versions or a lower --lora-rank" if plan.versions else ""
     if plan.kv_pool_tokens == 0:
         partial = llamacpp_limits(plan)["n_gpu_layers"]
         return (f"{where}: weights and overhead exceed the budget by "
                 f"{max(-plan.kv_pool_bytes, 0) / GiB:.2f} GiB, leaving no KV cache; use fewer "
-                f"bits (--weights w4a16, or q4_k_m for llama.cpp), a larger --gpu, or offload "
-                f"{partial} of {plan.num_layers} layers with llama.cpp")
+                f"bits (--weights w4a16, or q4_k_m for llama.cpp){fewer}, a larger --gpu, or "
+                f"offload {partial} of {plan.num_layers} layers with llama.cpp")
     if plan.max_position_embeddings and plan.seq_len > plan.max_position_embeddings:
         return (f"{where} at --seq-len {plan.seq_len:,}: the model has "
                 f"{plan.max_position_embeddings:,} positions; lower --seq-len")
     return (f"{where} at --seq-len {plan.seq_len:,}: the KV cache holds "
             f"{plan.kv_pool_tokens:,} tokens; lower --seq-len to at most {plan.max_seq_len:,}, "
-            "or use --kv fp8 (vLLM) / q8_0 (llama.cpp)")
+            f"or use --kv fp8 (vLLM) / q8_0 or q4_0 (llama.cpp){fewer}")
 
 
 def parse_gpu(text: str) -> int:
@@ -402,6 +477,14 @@ def parse_gpu(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def _seqs(n: int, tokens: int, noun: str = "sequence") -> str:
+    return f"{_count(n, noun)} of {tokens:,} tokens"
+
+
 def render(plan: Plan) -> str:
     """The human summary: the byte budget, what fits, the launch flags and the assumptions."""
     def gib(n: int) -> str:
@@ -413,10 +496,18 @@ def render(plan: Plan) -> str:
             if plan.weights in GGUF_TYPES else "")
     capped = (plan.max_position_embeddings is not None
               and plan.max_seq_len == plan.max_position_embeddings < plan.kv_pool_tokens)
+    versions = (f", {_count(plan.versions, 'version')} as rank-{plan.lora_rank} LoRA adapters "
+                "on one base" if plan.versions else "")
     lines = [
         f"{plan.model} on {plan.gpu_bytes / GiB:.2f} GiB: weights {plan.weights}{group}, "
-        f"KV cache {plan.kv_cache_dtype}",
+        f"KV cache {plan.kv_cache_dtype}{versions}",
         f"  weights            {gib(plan.weight_bytes)}{host}",
+    ]
+    if plan.versions:
+        lines.append(f"  adapters           {gib(plan.adapter_bytes)}  = {plan.versions} x rank "
+                     f"{plan.lora_rank} on every linear layer, 16-bit "
+                     f"({plan.adapter_bytes // plan.versions / MiB:.0f} MiB each)")
+    lines += [
         f"  KV per token       {plan.kv_bytes_per_token / 1024:6.1f} KiB",
         f"  overhead           {gib(plan.overhead_bytes)}  = CUDA context "
         f"{plan.cuda_context_bytes / GiB:.2f} + activations {plan.activation_bytes / GiB:.2f}"
@@ -427,24 +518,43 @@ def render(plan: Plan) -> str:
         "GiB over the budget",
         f"  max_seq_len        {plan.max_seq_len:,} tokens (one request"
         + (", capped by the model's positions)" if capped else ")"),
-        f"  concurrent         {plan.concurrent_seqs} sequence(s) of {plan.seq_len:,} tokens",
+        f"  concurrent         {_seqs(plan.typical_seqs, plan.typical_len)}"
+        + (f" (typical), {_seqs(plan.concurrent_seqs, plan.seq_len)} (longest)"
+           if plan.seq_len > plan.typical_len else ""),
     ]
-    if plan.fits and plan.kv_cache_dtype != "q8_0":
+    if plan.versions:
+        lines.append(f"  fits               {'yes' if plan.fits else 'no'}: base + "
+                     f"{_count(plan.versions, 'adapter')} + KV cache")
+    if plan.fits and plan.kv_cache_dtype not in LLAMACPP_ONLY_KV:
         v = vllm_limits(plan)
-        lines.append(f"vLLM:      --max-model-len {v['max_model_len']} --max-num-seqs "
-                     f"{v['max_num_seqs']} --gpu-memory-utilization {v['gpu_memory_utilization']} "
-                     f"--kv-cache-dtype {v['kv_cache_dtype']}")
+        lora = (f" --enable-lora --max-loras {v['max_loras']} --max-lora-rank "
+                f"{v['max_lora_rank']}" if plan.versions else "")
+        lines += [f"vLLM:      --max-model-len {v['max_model_len']} --max-num-seqs "
+                  f"{v['max_num_seqs']} --gpu-memory-utilization {v['gpu_memory_utilization']} "
+                  f"--kv-cache-dtype {v['kv_cache_dtype']}{lora}",
+                  f"           {_seqs(v['max_num_seqs'], plan.typical_len)} at once in one "
+                  "paged pool; longer ones take the room of several, and vLLM preempts and "
+                  "resumes when it runs out"]
     elif plan.fits:
-        lines.append("vLLM:      no q8_0 KV cache; plan with --kv fp8")
+        lines.append(f"vLLM:      no {plan.kv_cache_dtype} KV cache; plan with --kv fp8")
     else:
         lines.append("vLLM:      does not fit; lower --seq-len, or use a smaller scheme or GPU")
     c = llamacpp_limits(plan)
-    flags = f"-c {c['n_ctx']} -ngl {c['n_gpu_layers']} -np {c['n_parallel']}"
-    if plan.kv_cache_dtype == "q8_0":
-        flags += " -fa on -ctk q8_0 -ctv q8_0"
-    elif plan.kv_cache_dtype == "fp8":
-        flags += "  (llama.cpp has no fp8 KV cache: plan with --kv q8_0)"
-    lines.append(f"llama.cpp: {flags}")
+    slots = _seqs(c["n_parallel"], c["n_ctx"] // c["n_parallel"], "slot")
+    if plan.kv_cache_dtype == "fp8":
+        lines.append(f"llama.cpp: -c {c['n_ctx']} -ngl {c['n_gpu_layers']} -np "
+                     f"{c['n_parallel']}  (llama.cpp has no fp8 KV cache: plan with --kv q8_0 "
+                     "or q4_0)")
+    else:
+        flags, env = llamacpp_serving(plan)
+        note = slots + (" per version, each version its own KV cache" if plan.versions else "")
+        note += ": llama.cpp does not page, a slot holds n_ctx/np tokens"
+        typical_slots = min(plan.kv_pool_tokens // max(plan.versions, 1) // plan.typical_len,
+                            plan.sampler_seqs)
+        if typical_slots > c["n_parallel"]:
+            note += f"; --seq-len {plan.typical_len} gives {typical_slots} slots"
+        lines += [f"llama.cpp: {' '.join(flags)}  ({note})",
+                  f"           clinicloop: {' '.join(f'{k}={v}' for k, v in env.items())}"]
     lines.append(
         f"assumptions: gpu_memory_utilization {plan.gpu_memory_utilization} (the rest is the "
         f"reserve), CUDA context {plan.cuda_context_bytes / MiB:.0f} MiB, activations of a "

@@ -17,9 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clinicloop.config import BackendKind
 
 BASE_ID = "base"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -44,39 +46,81 @@ class VersionInUse(RegistryError):
     from it."""
 
 
-#: `gguf`: `model_path` is the whole model; `lora`: `lora_path` is a llama.cpp LoRA adapter GGUF
-#: applied on top of the base GGUF at `model_path`. On an OpenAI-compatible upstream (vLLM):
-#: `upstream`: the model the upstream serves as it is, `model_path` being its id there (what vLLM
-#: was given: a directory or hub id); `vllm_lora`: `lora_path` is a peft adapter directory that
-#: vLLM loads at runtime (`/v1/load_lora_adapter`) on top of that model.
-Kind = Literal["gguf", "lora", "upstream", "vllm_lora"]
-LORA_KINDS = ("lora", "vllm_lora")
-UPSTREAM_KINDS = ("upstream", "vllm_lora")
+#: Registry files written before the backend kinds were one vocabulary named a version's kind.
+_LEGACY_KINDS = {"gguf": "llamacpp", "lora": "llamacpp", "upstream": "openai",
+                 "vllm_lora": "openai"}
 
 
 class Version(BaseModel):
+    """One servable model: `model_path` (the base) with, for an adapter version, `lora_path` on
+    top. On `llamacpp` the base is a GGUF file and the adapter a llama.cpp LoRA GGUF, loaded at
+    run time onto the one base in memory; on `vllm` / `openai` the base is the upstream's model
+    id (what vLLM was given) and the adapter a peft directory the upstream loads at run time
+    (`/v1/load_lora_adapter`)."""
+
     id: str
     parent: str | None
-    kind: Kind
+    backend: BackendKind
     model_path: Path
     lora_path: Path | None = None
-    #: The HF weights the GGUF was exported from, which the RL refresh trains; None if unknown.
+    #: The peft adapter directory the LoRA was made from (on vLLM, `lora_path` itself): what a
+    #: refresh goes on training.
+    adapter_dir: Path | None = None
+    #: The HF weights of the base, which the RL refresh trains (with `adapter_dir` as the
+    #: starting adapter); None if unknown.
     hf_dir: Path | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" in data and "backend" not in data:
+            data = dict(data)
+            data["backend"] = _LEGACY_KINDS.get(data.pop("kind"), "unknown")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Version:
         if not _ID.match(self.id):
             raise ValueError(f"version id {self.id!r} must match {_ID.pattern}")
-        if (self.kind in LORA_KINDS) != (self.lora_path is not None):
-            raise ValueError(f"a `{self.kind}` version " + (
-                "needs lora_path" if self.kind in LORA_KINDS else "takes no lora_path"))
         return self
 
+    @property
+    def base_is_file(self) -> bool:
+        """The base is a local file (a GGUF), not a model an upstream serves."""
+        return self.backend == "llamacpp"
+
     def same_artifact(self, other: Version) -> bool:
-        return (self.parent, self.kind, self.model_path, self.lora_path) == (
-            other.parent, other.kind, other.model_path, other.lora_path)
+        return (self.parent, self.backend, self.model_path, self.lora_path) == (
+            other.parent, other.backend, other.model_path, other.lora_path)
+
+
+class VersionSpec(BaseModel):
+    """A version to publish (the admin API's body, the refresh job's record); its files must
+    already exist where the server can read them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, description="Default: the next free `v<n>`.")
+    parent: str
+    backend: BackendKind | None = Field(
+        None, description="What serves it; default: the server's engine kind.")
+    model_path: Path = Field(description="The base: a GGUF on `llamacpp` (a whole model, or the "
+                                         "base a LoRA applies to), the upstream's model id on "
+                                         "`vllm` / `openai`.")
+    lora_path: Path | None = Field(None, description="An adapter on the base: a llama.cpp LoRA "
+                                   "GGUF, or on an upstream the peft directory it loads.")
+    adapter_dir: Path | None = Field(None, description="The peft adapter the LoRA was made from.")
+    hf_dir: Path | None = Field(None, description="The HF weights of the base.")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def register_in(self, registry: Registry, backend: BackendKind) -> Version:
+        """Register it; `backend` is the kind to record when the spec names none."""
+        return registry.register(parent=self.parent, backend=self.backend or backend,
+                                 model_path=self.model_path, lora_path=self.lora_path,
+                                 adapter_dir=self.adapter_dir, hf_dir=self.hf_dir,
+                                 metrics=self.metrics, version_id=self.id)
 
 
 class Canary(BaseModel):
@@ -130,31 +174,22 @@ class Registry:
     def list(self) -> list[Version]:
         return self.read().ordered()
 
-    def register(self, *, parent: str, kind: Kind, model_path: Path,
-                 lora_path: Path | None = None, hf_dir: Path | None = None,
-                 metrics: dict[str, Any] | None = None, version_id: str | None = None) -> Version:
+    def register(self, *, parent: str, backend: BackendKind, model_path: Path,
+                 lora_path: Path | None = None, adapter_dir: Path | None = None,
+                 hf_dir: Path | None = None, metrics: dict[str, Any] | None = None,
+                 version_id: str | None = None) -> Version:
         """Add a version whose files exist. Registering the same id with the same files again
         returns the stored version, so a publisher that crashed after registering can re-run.
         Only `bootstrap` adds a version without a parent."""
-        if kind in UPSTREAM_KINDS:
-            # The upstream's model is its id there; an adapter is a peft directory.
-            if lora_path is not None and not (lora_path / "adapter_config.json").is_file():
-                raise RegistryError(f"not a peft adapter directory: {lora_path}")
-        else:
-            for path in (model_path, lora_path):
-                if path is not None and not path.is_file():
-                    raise RegistryError(f"file not found: {path}")
-            model_path = model_path.resolve()
-
         def change(state: RegistryState) -> Version:
             vid = version_id or _next_id(state)
             try:
-                version = Version(
-                    id=vid, parent=parent, kind=kind, model_path=model_path,
-                    lora_path=None if lora_path is None else lora_path.resolve(),
-                    hf_dir=None if hf_dir is None else hf_dir.resolve(), metrics=metrics or {})
+                version = Version(id=vid, parent=parent, backend=backend, model_path=model_path,
+                                  lora_path=lora_path, adapter_dir=adapter_dir, hf_dir=hf_dir,
+                                  metrics=metrics or {})
             except ValidationError as exc:
                 raise RegistryError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+            version = _with_checked_files(version)
             if vid in state.versions:
                 if state.versions[vid].same_artifact(version):
                     return state.versions[vid]
@@ -165,16 +200,15 @@ class Registry:
 
         return self._update(change)
 
-    def bootstrap(self, model_path: Path, model_name: str, hf_dir: Path | None = None,
-                  kind: Literal["gguf", "upstream"] = "gguf") -> RegistryState:
+    def bootstrap(self, backend: BackendKind, model_path: Path, model_name: str,
+                  hf_dir: Path | None = None) -> RegistryState:
         """On an empty registry, register `model_path` as the base version and activate it."""
         def change(state: RegistryState) -> RegistryState:
             if state.active is None:
                 state.model_name = model_name
-                path = model_path.resolve() if kind == "gguf" else model_path
-                state.versions[BASE_ID] = Version(
-                    id=BASE_ID, parent=None, kind=kind, model_path=path,
-                    hf_dir=None if hf_dir is None else hf_dir.resolve())
+                state.versions[BASE_ID] = _with_checked_files(Version(
+                    id=BASE_ID, parent=None, backend=backend, model_path=model_path,
+                    hf_dir=hf_dir))
                 state.active = BASE_ID
                 state.history.append(Activation(version=BASE_ID))
             return state
@@ -288,6 +322,25 @@ class Registry:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _with_checked_files(version: Version) -> Version:
+    """`version` with its local paths resolved, once they exist: the base GGUF and LoRA GGUF on
+    llama.cpp; on an upstream the adapter must be a peft directory (its base is a model id)."""
+    if version.base_is_file:
+        for path in (version.model_path, version.lora_path):
+            if path is not None and not path.is_file():
+                raise RegistryError(f"file not found: {path}")
+    elif version.lora_path is not None and not (version.lora_path / "adapter_config.json"
+                                                ).is_file():
+        raise RegistryError(f"not a peft adapter directory: {version.lora_path}")
+    update: dict[str, Path] = {}
+    for field in ("lora_path", "adapter_dir", "hf_dir") + (("model_path",)
+                                                           if version.base_is_file else ()):
+        path = getattr(version, field)
+        if path is not None:
+            update[field] = path.resolve()
+    return version.model_copy(update=update)
 
 
 def _next_id(state: RegistryState) -> str:

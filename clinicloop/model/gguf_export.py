@@ -1,8 +1,9 @@
-"""Hugging Face Qwen2 directory -> GGUF (f16) for llama.cpp, and GGUF -> quantized GGUF.
+"""Hugging Face Qwen2 directory -> GGUF (f16) for llama.cpp, a peft LoRA adapter directory ->
+llama.cpp LoRA adapter GGUF, and GGUF -> quantized GGUF.
 
-The f16 file is written directly with ``gguf.GGUFWriter`` (no llama.cpp checkout or convert
-script needed); quantization goes through llama.cpp's own ``llama_model_quantize`` so every
-quantization type llama.cpp knows is available by name.
+Both GGUFs are written directly with ``gguf.GGUFWriter`` (no llama.cpp checkout or convert
+script needed), with the same tensor names; quantization goes through llama.cpp's own
+``llama_model_quantize`` so every quantization type llama.cpp knows is available by name.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -62,8 +64,7 @@ def write_gguf_f16(hf_dir: Path, out_path: Path, name: str | None = None) -> Pat
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     tokens, token_types, merges, ids = _vocab(hf_dir, int(config["vocab_size"]))
 
-    part = out_path.with_name(out_path.name + ".part")
-    writer = gguf.GGUFWriter(part, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    writer = _writer(out_path)
     writer.add_name(name or hf_dir.name)
     writer.add_context_length(int(config["max_position_embeddings"]))
     writer.add_embedding_length(int(config["hidden_size"]))
@@ -90,7 +91,7 @@ def write_gguf_f16(hf_dir: Path, out_path: Path, name: str | None = None) -> Pat
     writer.add_add_bos_token(False)
     writer.add_chat_template(tok_config["chat_template"])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
+    names = _tensor_names(hf_dir)
     tensors = load_file(hf_dir / "model.safetensors")
     for hf_name in sorted(tensors):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -100,12 +101,75 @@ def write_gguf_f16(hf_dir: Path, out_path: Path, name: str | None = None) -> Pat
         data = data.astype(np.float16 if data.ndim == 2 else np.float32)
         writer.add_tensor(gguf_name, data)
 
+    return _finish(writer, out_path)
+
+
+def _writer(out_path: Path) -> gguf.GGUFWriter:
+    """A Qwen2 GGUF writer on ``<out_path>.part``; ``_finish`` renames it into place."""
+    part = out_path.with_name(out_path.name + ".part")
+    return gguf.GGUFWriter(part, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+
+
+def _finish(writer: gguf.GGUFWriter, out_path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(part, out_path)
+    os.replace(out_path.with_name(out_path.name + ".part"), out_path)
     return out_path
+
+
+def _tensor_names(hf_dir: Path) -> gguf.TensorNameMap:
+    """HF -> GGUF tensor names for the Qwen2 model in ``hf_dir``."""
+    config = _read_json(hf_dir / "config.json")
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, int(config["num_hidden_layers"]))
+
+
+# peft LoRA options that llama.cpp's adapter (W + alpha/rank * B @ A on a base weight) cannot
+# express, with the value that means "off".
+_UNSUPPORTED_LORA = {"use_dora": False, "lora_bias": False, "alpha_pattern": {},
+                     "alora_invocation_tokens": None}
+
+
+def write_lora_gguf(adapter_dir: Path, base_hf_dir: Path, out_path: Path) -> Path:
+    """Write the peft LoRA adapter in ``adapter_dir`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``) as a llama.cpp LoRA adapter GGUF for the base ``base_hf_dir``.
+
+    As llama.cpp's ``convert_lora_to_gguf.py``: ``general.type = adapter``, ``adapter.type =
+    lora``, ``adapter.lora.alpha``, and per adapted weight ``<base GGUF tensor>.lora_a`` (peft's
+    ``lora_A``, rank x in) and ``.lora_b`` (``lora_B``, out x rank), here in f16. llama.cpp
+    scales each pair by alpha / rank; peft's rsLoRA scales by alpha / sqrt(rank), so under
+    rsLoRA ``lora_b`` carries the extra sqrt(rank). llama.cpp checks the arch and every shape
+    against the base when it loads the adapter.
+    """
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    config = _read_json(adapter_dir / "adapter_config.json")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir} is a {config.get('peft_type')} adapter, not LoRA")
+    for option, off in _UNSUPPORTED_LORA.items():
+        if config.get(option, off) not in (off, None):
+            raise ValueError(f"{adapter_dir}: llama.cpp LoRA adapters cannot express {option}")
+    names = _tensor_names(Path(base_hf_dir))
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, data in load_file(adapter_dir / "adapter_model.safetensors").items():
+        module, sep, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+        gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",)) if sep else None
+        if part not in ("A.weight", "B.weight") or gguf_name is None:
+            raise ValueError(f"{adapter_dir}: {key!r} is not a LoRA matrix of a base weight")
+        pairs.setdefault(gguf_name, {})[part[0]] = data
+
+    writer = _writer(out_path)
+    writer.add_name(adapter_dir.name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    for gguf_name in sorted(pairs):
+        a, b = pairs[gguf_name]["A"], pairs[gguf_name]["B"]
+        if config.get("use_rslora"):
+            b = b * math.sqrt(a.shape[0])
+        writer.add_tensor(f"{gguf_name}.lora_a", a.astype(np.float16))
+        writer.add_tensor(f"{gguf_name}.lora_b", b.astype(np.float16))
+    return _finish(writer, out_path)
 
 
 def ftype_from_name(ftype_name: str) -> int:

@@ -8,7 +8,6 @@ everything that decides its bytes, and only appears there once complete.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -331,9 +330,10 @@ def _build_into(work: Path, size: SizeConfig, seed: int, digest: str, progress: 
 
 
 def build_tiny(
-    size: str = "tiny", seed: int = 0, out_root: Path = Path("var/models"), progress: bool = True
+    size: str = "tiny", seed: int = 0, *, out_root: Path, progress: bool = True
 ) -> TinyModel:
-    """Build (or return the cached) tiny model of ``size`` (a key of `SIZES`)."""
+    """Build (or return the cached) tiny model of ``size`` (a key of `SIZES`) under ``out_root``
+    (the settings' `models_dir`)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZES)}")
     config = SIZES[size]
@@ -376,16 +376,3 @@ def _summary(root: Path, manifest: dict[str, Any]) -> str:
         f"built in {manifest['wall_s']['total']:.0f}s -> {root}"
     )
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny clinicloop chat model.")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-root", type=Path, default=Path("var/models"))
-    args = parser.parse_args()
-    model = build_tiny(args.size, args.seed, args.out_root)
-    print(json.dumps({k: str(v) for k, v in asdict(model).items()}))
-
-
-if __name__ == "__main__":
-    main()

@@ -38,8 +38,8 @@ from clinicloop.model.corpus import load_corpus
 from clinicloop.model.tiny import training_targets
 from clinicloop.model.tokenizer import IM_END, render_chat
 from clinicloop.quant.gguf import GgufFile, machine
-from clinicloop.rl.stages import SEEKS_EMERGENCY_CARE
 from clinicloop.verifier.client import ChatClient, open_client
+from clinicloop.verifier.generator import SEEKS_EMERGENCY_CARE
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.patients import PatientScript, load_scripts
 from clinicloop.verifier.rubrics import Example, RubricItem, RuleCheck, read_jsonl, write_jsonl

@@ -6,9 +6,12 @@ then being recorded as done in `state.json`:
 
   prompts    logged prompts (`prompts.py`) with their rubrics -> train.jsonl, heldout.jsonl
   baseline   the serving version answers the held-out prompts; the judge grades -> baseline.json
-  train      GRPO (TRL) trains a LoRA on the serving version's HF weights -> train/
-  publish    llama.cpp: the adapter merged, written as GGUF and quantized; vLLM: the peft
-             adapter as it is -> candidate/
+  train      GRPO (TRL) trains a LoRA on the serving version's base HF weights, starting from
+             its adapter if it has one -> train/
+  publish    what the serving backend loads as an adapter (`publish=lora`, the default): a
+             llama.cpp LoRA GGUF beside the peft directory, or the peft directory a vLLM loads;
+             or (`publish=merged`, llama.cpp) the adapter merged, written as GGUF and
+             quantized -> candidate/
   candidate  the candidate answers the same prompts, the same judge grades -> candidate.json
   gate       `gate.decide` -> decision.json
   swap       if the gate passed: registered as a version and activated (or put on canary)
@@ -27,10 +30,12 @@ again (the step is retried: right for a server that was down), `fresh` (abandon 
 a new one) or `abandon` (give the run up and stop). Only the latest run is ever resumed: an
 abandoned run, or one a newer run superseded, never is.
 
-Where the serving version runs on a vLLM upstream (registry kinds `upstream`, `vllm_lora`), the
-policy is evaluated through that upstream: the candidate adapter is loaded into it at runtime
-under the version id it will be published as (`load_inplace`, so loading it again is harmless),
-and the swap registers it as a `vllm_lora` version, which the server serves by that same name.
+A candidate is the serving version's base plus the new adapter, so versions share one base in
+memory on both engines. Versions are opened for evaluation by their backend (`backends/kinds.py`,
+never asked which kind it is): in-process on llama.cpp; through the upstream for `vllm` and
+`openai` versions, where the candidate adapter is loaded at run time under the version id it will
+be published as (`load_inplace`, so loading it again is harmless) and left loaded, the name the
+server then serves it by.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ import asyncio
 import fcntl
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -49,18 +53,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from clinicloop.backends.openai_upstream import load_lora_adapter
-from clinicloop.backends.registry import UPSTREAM_KINDS, Registry, RegistryState, Version
+from clinicloop.backends.kinds import Backend, open_backend
+from clinicloop.backends.registry import Registry, RegistryState, Version, VersionSpec
+from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
-from clinicloop.rl.publish import build_dir, publishable_gguf
+from clinicloop.rl.publish import build_dir, publishable_adapter, publishable_gguf
+from clinicloop.rl.report import write_report
+from clinicloop.rl.runfiles import read_rows, write_atomic
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
-from clinicloop.serving.admin.protocol import RegisterRequest
 from clinicloop.store.db import Store
-from clinicloop.verifier.client import ChatClient, open_client
+from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, rule_items
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem
@@ -94,7 +100,12 @@ class RefreshOptions(BaseModel):
     canary_share: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Put a passing candidate on canary with this share instead of activating.")
-    quant: str = Field("q8_0", description="GGUF type the candidate is served as.")
+    publish: Literal["lora", "merged"] = Field(
+        "lora", description="`lora`: the candidate is the serving version's base plus the new "
+        "adapter (a llama.cpp LoRA GGUF, or the peft directory an upstream loads), sharing the "
+        "base in memory; `merged` (llama.cpp only): the adapter merged into the weights and "
+        "written as a whole GGUF of type `quant`.")
+    quant: str = Field("q8_0", description="`publish=merged`: the GGUF type of the candidate.")
     judge_url: str | None = Field(
         None, description="Judge and rubric generator: an OpenAI-compatible base URL ending in "
         "/v1 (default: the tiny model in-process).")
@@ -117,6 +128,9 @@ class RunState(BaseModel):
     done: dict[str, float] = Field(default_factory=dict, description="step -> seconds it took")
     swapped: Literal["activated", "canary"] | None = None
     version_id: str | None = None
+    server_memory: dict[str, Any] | None = Field(
+        None, description="The server's memory account (`GET /admin/v1/versions`) right after "
+        "a swap through its admin API.")
     failed: StepFailure | None = Field(None, description="The last step that raised, until it "
                                        "passes.")
     abandoned: str | None = Field(None, description="Why the run was given up; never resumed.")
@@ -133,20 +147,22 @@ class RunState(BaseModel):
 class Paths(BaseModel):
     """Where a refresh reads and writes; not stored with a run (a resumed run may move hosts)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     store_url: str
     registry_dir: Path
     runs_dir: Path = Path("var/rl/refresh")
-    models_dir: Path = Path("var/models")
+    models_dir: Path = DEFAULT_MODELS_DIR
     server_url: str | None = Field(
         None, description="A running clinicloop server: the swap goes through its admin API "
         "(which loads the version first and refuses one that fails). Without it the registry "
         "file is changed and the next server start serves the new version.")
     admin_key: str | None = None
     judge_api_key: str | None = None
-    upstream_url: str | None = Field(
-        None, description="The vLLM upstream (base URL ending in /v1) that serves versions of "
-        "kind `upstream` and `vllm_lora`; needed when the serving version is one.")
-    upstream_api_key: str | None = None
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="How versions are opened to evaluate them: "
+        "for a `vllm` or `openai` version the upstream's `upstream_url` (and key), where the "
+        "candidate adapter is loaded under its version id; `llamacpp` versions run in-process.")
 
 
 @contextmanager
@@ -169,22 +185,9 @@ def refresh_lock(runs_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    with part.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
 def _row(prompt: LoggedPrompt, rubric: list[RubricItem]) -> Row:
     return {"prompt_id": prompt.key, "prompt": prompt.messages,
             "rubrics": [i.model_dump(mode="json") for i in rubric]}
-
-
-def read_rows(path: Path) -> list[Row]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 class Refresh:
@@ -311,21 +314,13 @@ class Refresh:
             return [(await generator.for_conversation(p.messages)).items for p in prompts]
 
     def _step_baseline(self) -> None:
-        version = self.serving
-        if version.kind not in UPSTREAM_KINDS:
-            self._evaluate("baseline.json", gguf=version.model_path, lora=version.lora_path)
-        elif version.lora_path is None:
-            self._evaluate("baseline.json", **self._upstream(str(version.model_path)))
-        else:
-            self._load_adapter(version.id, version.lora_path)
-            self._evaluate("baseline.json", **self._upstream(version.id))
+        self._evaluate("baseline.json", self.serving)
 
     def _step_train(self) -> None:
         o = self.options
         rows = read_rows(self.run_dir / "train.jsonl")
-
-        # A vLLM upstream applies one adapter to its base: go on training the serving one.
-        init = self.serving.lora_path if self.serving.kind == "vllm_lora" else None
+        # A version is its base plus at most one adapter: go on training the serving one.
+        init = self.serving.adapter_dir
 
         def train(out: Path) -> None:
             if o.stage == "rule":
@@ -339,18 +334,19 @@ class Refresh:
     def _step_publish(self) -> None:
         # Every file publishing writes appears under its final name only when complete.
         adapter = self.run_dir / "train" / "adapter"
-        if self.serving.kind in UPSTREAM_KINDS:
-            build_dir(self._candidate_adapter(), lambda out: shutil.copytree(adapter, out))
-        else:
+        if self.options.publish == "merged":
+            if not self.serving.base_is_file:
+                raise ValueError(f"publish=merged writes a GGUF; version "
+                                 f"{self.serving.id!r} is served by {self.serving.backend}, "
+                                 "which loads adapters: use publish=lora")
             publishable_gguf(self.state.policy_hf, adapter, self.run_dir / "candidate",
                              self.options.quant)
+        else:
+            publishable_adapter(self._backend(self.serving), self.state.policy_hf, adapter,
+                                self.run_dir / "candidate")
 
     def _step_candidate(self) -> None:
-        if self.serving.kind in UPSTREAM_KINDS:
-            self._load_adapter(self._version_id(), self._candidate_adapter())
-            self._evaluate("candidate.json", **self._upstream(self._version_id()))
-        else:
-            self._evaluate("candidate.json", gguf=self._candidate_gguf())
+        self._evaluate("candidate.json", self._candidate())
 
     def _step_gate(self) -> None:
         decision = decide(self.evaluation("candidate"), self.evaluation("baseline"),
@@ -365,18 +361,11 @@ class Refresh:
         metrics = {"heldout_score": decision.candidate_score,
                    "parent_heldout_score": decision.serving_score,
                    "refresh_run": self.state.run_id, "stage": self.options.stage}
-        serving = self.serving
-        if serving.kind in UPSTREAM_KINDS:
-            # An adapter of the upstream's own model, as the one it was trained on.
-            version = RegisterRequest(
-                id=self._version_id(), parent=serving.id, kind="vllm_lora",
-                model_path=serving.model_path, lora_path=self._candidate_adapter().resolve(),
-                hf_dir=self.state.policy_hf, metrics=metrics)
-        else:
-            version = RegisterRequest(
-                id=self._version_id(), parent=serving.id, kind="gguf",
-                model_path=self._candidate_gguf().resolve(),
-                hf_dir=(self.run_dir / "candidate" / "hf").resolve(), metrics=metrics)
+        candidate = self._candidate()
+        version = VersionSpec(
+            id=candidate.id, parent=candidate.parent, backend=candidate.backend,
+            model_path=candidate.model_path, lora_path=candidate.lora_path,
+            adapter_dir=candidate.adapter_dir, hf_dir=candidate.hf_dir, metrics=metrics)
         share = self.options.canary_share
         if self.paths.server_url:
             active = self._swap_through_server(version, share)
@@ -387,9 +376,8 @@ class Refresh:
         self._say(f"{self.state.swapped} {version.id} (active: {active})")
 
     def _step_report(self) -> None:
-        from clinicloop.rl.report import write_report
-
-        write_report(self)
+        write_report(self.run_dir, self.state.model_dump(mode="json"),
+                     self.evaluation("baseline"), self.evaluation("candidate"), self.decision())
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -400,11 +388,18 @@ class Refresh:
         """`baseline` or `candidate`."""
         return Evaluation.model_validate_json((self.run_dir / f"{name}.json").read_text())
 
-    def _candidate_gguf(self) -> Path:
-        return self.run_dir / "candidate" / f"model-{self.options.quant}.gguf"
-
-    def _candidate_adapter(self) -> Path:
-        return self.run_dir / "candidate" / "adapter"
+    def _candidate(self) -> Version:
+        """The published candidate as the version it would be registered as: the serving
+        version's base with the new adapter (files resolved), or a merged GGUF of its own."""
+        serving, out = self.serving, (self.run_dir / "candidate").resolve()
+        if self.options.publish == "merged":
+            return Version(id=self._version_id(), parent=serving.id, backend=serving.backend,
+                           model_path=out / f"model-{self.options.quant}.gguf",
+                           hf_dir=out / "hf")
+        return Version(id=self._version_id(), parent=serving.id, backend=serving.backend,
+                       model_path=serving.model_path,
+                       lora_path=self._backend(serving).published_adapter(out),
+                       adapter_dir=out / "adapter", hf_dir=self.state.policy_hf)
 
     def _version_id(self) -> str:
         return f"rl-{self.state.run_id}"
@@ -415,35 +410,32 @@ class Refresh:
         change, so one read serves the whole run)."""
         return Registry(self.paths.registry_dir).get(self.state.serving_version)
 
-    def _upstream_url(self) -> str:
-        if not self.paths.upstream_url:
-            raise ValueError(f"version {self.state.serving_version!r} is served by a vLLM "
-                             "upstream: pass its URL (--upstream-url)")
-        return self.paths.upstream_url
-
-    def _upstream(self, model: str) -> dict[str, Any]:
-        return {"url": self._upstream_url(), "model": model,
-                "api_key": self.paths.upstream_api_key}
-
-    def _load_adapter(self, name: str, path: Path) -> None:
-        asyncio.run(load_lora_adapter(self._upstream_url(), name, path.resolve(),
-                                      api_key=self.paths.upstream_api_key))
+    def _backend(self, version: Version) -> Backend:
+        """What opens `version` for evaluation: its backend kind, reached through the paths'
+        engine settings (an upstream's URL); never a launch."""
+        return open_backend(self.paths.engine.model_copy(update={
+            "kind": version.backend, "upstream_command": None}), self.paths.models_dir)
 
     def _judge_endpoint(self) -> Endpoint:
         return Endpoint(url=self.options.judge_url, model=self.options.judge_model,
                         api_key=self.paths.judge_api_key)
 
-    def _evaluate(self, out: str, **policy_client: Any) -> None:
-        """Grade the held-out prompts answered by the policy that `open_client` opens with
-        `policy_client` (a GGUF in-process, or a model of an upstream)."""
+    def _evaluate(self, out: str, version: Version) -> None:
+        """Grade the held-out prompts answered by `version`, opened by its backend (in-process
+        on llama.cpp, through the upstream otherwise; an adapter loaded there stays loaded, as
+        it may be serving under the same name)."""
         examples = [HeldoutExample(prompt_id=r["prompt_id"], messages=r["prompt"],
                                    rubrics=r["rubrics"])
                     for r in read_rows(self.run_dir / "heldout.jsonl")]
 
         async def run() -> Evaluation:
             async with AsyncExitStack() as stack:
-                policy: ChatClient = await stack.enter_async_context(open_client(
-                    models_dir=self.paths.models_dir, **policy_client))
+                backend = self._backend(version)
+                await backend.start()
+                stack.push_async_callback(backend.close)
+                engine = await backend.open_version(version, version.id, own_adapter=False)
+                stack.push_async_callback(engine.close)
+                policy = EngineChatClient(engine)
                 judge = Judge(await stack.enter_async_context(
                     self._judge_endpoint().open(self.paths.models_dir)))
                 return await evaluate(policy, judge, examples,
@@ -454,18 +446,18 @@ class Refresh:
         write_atomic(self.run_dir / out, evaluation.model_dump_json(indent=2))
         self._say(f"{out.removesuffix('.json')} score {evaluation.score}")
 
-    def _swap_in_registry(self, version: RegisterRequest, share: float | None) -> str:
+    def _swap_in_registry(self, version: VersionSpec, share: float | None) -> str:
         registry = Registry(self.paths.registry_dir)
         assert version.id is not None
         _check_serving(registry.read().active, self.state.serving_version, version.id)
-        version.register_in(registry)
+        version.register_in(registry, self.serving.backend)
         if share is None:
             registry.activate(version.id)
         else:
             registry.set_canary(version.id, share)
         return str(registry.read().active)
 
-    def _swap_through_server(self, version: RegisterRequest, share: float | None) -> str:
+    def _swap_through_server(self, version: VersionSpec, share: float | None) -> str:
         base = self.paths.server_url.rstrip("/").removesuffix("/v1")  # type: ignore[union-attr]
         headers = {"Authorization": f"Bearer {self.paths.admin_key}"} \
             if self.paths.admin_key else {}
@@ -475,6 +467,7 @@ class Refresh:
             _ok(http.post("/versions", json=version.model_dump(mode="json")))
             listing = _ok(http.post(f"/versions/{version.id}/activate") if share is None else
                           http.post("/canary", json={"version": version.id, "share": share}))
+        self.state.server_memory = listing.get("memory")
         return str(listing["active"])
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from clinicloop.rl.refresh import Refresh
+from clinicloop.rl.gate import Evaluation, GateDecision
+from clinicloop.rl.runfiles import read_rows, write_atomic
 
 EXAMPLES_SHOWN = 3
 
@@ -49,31 +49,27 @@ def _changed_answers(baseline: dict[str, list[str]], candidate: dict[str, list[s
     return shown
 
 
-def write_report(job: Refresh) -> dict[str, Any]:
-    from clinicloop.rl.refresh import read_rows, write_atomic
-
-    run = job.run_dir
-    state = job.state
-    baseline = job.evaluation("baseline")
-    candidate = job.evaluation("candidate")
+def write_report(run: Path, state: dict[str, Any], baseline: Evaluation, candidate: Evaluation,
+                 decision: GateDecision) -> dict[str, Any]:
+    """The report of the run in `run`, whose state (as `state.json` holds it) is `state`."""
     train = json.loads((run / "train" / "train.json").read_text())
     prompts = {r["prompt_id"]: r["prompt"] for r in read_rows(run / "heldout.jsonl")}
     report = {
-        "run_id": state.run_id, "created_at": state.created_at.isoformat(),
-        "options": state.options.model_dump(mode="json"),
-        "serving_version": state.serving_version, "policy_hf": str(state.policy_hf),
+        "run_id": state["run_id"], "created_at": state["created_at"],
+        "options": state["options"],
+        "serving_version": state["serving_version"], "policy_hf": state["policy_hf"],
         "prompts": json.loads((run / "prompts.json").read_text()),
         "before": baseline.score, "after": candidate.score,
         "baseline_metrics": baseline.metrics, "candidate_metrics": candidate.metrics,
-        "decision": job.decision().model_dump(mode="json"), "swapped": state.swapped,
-        "version_id": state.version_id,
+        "decision": decision.model_dump(mode="json"), "swapped": state["swapped"],
+        "version_id": state["version_id"], "server_memory": state.get("server_memory"),
         "reward_curve": train["reward_curve"], "train_wall_s": train["wall_s"],
-        "step_seconds": state.done,
+        "step_seconds": state["done"],
         "changed_answers": _changed_answers(baseline.responses, candidate.responses, prompts),
         "files": {"report_md": str(run / "report.md"), "plot": str(run / "reward_curve.png")},
     }
     plot_reward_curve(train["reward_curve"], run / "reward_curve.png",
-                      f"refresh {state.run_id} ({state.options.stage} stage)")
+                      f"refresh {state['run_id']} ({state['options']['stage']} stage)")
     write_atomic(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_atomic(run / "report.md", _markdown(report))
     return report
@@ -121,6 +117,19 @@ def _markdown(r: dict[str, Any]) -> str:
         for ex in r["changed_answers"]:
             lines += [f"- **patient:** {ex['prompt']}", f"  - before: {ex['before']}",
                       f"  - after: {ex['after']}"]
+    if r["server_memory"]:
+        m, mib = r["server_memory"], 1 << 20
+        lines += ["", "## The server's memory after the swap", ""]
+        if "rss_bytes" in m:  # what the gateway's process can tell (an upstream's is its own)
+            lines += [f"Process RSS {m['rss_bytes'] / mib:.1f} MiB; {len(m['bases'])} base(s) "
+                      "loaded: " + ", ".join(f"`{p}` {n / mib:.1f} MiB"
+                                             for p, n in m["bases"].items()), ""]
+        lines += ["| loaded version | KV cache (MiB) | adapter (MiB) |", "| --- | --- | --- |"]
+        def mib_of(v: dict[str, int], key: str) -> str:
+            return f"{v[key] / mib:.2f}" if key in v else "n/a"
+
+        lines += [f"| {vid} | {mib_of(v, 'kv_cache_bytes')} | {mib_of(v, 'adapter_bytes')} |"
+                  for vid, v in sorted(m.get("versions", {}).items())]
     lines += ["", "Steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["step_seconds"].items()),
               ""]
     return "\n".join(lines)

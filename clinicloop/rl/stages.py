@@ -35,21 +35,11 @@ from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.grpo import TrainResult, train_grpo
 from clinicloop.rl.rewards import BackgroundLoop, RubricPlusLength, RubricReward, rule_reward
 from clinicloop.verifier.client import ChatClient, open_client
-from clinicloop.verifier.generator import (
-    EMERGENCY_ADVICE,
-    EMERGENCY_POINTS,
-    RubricGenerator,
-    prompt_prefix,
-)
+from clinicloop.verifier.generator import SEEKS_EMERGENCY_CARE, RubricGenerator, prompt_prefix
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.patients import PatientScript
-from clinicloop.verifier.rubrics import RubricItem, RuleCheck, read_jsonl
+from clinicloop.verifier.rubrics import read_jsonl
 from clinicloop.verifier.simulator import PatientSimulator, SimulatorOptions
-
-SEEKS_EMERGENCY_CARE = RubricItem(
-    criterion="Advises seeking emergency care for the red-flag symptoms.",
-    points=EMERGENCY_POINTS, tags=["kind:rule", "axis:completeness", "dimension:ethics_safety"],
-    rule=RuleCheck(type="keywords", keywords=EMERGENCY_ADVICE))
 
 Row = dict[str, Any]  # a training row: `prompt` (messages) and `rubrics` (RubricItem dicts)
 
@@ -161,7 +151,7 @@ def rule_stage(model_dir: Path, output_dir: Path, config: PaperGRPOConfig | None
 
 def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
                  config: PaperGRPOConfig | None = None, rows: list[Row] | None = None,
-                 n_prompts: int = 32, models_dir: Path = Path("var/models"),
+                 n_prompts: int = 32, *, models_dir: Path,
                  init_adapter: Path | None = None) -> TrainResult:
     """Rubric-based GRPO on `rows` (e.g. `healthbench_rows(path)`), or on `n_prompts` corpus
     prompts with rubrics the verifier writes; `init_adapter` as in `train_grpo`."""
@@ -176,7 +166,7 @@ def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
 
 def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifier: Endpoint,
                     scripts: list[PatientScript], config: PaperGRPOConfig | None = None,
-                    max_turns: int = 3, models_dir: Path = Path("var/models")) -> TrainResult:
+                    max_turns: int = 3, *, models_dir: Path) -> TrainResult:
     """Multi-turn GRPO: `policy` (the chat model of `model_dir`) consults the simulated patients
     of `scripts` for up to `max_turns` turns; slices of those dialogues with fresh rubrics are the
     rubric-based dataset."""

@@ -13,17 +13,24 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from clinicloop.backends.base import Delta, Engine, EngineError, Event, TokenLogprob, Usage
+from clinicloop.backends.base import (
+    Delta,
+    Engine,
+    EngineError,
+    Event,
+    Lease,
+    TokenLogprob,
+    Usage,
+)
 from clinicloop.serving.admission import Admission
 from clinicloop.serving.auth import Caller
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.protocol import UsageInfo, new_id, now
-from clinicloop.serving.versions import RoutedStream
 from clinicloop.store.records import LoggedChoice, TurnRecord
 
 CONVERSATION_HEADER = "x-conversation-id"
@@ -85,24 +92,26 @@ class GenerationRun:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self._last_at: float | None = None
+        self._lease: Lease | None = None
         self._events: AsyncIterator[Event] | None = None
         self._first: Event | None = None
         self.tokens_seen = 0
         self._admitted = False
 
-    async def open(self, events: AsyncIterator[Event]) -> None:
-        """Admit the request, route it to a model version (a versioned engine's stream), and pull
-        the engine's first event, so that a bad request or a full server is an HTTP error rather
-        than a broken stream. Routing after admission means a request queued across a swap
-        starts on the new version (unless its conversation began on the old one)."""
+    async def open(self, start: Callable[[Engine], AsyncIterator[Event]]) -> None:
+        """Admit the request, choose the model version that serves it (`Engine.lease`), start
+        `start(engine)` on that version's engine and pull its first event, so that a bad
+        request or a full server is an HTTP error rather than a broken stream. Choosing on
+        admission means a request queued across a swap starts on the new version (unless its
+        conversation began on the old one)."""
         await self.s.admission.acquire()
         self._admitted = True
-        self._events = events
         try:
-            if isinstance(events, RoutedStream):
-                self.version = events.route(self.conversation)
+            self._lease = self.s.engine.lease(self.conversation)
+            self.version = self._lease.version
+            self._events = start(self._lease.engine)
             async with asyncio.timeout(self.s.request_timeout_s):
-                self._first = await anext(events)
+                self._first = await anext(self._events)
         except EngineError as exc:
             await self.finish("error", str(exc))
             raise OpenAIError.from_engine(exc) from None
@@ -172,8 +181,12 @@ class GenerationRun:
             return
         self._admitted = False
         self.s.admission.release()
-        if self._events is not None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+        try:
+            if self._events is not None:
+                await self._events.aclose()  # type: ignore[attr-defined]
+        finally:
+            if self._lease is not None:
+                self._lease.release()
         if not self.usage.completion_tokens:  # cut short before the engine's Usage
             self.usage.completion_tokens = self.tokens_seen
         e2e = time.perf_counter() - self.started

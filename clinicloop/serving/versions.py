@@ -1,13 +1,15 @@
 """The versioned engine: serves the registry's versions, routes each conversation, swaps safely.
 
 `VersionedEngine` is the `Engine` the gateway talks to. It holds one started engine per loaded
-version: on llama.cpp a `LlamaCppEngine` per GGUF (and LoRA GGUF); on an OpenAI-compatible
-upstream (vLLM) the upstream's own model, and a LoRA adapter per later version, loaded into the
-running upstream under the version's id (`/v1/load_lora_adapter`), so a swap starts no process.
+version, each opened by the configured backend (`backends/kinds.py`): on llama.cpp a context on
+the one loaded base with the version's LoRA applied; on an OpenAI-compatible upstream (vLLM) the
+upstream's own model, or a LoRA adapter loaded into it under the version's id. Which kind it is
+never matters here.
 
-A request is routed when it is admitted: a conversation seen before stays on the version it
-began on (a bounded, expiring LRU map); a new one goes to the canary with probability `share`,
-decided by a hash of its id so the split is deterministic, else to the active version.
+A request is routed when it is admitted (`lease`, called by the gateway once the request has a
+slot): a conversation seen before stays on the version it began on (a bounded, expiring LRU
+map); a new one goes to the canary with probability `share`, decided by a hash of its id so the
+split is deterministic, else to the active version. The chosen version's engine then serves it.
 
 Every change (activate, canary, rollback) loads the version it needs first; if loading fails
 nothing changes and the old version keeps serving. Only then is the registry written and the
@@ -43,25 +45,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clinicloop.backends.artifacts import check_gguf_file, check_peft_adapter, probe_llamacpp
 from clinicloop.backends.base import (
     Engine,
     EngineUnavailable,
     Event,
+    Lease,
     SamplingParams,
 )
-from clinicloop.backends.llamacpp import LlamaCppEngine
-from clinicloop.backends.openai_upstream import OpenAIUpstreamEngine, UpstreamModel
+from clinicloop.backends.kinds import BACKENDS, open_backend
 from clinicloop.backends.registry import (
-    UPSTREAM_KINDS,
     Canary,
-    Kind,
     Registry,
     RegistryError,
     RegistryState,
     Version,
 )
-from clinicloop.config import EngineSettings, Settings
+from clinicloop.config import BackendKind, Settings
 
 log = logging.getLogger(__name__)
 
@@ -88,67 +87,15 @@ def canary_bucket(conversation: str) -> float:
     return int.from_bytes(hashlib.sha256(conversation.encode()).digest()[:8], "big") / 2.0**64
 
 
-class RoutedStream:
-    """An engine stream whose version is chosen late: by `route(conversation)` once the gateway
-    has admitted the request, or at the first event (as the active version) when nobody routed
-    it. Holds a reference on that version's engine until closed."""
-
-    def __init__(self, versions: VersionedEngine,
-                 open_stream: Callable[[Engine], AsyncIterator[Event]]) -> None:
-        self._versions = versions
-        self._open = open_stream
-        self._slot: _Slot | None = None
-        self._inner: AsyncIterator[Event] | None = None
-        self._closed = False
-        self.version: str | None = None
-
-    def route(self, conversation: str | None) -> str:
-        """Pick the version and start its stream; returns the version id. A request the engine
-        refuses raises here, holding the reference until `aclose`."""
-        self._slot = self._versions.lease(conversation)
-        self.version = self._slot.version.id
-        self._inner = self._open(self._slot.engine)
-        return self.version
-
-    def __aiter__(self) -> RoutedStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._closed:
-            raise StopAsyncIteration
-        if self._slot is None:
-            try:
-                self.route(None)
-            except BaseException:
-                await self.aclose()
-                raise
-        assert self._inner is not None
-        return await anext(self._inner)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        inner, self._inner = self._inner, None
-        slot, self._slot = self._slot, None
-        try:
-            if inner is not None:
-                await inner.aclose()  # type: ignore[attr-defined]
-        finally:
-            if slot is not None:
-                self._versions.release(slot)
-
-
 class VersionedEngine(Engine):
     def __init__(self, settings: Settings, registry: Registry, *,
                  follow_interval_s: float = 1.0) -> None:
         self.settings = settings.engine
+        self.backend = open_backend(settings.engine, settings.models_dir)
         # The gateway admits this many requests over all versions: during a swap or a canary two
-        # models share the cores, the rest queue in admission (none is dropped), and a queued
+        # versions share the engine, the rest queue in admission (none is dropped), and a queued
         # request is routed when it starts, so after a swap it starts on the new version.
-        self.max_concurrency = (OpenAIUpstreamEngine.max_concurrency
-                                if settings.engine.kind == "openai" else settings.engine.n_parallel)
-        self.models_dir = settings.models_dir
-        #: On the openai engine: the upstream every version is served by, started first.
-        self._upstream: OpenAIUpstreamEngine | None = None
+        self.max_concurrency = self.backend.max_concurrency
         self.registry = registry
         self.model_name = settings.engine.served_model_name or "loading"
         self._slots: dict[str, _Slot] = {}
@@ -195,51 +142,11 @@ class VersionedEngine(Engine):
         self._follower = asyncio.create_task(self._follow(), name="registry-follower")
 
     async def _start(self) -> None:
-        state = await asyncio.to_thread(self.registry.read)
-        if self.settings.kind == "openai":
-            await self._start_upstream(state)
-            return
-        first: LlamaCppEngine | None = None
-        if state.active is None:
-            # First start: the configured model (possibly the tiny one, built now) becomes `base`.
-            first = await self._started(self.settings)
-            assert first.model_path is not None
-            state = await asyncio.to_thread(self.registry.bootstrap, first.model_path,
-                                            first.model_name, first.hf_dir)
+        await self.backend.start()
+        state = await self.backend.bootstrap(self.registry)
         root = next(v for v in state.versions.values() if v.parent is None)
-        configured = self.settings.model_path
-        if configured is not None and configured.resolve() != root.model_path:
-            log.warning("engine.model_path differs from the registry's base (%s): serving the "
-                        "registry's versions; move %s away to start from the configured model",
-                        root.model_path, self.registry.path.parent)
         if self.settings.served_model_name is None:
-            self.model_name = state.model_name or root.model_path.stem
-        active = state.version(state.active or "")
-        if first is not None:
-            assert first.model_path is not None
-            if active.kind == "gguf" and active.model_path == first.model_path.resolve():
-                first.model_name = self.model_name
-                self._slots[active.id] = _Slot(active, first)
-            else:  # another process bootstrapped the registry first
-                await first.close()
-        await self._serve_registry(state)
-
-    async def _start_upstream(self, state: RegistryState) -> None:
-        upstream = self._upstream = OpenAIUpstreamEngine(self.settings)
-        await upstream.start()  # launches and waits for a managed upstream
-        assert upstream.upstream_model is not None
-        if state.active is None:
-            state = await asyncio.to_thread(
-                self.registry.bootstrap, Path(upstream.upstream_model), upstream.model_name,
-                self.settings.hf_dir, "upstream")
-        root = next(v for v in state.versions.values() if v.parent is None)
-        if root.kind != "upstream" or str(root.model_path) != upstream.upstream_model:
-            raise RegistryError(
-                f"the registry in {self.registry.path.parent} is for {root.kind} model "
-                f"{root.model_path}, the upstream serves {upstream.upstream_model}: move the "
-                "registry away to start over")
-        if self.settings.served_model_name is None:
-            self.model_name = state.model_name or upstream.model_name
+            self.model_name = state.model_name or root.model_path.name
         await self._serve_registry(state)
 
     async def _serve_registry(self, state: RegistryState) -> None:
@@ -271,9 +178,12 @@ class VersionedEngine(Engine):
     async def _close_engines(self) -> None:
         slots, self._slots = list(self._slots.values()), {}
         await asyncio.gather(*(s.engine.close() for s in slots), *self._closing)
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None:
-            await upstream.close()
+        await self.backend.close()
+
+    def memory(self) -> dict[str, Any]:
+        """What the loaded versions take (the backend's account) and which are loaded."""
+        return {**self.backend.memory(),
+                "versions": {vid: slot.engine.memory() for vid, slot in self._slots.items()}}
 
     def healthy(self) -> bool:
         slot = self._slots.get(self._active or "")
@@ -292,39 +202,13 @@ class VersionedEngine(Engine):
         if slot is not None:
             return slot
         try:
-            engine = await self._started_version(version)
+            engine = await self.backend.open_version(version, self.model_name)
         except Exception as exc:
             raise VersionLoadError(
                 f"version {version.id!r} failed to load: {type(exc).__name__}: {exc}") from exc
         log.info("version %s loaded from %s", version.id, version.lora_path or version.model_path)
         slot = self._slots[version.id] = _Slot(version, engine)
         return slot
-
-    def _check_kind(self, kind: Kind) -> None:
-        if (self._upstream is None) != (kind not in UPSTREAM_KINDS):
-            raise RegistryError(f"a {kind} version cannot be served by the {self.settings.kind} "
-                                "engine")
-
-    async def _started_version(self, version: Version) -> Engine:
-        self._check_kind(version.kind)
-        if self._upstream is not None:
-            adapter = None if version.lora_path is None else (version.id, version.lora_path)
-            engine = UpstreamModel(self._upstream, adapter)
-            engine.model_name = self.model_name
-            await engine.start()
-            return engine
-        return await self._started(self.settings.model_copy(update={
-            "model_path": version.model_path, "lora_path": version.lora_path,
-            "hf_dir": version.hf_dir, "served_model_name": self.model_name}))
-
-    async def _started(self, settings: EngineSettings) -> LlamaCppEngine:
-        engine = LlamaCppEngine(settings, self.models_dir)
-        try:
-            await engine.start()
-        except BaseException:
-            await engine.close()  # its worker thread
-            raise
-        return engine
 
     # -- changes (admin) ----------------------------------------------------------------------
 
@@ -387,20 +271,17 @@ class VersionedEngine(Engine):
         log.info("rolled back to version %s", previous.id)
         return previous
 
-    async def check_files(self, kind: Kind, model_path: Path, lora_path: Path | None) -> None:
+    async def check_files(self, backend: BackendKind | None, model_path: Path,
+                          lora_path: Path | None) -> BackendKind:
         """Refuse files this server could not serve, before they are registered:
-        `VersionFilesError` naming the problem, `RegistryError` for a kind another engine
-        serves. On llama.cpp, llama.cpp loads them in a child process; a vLLM adapter is
-        checked on disk here and loaded by the upstream when it is first served."""
-        if kind == "vllm_lora" and lora_path is not None:
-            await asyncio.to_thread(check_peft_adapter, lora_path)
-        elif kind in ("gguf", "lora"):
-            await asyncio.to_thread(check_gguf_file, model_path, "model")
-            if lora_path is not None:
-                await asyncio.to_thread(check_gguf_file, lora_path, "LoRA")
-        self._check_kind(kind)
-        if self._upstream is None:
-            await probe_llamacpp(model_path, lora_path)
+        `VersionFilesError` naming the problem, `RegistryError` for a version of a backend kind
+        this server does not serve. Returns the kind to register (default: this server's)."""
+        kind = backend or self.backend.kind
+        await BACKENDS[kind].check_files(model_path, lora_path)
+        if kind not in self.backend.serves:
+            raise RegistryError(f"a `{kind}` version cannot be served by the "
+                                f"{self.backend.kind} engine")
+        return kind
 
     async def remove(self, version_id: str) -> Version:
         """Take a version out of the registry (`Registry.remove` says which are refused) and
@@ -475,14 +356,15 @@ class VersionedEngine(Engine):
 
     # -- routing ------------------------------------------------------------------------------
 
-    def lease(self, conversation: str | None) -> _Slot:
-        """The slot that serves this conversation's next request, referenced until `release`."""
+    def lease(self, conversation: str | None) -> Lease:
+        """The engine that serves this conversation's next request, referenced until the
+        lease is released."""
         version_id = self._route(conversation)
         slot = self._slots.get(version_id or "")
         if slot is None:
             raise EngineUnavailable("the model is not loaded")
         slot.in_flight += 1
-        return slot
+        return Lease(slot.engine, slot.version.id, lambda: self.release(slot))
 
     def release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
@@ -535,8 +417,19 @@ class VersionedEngine(Engine):
     # -- Engine -------------------------------------------------------------------------------
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
-             template_kwargs: dict[str, Any]) -> RoutedStream:
-        return RoutedStream(self, lambda engine: engine.chat(messages, params, template_kwargs))
+             template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
+        return self._leased(None, lambda engine: engine.chat(messages, params, template_kwargs))
 
-    def complete(self, prompt: str, params: SamplingParams) -> RoutedStream:
-        return RoutedStream(self, lambda engine: engine.complete(prompt, params))
+    def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
+        return self._leased(None, lambda engine: engine.complete(prompt, params))
+
+    async def _leased(self, conversation: str | None,
+                      start: Callable[[Engine], AsyncIterator[Event]]) -> AsyncIterator[Event]:
+        """A stream for a caller that does not lease first (a client of the engine itself, not
+        the gateway): the active version's, holding it until the stream ends."""
+        lease = self.lease(conversation)
+        try:
+            async for event in start(lease.engine):
+                yield event
+        finally:
+            lease.release()

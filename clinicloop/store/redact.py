@@ -19,7 +19,7 @@ durations, doses and vitals ("140/90") have no rule that matches them, and names
 capitalised word ("I'm Daniel", not "I'm worried" or "I'm 45"). Names without a cue are not found.
 `redact_record` applies the rules to every string of a record that a client sent or a model wrote
 (messages, choices, parameters, keys of free-form objects included), except a base64 `data:` URL.
-`python -m clinicloop.store.redact_eval` measures recall and retention on `data/phi_cases.jsonl`.
+`clinicloop store redaction-recall` measures recall and retention on `data/phi_cases.jsonl`.
 """
 
 from __future__ import annotations

@@ -6,15 +6,12 @@ Each case in `data/phi_cases.jsonl` (all invented) is `{"text", "phi": {KIND: [s
 left in the redacted text, so a half-redacted name ("Jane [NAME]") is a miss. A keep span counts as
 retained when it is still in the redacted text verbatim.
 
-    python -m clinicloop.store.redact_eval          # a table
-    python -m clinicloop.store.redact_eval --json   # the same as JSON
-
-It prints and writes nothing else.
+    clinicloop store redaction-recall          # a table
+    clinicloop store redaction-recall --json   # the same as JSON
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 from collections.abc import Sequence
@@ -179,15 +176,3 @@ def generic_shapes(size: int) -> dict[str, str]:
     shapes["mixed"] = hostile_text([("".join(GENERIC_PIECES), False)], size)
     return shapes
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--cases", type=Path, help="a JSONL case file instead of the shipped one")
-    args = parser.parse_args(argv)
-    report = evaluate(load_cases(args.cases))
-    print(report.model_dump_json(indent=2) if args.json else format_table(report))
-
-
-if __name__ == "__main__":
-    main()

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from clinicloop.backends.base import Delta, Engine, EngineError, SamplingParams
-from clinicloop.config import EngineSettings
+from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
 from clinicloop.errors import UserError
 
 Origin = Literal["client", "service"]
@@ -210,7 +210,7 @@ class EngineChatClient:
 async def open_client(url: str | None = None, *, api_key: str | None = None,
                       key_option: str | None = None, origin: Origin = "service",
                       model: str | None = None, gguf: Path | None = None,
-                      lora: Path | None = None, models_dir: Path = Path("var/models"),
+                      lora: Path | None = None, models_dir: Path = DEFAULT_MODELS_DIR,
                       n_ctx: int = 4096, concurrency: int = 8) -> AsyncIterator[ChatClient]:
     """A client for an OpenAI-compatible base URL, else for `gguf` run in-process (the tiny
     model when None); closed on exit. An HTTP client's key is `api_key` or the environment's

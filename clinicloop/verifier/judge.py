@@ -19,6 +19,13 @@ times with a fresh sampling seed; then the verdict is `criteria_met=None` with
 failed. A request the server refuses (another 4xx, e.g. a prompt longer than the judge's context)
 is never retried: it would fail the same way. `kind:rule` items are checked without a model. A key
 the server refuses (`KeyRefused`) is no verdict's fault: it stops the batch.
+
+This module owns persisting verdicts: the judge hands every verdict it makes (model, rule,
+unparseable, failed; not one it read from the cache) to its `VerdictCache` the moment it has it,
+and the cache decides what to keep. `MemoryVerdictCache` keeps model verdicts; `StoreVerdictCache`
+writes every verdict as a row of the store's `verdicts` table, so a scoring run killed midway
+keeps every verdict made before the kill. Only the judge sees verdicts one at a time, which is
+why it, and not its callers, records them.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
+from clinicloop.store.db import Store, StoredVerdict
 from clinicloop.verifier import judge_templates
 from clinicloop.verifier.client import ChatClient, ChatError
 from clinicloop.verifier.rubrics import RubricItem, check_rule
@@ -66,12 +75,18 @@ class Verdict(BaseModel):
 
 
 class VerdictCache(Protocol):
-    def get(self, key: str) -> Verdict | None: ...
+    def get(self, key: str) -> Verdict | None:
+        """A verdict worth reusing (an answered one), else None."""
+        ...
 
-    def put(self, key: str, verdict: Verdict) -> None: ...
+    def put(self, key: str, verdict: Verdict) -> None:
+        """Called with every verdict the judge makes, as it makes it."""
+        ...
 
 
 class MemoryVerdictCache:
+    """Model verdicts in memory; an unanswered one is asked again next time."""
+
     def __init__(self) -> None:
         self._verdicts: dict[str, Verdict] = {}
 
@@ -79,10 +94,56 @@ class MemoryVerdictCache:
         return self._verdicts.get(key)
 
     def put(self, key: str, verdict: Verdict) -> None:
-        self._verdicts[key] = verdict
+        if verdict.source == "llm":
+            self._verdicts[key] = verdict
 
     def __len__(self) -> int:
         return len(self._verdicts)
+
+
+class StoreVerdictCache:
+    """A `VerdictCache` on the store's `verdicts` table: every verdict is a row.
+
+    A verdict row names its turn and item, which a cache key alone does not carry, so the caller
+    registers each turn's keys (`expect`) before grading it and drops them after (`forget`).
+    Turns with identical text, graded at once, share keys: the first to expect a key owns its
+    row, and the key is kept until the last of them forgets it. Reads and writes block the event
+    loop for a few milliseconds, against a judge call's hundreds.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._expected: dict[str, StoredVerdict] = {}
+        self._holders: Counter[str] = Counter()
+
+    def expect(self, turn_id: str, keys: list[str], items: list[RubricItem], judge_model: str,
+               template: Template) -> None:
+        for key, item in zip(keys, items, strict=True):
+            self._holders[key] += 1
+            self._expected.setdefault(key, StoredVerdict(
+                turn_id=turn_id, verdict_key=key, judge_model=judge_model, template=template,
+                item=item.model_dump(mode="json", exclude_none=True), criteria_met=None,
+                source="unparseable"))
+
+    def forget(self, keys: list[str]) -> None:
+        for key in keys:
+            self._holders[key] -= 1
+            if self._holders[key] <= 0:
+                del self._holders[key]
+                self._expected.pop(key, None)
+
+    def get(self, key: str) -> Verdict | None:
+        stored = self.store.get_verdict(key)
+        # An unparseable verdict is worth another try.
+        if stored is None or stored.criteria_met is None:
+            return None
+        return Verdict(criteria_met=stored.criteria_met, explanation=stored.explanation,
+                       source="cache")
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        self.store.put_verdict(self._expected[key].model_copy(update={
+            "criteria_met": verdict.criteria_met,
+            "explanation": verdict.error or verdict.explanation, "source": verdict.source}))
 
 
 def _digest(text: str) -> str:
@@ -207,16 +268,17 @@ class Judge:
 
     async def _grade(self, conversation: list[dict[str, Any]], response: str,
                      item: RubricItem) -> Verdict:
+        key = verdict_key(conversation, response, item, self.client.model, self.template)
         if item.is_rule:
             assert item.rule is not None  # is_rule checks it
             met = check_rule(item.rule, response)
-            return Verdict(criteria_met=met, source="rule",
-                           explanation=f"{item.rule.type} check {'met' if met else 'not met'}")
-        key = verdict_key(conversation, response, item, self.client.model, self.template)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            verdict = Verdict(criteria_met=met, source="rule",
+                              explanation=f"{item.rule.type} check {'met' if met else 'not met'}")
+        elif self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit.model_copy(update={"source": "cache", "attempts": 0})
-        verdict = await self._ask(render_prompt(conversation, response, item, self.template))
-        if self.cache is not None and verdict.criteria_met is not None:
+        else:
+            verdict = await self._ask(render_prompt(conversation, response, item, self.template))
+        if self.cache is not None:
             self.cache.put(key, verdict)
         return verdict
 

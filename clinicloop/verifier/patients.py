@@ -2,7 +2,7 @@
 
 A script is an invented case (no real patient data): a medical record with hidden findings the
 patient reveals only when asked, a persona (MBTI type, income, education) and the outcome that
-should end the consultation. The shipped scripts are written by `patient_scripts.py`.
+should end the consultation. The shipped scripts are written by `scripts/make_patient_scripts.py`.
 
 The checks work on words, not meaning, which is what lets them run on every turn and judge even a
 tiny model's output:

@@ -3,9 +3,9 @@
 For each answered turn (status ok) that matches the filters and has no score yet: the rubric of its
 prompt (generated once per conversation prefix, then reused), one judge verdict per item, and the
 turn's HealthBench score with per-tag sub-scores, all written back to the store. A run can be
-killed at any point: each verdict is written as the judge produces it (the judge's cache is the
-`verdicts` table, see `StoreVerdictCache`), so a re-run judges only what is missing, and a turn
-counts as done once its `turn_scores` row exists.
+killed at any point: the judge writes each verdict as it produces it (its cache is the `verdicts`
+table, see `judge.StoreVerdictCache`), so a re-run judges only what is missing, and a turn counts
+as done once its `turn_scores` row exists (written here).
 
 Verdicts are keyed by content (conversation, response, item, judge model, template), so two turns
 with identical text share one verdict row: the second is graded from the first's verdicts (or,
@@ -22,68 +22,21 @@ from collections import Counter
 from collections.abc import Coroutine, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast, get_args
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from clinicloop.config import Settings
-from clinicloop.errors import UserError
-from clinicloop.store.db import Store, StoredVerdict, TurnScore
+from clinicloop.store.db import Store, TurnScore
 from clinicloop.store.records import TurnRecord
 from clinicloop.verifier.client import open_client
 from clinicloop.verifier.generator import RubricGenerator
-from clinicloop.verifier.judge import Judge, Template, Verdict, verdict_key
+from clinicloop.verifier.judge import Judge, StoreVerdictCache, Template, Verdict, verdict_key
 from clinicloop.verifier.rubrics import RubricItem
 from clinicloop.verifier.scoring import ExampleGrades, aggregate, example_metrics, score_example
 
 _PAGE = 64  # turns read from the store, and graded concurrently, at a time
 T = TypeVar("T")
-
-
-class StoreVerdictCache:
-    """A `VerdictCache` on the store's `verdicts` table.
-
-    A verdict row names its turn and item, which a cache key alone does not carry, so `score_logs`
-    registers each turn's keys (`expect`) before grading it and drops them after (`forget`).
-    Turns with identical text, graded at once, share keys: the first to expect a key owns its
-    row, and the key is kept until the last of them forgets it. Reads and writes block the event
-    loop for a few milliseconds, against a judge call's hundreds.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._expected: dict[str, StoredVerdict] = {}
-        self._holders: Counter[str] = Counter()
-
-    def expect(self, turn_id: str, keys: list[str], items: list[RubricItem], judge_model: str,
-               template: Template) -> None:
-        for key, item in zip(keys, items, strict=True):
-            self._holders[key] += 1
-            self._expected.setdefault(key, StoredVerdict(
-                turn_id=turn_id, verdict_key=key, judge_model=judge_model, template=template,
-                item=item.model_dump(mode="json", exclude_none=True), criteria_met=None,
-                source="unparseable"))
-
-    def forget(self, keys: list[str]) -> None:
-        for key in keys:
-            self._holders[key] -= 1
-            if self._holders[key] <= 0:
-                del self._holders[key]
-                self._expected.pop(key, None)
-
-    def get(self, key: str) -> Verdict | None:
-        stored = self.store.get_verdict(key)
-        # An unparseable verdict is worth another try.
-        if stored is None or stored.criteria_met is None:
-            return None
-        return Verdict(criteria_met=stored.criteria_met, explanation=stored.explanation,
-                       source="cache")
-
-    def put(self, key: str, verdict: Verdict) -> None:
-        self.store.put_verdict(self._expected[key].model_copy(update={
-            "criteria_met": verdict.criteria_met,
-            "explanation": verdict.error or verdict.explanation, "source": verdict.source}))
 
 
 class ScoreSummary(BaseModel):
@@ -113,11 +66,6 @@ async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, j
     cache.expect(turn.id, keys, items, model, judge.template)
     try:
         verdicts = await judge.grade_all(conversation, response, items)
-        # The judge caches model verdicts as it makes them; rule, unparseable and failed ones it
-        # does not.
-        for key, verdict in zip(keys, verdicts, strict=True):
-            if verdict.source in ("rule", "unparseable", "error"):
-                cache.put(key, verdict)
     finally:
         cache.forget(keys)
     grades = ExampleGrades(prompt_id=turn.id, example_tags=[], items=items,
@@ -215,40 +163,32 @@ def sub_score_names(metrics: dict[str, float]) -> list[str]:
 
 
 async def _score(store: Store, judge_url: str | None, judge_key: str | None,
-                 template: Template, **filters: Any) -> ScoreSummary:
+                 template: Template, models_dir: Path, **filters: Any) -> ScoreSummary:
     async with open_client(judge_url, api_key=judge_key, key_option="--judge-key",
-                           models_dir=Settings().models_dir) as client:
+                           models_dir=models_dir) as client:
         # One sequence at a time in-process: a second conversation would evict the prefix cache.
         judge = Judge(client, template=template, cache=StoreVerdictCache(store),
                       concurrency=8 if judge_url else 1)
         return await score_logs(store, judge, RubricGenerator(client, store=store), **filters)
 
 
-def score_command(store_url: str, judge_url: str | None, since: str | None,
-                  model_version: str | None, limit: int | None, template: str,
-                  out: Path | None, *, judge_key: str | None = None) -> ScoreSummary:
-    """`clinicloop verify score`: score the store's unscored turns, print a summary, write JSON.
+def score_store(store_url: str, judge_url: str | None, *, models_dir: Path,
+                judge_key: str | None = None, template: Template = "split",
+                since: datetime | None = None, model_version: str | None = None,
+                limit: int | None = None, out: Path | None = None) -> ScoreSummary:
+    """Score the unscored turns of the store at `store_url` (its schema upgraded first).
 
-    `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process),
-    `judge_key` its API key (None: from the environment, see `client.resolve_key`); `since` an
-    ISO 8601 time (naive = UTC); `template` "split" or "healthbench".
+    `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process,
+    from `models_dir`), `judge_key` its API key (None: from the environment, see
+    `client.resolve_key`). `out`: where the summary is written as JSON.
     """
-    if template not in get_args(Template):
-        raise UserError(f"--template must be one of {', '.join(get_args(Template))}, "
-                        f"not {template!r}")
-    try:
-        start = None if since is None else datetime.fromisoformat(since)
-    except ValueError:
-        raise UserError(f"--since {since!r} is not an ISO 8601 time, e.g. "
-                        "2025-03-01T12:00") from None
     store = Store(store_url)
     try:
         store.migrate()
-        summary = asyncio.run(_score(store, judge_url, judge_key, cast(Template, template),
-                                     since=start, model_version=model_version, limit=limit))
+        summary = asyncio.run(_score(store, judge_url, judge_key, template, models_dir,
+                                     since=since, model_version=model_version, limit=limit))
     finally:
         store.dispose()
-    print(format_summary(summary))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(summary.model_dump_json(indent=2) + "\n")

@@ -125,7 +125,7 @@ def test_a_later_turn_prefills_only_what_is_new(tiny_model, tmp_path):
             reused = engine.stats()["prefix_cache_hit_tokens"] - before
 
             def tokens(messages):
-                return engine._prepare(engine._template.render(messages), GREEDY)[0]
+                return engine._prepare(engine.base.template.render(messages), GREEDY)[0]
 
             return reused, common_prefix(tokens(turn1), tokens(turn2)), len(tokens(turn1))
         finally:

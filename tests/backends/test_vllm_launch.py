@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clinicloop.backends.plan import GPUS, PRESETS, MiB, plan_memory, vllm_limits
-from clinicloop.backends.vllm_launch import (
-    PROFILES,
-    build_launch,
+from clinicloop.backends.plan import (
+    GPUS,
+    PRESETS,
+    MiB,
     lora_slot_bytes,
-    weight_scheme,
+    plan_memory,
+    vllm_limits,
 )
+from clinicloop.backends.vllm_launch import PROFILES, build_launch, weight_scheme
 from clinicloop.config import EngineSettings, SpeculativeSettings
 
 # Qwen/Qwen2.5-32B-Instruct-AWQ's config.json (AutoAWQ GEMM, 4 bits, group 128, zero points).
@@ -57,25 +59,45 @@ def test_rtx4090_command_for_a_32b_awq_checkpoint(awq_32b):
     rank16_slot = 256 * MiB  # 64 layers x 16 x (in + out of the 7 linears) x 2 bytes
     assert launch.plan is not None
     plain = plan_memory(PRESETS["qwen2.5-32b"], GPUS["rtx4090"], "w4a16-awq", "fp8")
-    # The one LoRA slot is all that differs from the planner's figures for the preset.
-    assert launch.plan.kv_pool_bytes == plain.kv_pool_bytes - rank16_slot
+    # The two LoRA slots are all that differs from the planner's figures for the preset.
+    assert launch.plan.kv_pool_bytes == plain.kv_pool_bytes - 2 * rank16_slot
     limits = vllm_limits(launch.plan)
-    assert limits["max_num_seqs"] == 1  # the longest sequence: one at a time
+    # The longest sequence that fits, and as many 2,048-token chats as the paged pool holds:
+    # 15,913 FP8 tokens after the slots.
+    assert launch.plan.kv_pool_tokens == 15_913
+    assert (limits["max_model_len"], limits["max_num_seqs"]) == (15_904, 15_913 // 2048) == (
+        15_904, 7)
     assert launch.command == [
         "env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
         "vllm", "serve", str(awq_32b), "--host", "127.0.0.1", "--port", "8001",
-        "--max-model-len", str(limits["max_model_len"]), "--max-num-seqs", "1",
+        "--max-model-len", "15904", "--max-num-seqs", "7",
         "--enable-prefix-caching", "--reasoning-parser", "qwen3",
-        "--enable-lora", "--max-loras", "1", "--max-lora-rank", "16",
+        "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
         "--gpu-memory-utilization", "0.9", "--kv-cache-dtype", "fp8",
         "--max-num-batched-tokens", "2048",
     ]
     # No --quantization: vLLM reads the AWQ config and picks awq_marlin itself; forcing `awq`
     # would select the slower non-Marlin kernel.
     assert "--quantization" not in launch.command and "--dtype" not in launch.command
-    # Within the paper's W4A16 + FP8 KV row (19,965 tokens) less the LoRA slot's ~2k tokens.
-    assert 17_000 < limits["max_model_len"] < 19_965
+    # Within the paper's W4A16 + FP8 KV row (19,965 tokens) less the LoRA slots' ~4k tokens.
+    assert 15_000 < limits["max_model_len"] < 19_965
     assert shlex.split(launch.shell()) == launch.command
+    # The gateway in front admits what vLLM runs at once, and knows the longest sequence.
+    engine = launch.engine
+    assert engine.kind == "vllm" and (engine.n_parallel, engine.n_ctx) == (7, 15_904)
+
+
+def test_rtx4090_typical_length_sets_the_sequences_and_the_lora_slots(awq_32b):
+    def launch(typical: int) -> tuple[int, int, int]:
+        command = build_launch(EngineSettings(vllm_typical_len=typical), str(awq_32b),
+                               "rtx4090").command
+        return tuple(int(_flag(command, f)) for f in ("--max-num-seqs", "--max-loras",
+                                                      "--max-model-len"))
+
+    assert launch(1024) == (15_913 // 1024, 2, 15_904) == (15, 2, 15_904)
+    # Chats so long that two slots leave room for one: one slot, and its KV cache back
+    # (17,961 tokens).
+    assert launch(9000) == (1, 1, 17_952)
 
 
 def test_rtx4090_plans_concurrency_at_a_chosen_length_with_two_lora_slots(awq_32b):
@@ -83,7 +105,9 @@ def test_rtx4090_plans_concurrency_at_a_chosen_length_with_two_lora_slots(awq_32
     launch = build_launch(settings, str(awq_32b), "rtx4090")
     assert launch.plan is not None and launch.plan.seq_len == 4096
     assert _flag(launch.command, "--max-model-len") == "4096"
-    assert int(_flag(launch.command, "--max-num-seqs")) == launch.plan.concurrent_seqs >= 2
+    # Sequences of the typical 2,048 tokens, twice as many as of the longest 4,096.
+    assert int(_flag(launch.command, "--max-num-seqs")) == launch.plan.typical_seqs == 7
+    assert launch.plan.concurrent_seqs == 3
     # Several sequences at once: room for the active adapter and a canary's in one batch.
     assert _flag(launch.command, "--max-loras") == "2"
     assert lora_slot_bytes(PRESETS["qwen2.5-32b"], 16, 2) == 512 * MiB
@@ -161,7 +185,8 @@ def test_cpu_profile_on_the_bench_model(bench):
     assert _flag(command, "--max-model-len") == "2048" and _flag(command, "--max-num-seqs") == "4"
     assert "--enable-lora" in command and command[-2:] == ["--seed", "0"]
     engine = launch.engine
-    assert engine.kind == "openai" and engine.upstream_url == "http://127.0.0.1:8123/v1"
+    assert engine.kind == "vllm" and engine.upstream_url == "http://127.0.0.1:8123/v1"
+    assert (engine.n_parallel, engine.n_ctx) == (4, 2048)  # the gateway admits 4 at once
     assert engine.upstream_command == command
     assert engine.upstream_startup_timeout_s == PROFILES["cpu"].startup_timeout_s
     # A wait the user set wins over the profile's.
@@ -182,4 +207,5 @@ def test_serve_print_command_matches_the_launch(awq_32b, tmp_path):
     expected = build_launch(EngineSettings(), str(awq_32b), "rtx4090")
     assert done.stdout.strip() == expected.shell()
     refused = cli("--profile", "a100", "--model", str(awq_32b), "--print-command")
-    assert refused.returncode == 2 and "unknown vLLM profile" in refused.stderr
+    # A usage error that names the profiles there are.
+    assert refused.returncode == 2 and all(p in refused.stderr for p in ("rtx4090", "cpu"))

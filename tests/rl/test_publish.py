@@ -1,5 +1,7 @@
-"""A LoRA adapter becomes a GGUF that llama.cpp serves, and the merge really changes the model; a
-publish killed midway leaves its work only in `<out>.part`, which the next publish clears."""
+"""Publishing a LoRA adapter: by default the adapter itself, which llama.cpp applies on the base
+as the merged model would be served; as an option merged into a GGUF that llama.cpp serves, the
+merge really changing the model. A publish killed midway leaves its work only in `<out>.part`,
+which the next publish clears."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from llama_cpp import Llama
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from clinicloop.rl.publish import publishable_gguf
+from clinicloop.backends.kinds import open_backend
+from clinicloop.config import EngineSettings
+from clinicloop.rl.publish import publishable_adapter, publishable_gguf
 from tests.rl.killed import run_killed_after
 
 
@@ -69,3 +73,57 @@ def test_a_killed_publish_leaves_nothing_unowned(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "v1"]
     assert sorted(p.name for p in merged.hf_dir.parent.iterdir()) == [
         "hf", "model-f16.gguf", "model-q8_0.gguf"]
+
+
+PROMPTS = ["I have had a cough and a fever for two days.", "My child has a rash on her arms.",
+           "Is it safe to take ibuprofen with a headache?"]
+
+
+def _greedy(gguf: Path, lora: Path | None = None) -> list[str]:
+    llama = Llama(model_path=str(gguf), lora_path=lora and str(lora), n_ctx=256, n_threads=1,
+                  verbose=False)
+    texts = []
+    for prompt in PROMPTS:
+        llama.reset()
+        out = llama.create_completion(f"<|im_start|>user\n{prompt}<|im_end|>\n"
+                                      "<|im_start|>assistant\n", max_tokens=48, temperature=0)
+        texts.append(out["choices"][0]["text"])
+    llama.close()
+    return texts
+
+
+def test_an_adapter_publish_is_served_on_the_base_as_the_merged_model(bench, bench_lora,
+                                                                      tmp_path):
+    backend = open_backend(EngineSettings(kind="llamacpp"), tmp_path)
+    lora = publishable_adapter(backend, bench.hf_dir, bench_lora.adapter_dir, tmp_path / "v1")
+    assert lora == tmp_path / "v1" / "adapter.gguf"
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["adapter", "adapter.gguf"]
+    # The peft directory is kept whole: the next refresh goes on training it.
+    assert sorted(p.name for p in (tmp_path / "v1" / "adapter").iterdir()) == sorted(
+        p.name for p in bench_lora.adapter_dir.iterdir())
+    merged = publishable_gguf(bench.hf_dir, bench_lora.adapter_dir, tmp_path / "v2")
+    assert not list(tmp_path.glob("*.part"))
+
+    served = _greedy(bench.gguf_f16, lora)
+    assert served == _greedy(merged.gguf_f16)
+    assert served != _greedy(bench.gguf_f16)  # the adapter changes what is served
+
+
+def test_a_killed_adapter_publish_leaves_nothing_unowned(bench, bench_lora, tmp_path):
+    args = (f"Path({str(bench.hf_dir)!r}), Path({str(bench_lora.adapter_dir)!r}), "
+            f"Path({str(tmp_path / 'v1')!r})")
+    # Killed once the adapter GGUF is written, before the directory is renamed into place.
+    killed = run_killed_after(
+        "clinicloop.backends.kinds:LlamaCppBackend.publish_adapter",
+        "from pathlib import Path; from clinicloop.backends.kinds import open_backend; "
+        "from clinicloop.config import EngineSettings; "
+        "from clinicloop.rl.publish import publishable_adapter; "
+        f"publishable_adapter(open_backend(EngineSettings(), Path('.')), {args})")
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.part"]
+    assert (tmp_path / "v1.part" / "adapter.gguf").is_file()
+
+    backend = open_backend(EngineSettings(), tmp_path)
+    publishable_adapter(backend, bench.hf_dir, bench_lora.adapter_dir, tmp_path / "v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+    assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == ["adapter", "adapter.gguf"]

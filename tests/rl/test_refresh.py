@@ -59,7 +59,7 @@ def log_turns(store_url: str, n: int = 40) -> None:
 def setup(tmp_path, tiny_model):
     store_url = f"sqlite:///{tmp_path / 'clinicloop.db'}"
     log_turns(store_url)
-    Registry(tmp_path / "registry").bootstrap(tiny_model.gguf_q8_0, tiny_model.name,
+    Registry(tmp_path / "registry").bootstrap("llamacpp", tiny_model.gguf_q8_0, tiny_model.name,
                                               tiny_model.hf_dir)
     return Paths(store_url=store_url, registry_dir=tmp_path / "registry",
                  runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models")
@@ -176,7 +176,7 @@ def test_no_swap_onto_a_version_that_changed_since_the_run_began(setup, tiny_mod
     job = refresh(setup, options, until="gate", progress=False)
     assert job.decision().publish and job.next_step() == "swap"
     registry = Registry(setup.registry_dir)
-    other = registry.register(parent=BASE_ID, kind="gguf", model_path=tiny_model.gguf_f16)
+    other = registry.register(parent=BASE_ID, backend="llamacpp", model_path=tiny_model.gguf_f16)
     registry.activate(other.id)  # someone else swapped while the candidate waited
     with pytest.raises(RefreshFailed, match="serving version changed"):
         refresh(setup, progress=False)
@@ -215,7 +215,7 @@ def test_a_failed_run_names_the_way_out_and_fresh_or_abandon_take_it(setup, tiny
     options = RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=48, grpo=FAST)
     job = refresh(setup, options, until="gate", progress=False)
     registry = Registry(setup.registry_dir)
-    other = registry.register(parent=BASE_ID, kind="gguf", model_path=tiny_model.gguf_f16,
+    other = registry.register(parent=BASE_ID, backend="llamacpp", model_path=tiny_model.gguf_f16,
                               hf_dir=tiny_model.hf_dir)
     registry.activate(other.id)  # the swap can never land now
     runner = CliRunner()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -23,3 +24,8 @@ def test_demo_closes_the_loop(tiny_model, tmp_path):
     assert (tmp_path / "demo" / "rl").is_dir() and match[3].endswith("report.md")
     swapped = re.search(r"logged as \S+ with model_version=(\S+)", result.stdout)
     assert swapped and swapped[1].startswith("rl-")
+    # The new version is the served base plus an adapter, and the base is loaded once.
+    version = re.search(r"version (rl-\S+): base (\S+) \+ adapter (\S+\.gguf)", result.stdout)
+    assert version and version[1] == swapped[1], result.stdout[-3000:]
+    assert re.search(r"memory: process RSS [\d.]+ MiB; 1 base\(s\) loaded", result.stdout)
+    assert "## The server's memory after the swap" in Path(match[3]).read_text()

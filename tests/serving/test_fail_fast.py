@@ -39,18 +39,18 @@ def test_a_missing_model_file_stops_the_server(tmp_path):
 
 
 def test_a_registry_made_for_another_engine_stops_the_server(tmp_path, tiny_model):
-    Registry(tmp_path / "var" / "registry").bootstrap(Path("Qwen/Qwen2.5-32B"), "qwen",
-                                                       kind="upstream")
+    Registry(tmp_path / "var" / "registry").bootstrap("openai", Path("Qwen/Qwen2.5-32B"), "qwen")
     done = serve(tmp_path, {"CLINICLOOP_ENGINE__MODEL_PATH": str(tiny_model.gguf_q8_0)})
     assert done.returncode == 1, done.stderr
     assert last_line(done) == (
         "clinicloop serve: the engine could not start: VersionLoadError: version 'base' failed "
-        "to load: RegistryError: a upstream version cannot be served by the llamacpp engine")
+        "to load: RegistryError: a `openai` version cannot be served by the llamacpp engine")
 
 
 def test_a_launched_upstream_is_stopped_when_the_registry_is_for_another_model(tmp_path,
                                                                                tiny_model):
-    Registry(tmp_path / "var" / "registry").bootstrap(tiny_model.gguf_q8_0, tiny_model.name)
+    Registry(tmp_path / "var" / "registry").bootstrap("llamacpp", tiny_model.gguf_q8_0,
+                                                       tiny_model.name)
     port = free_port()
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_model.gguf_q8_0),
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "512"]

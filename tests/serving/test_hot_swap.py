@@ -171,9 +171,9 @@ def test_corrupt_or_foreign_files_are_refused_and_the_active_one_keeps_serving(
         ({"model_path": "directory.gguf"}, "is a directory"),
         ({"model_path": "config.gguf"}, "is not a GGUF file (it begins with b'{"),
         ({"model_path": "zeros.gguf"}, "GGUF version 0"),
-        ({"kind": "lora", "model_path": str(tiny_model.gguf_q8_0),
+        ({"model_path": str(tiny_model.gguf_q8_0),
           "lora_path": str(tiny_model.gguf_f16)}, "cannot apply the LoRA"),
-        ({"kind": "vllm_lora", "model_path": "tiny", "lora_path": "adapter"},
+        ({"backend": "vllm", "model_path": "tiny", "lora_path": "adapter"},
          "adapter_config.json is not JSON"),
     ]
     for body, why in cases:
@@ -246,7 +246,7 @@ def test_the_server_follows_changes_another_process_makes_to_the_registry(server
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(tiny_model.gguf_q8_0.read_bytes())
-    registry.register(parent="v1", kind="gguf", model_path=bad, version_id="bad")
+    registry.register(parent="v1", backend="llamacpp", model_path=bad, version_id="bad")
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
     registry.activate("bad")
     wait_until(lambda: registry.read().active == "v1", FOLLOW_BOUND_S, "the file set back")

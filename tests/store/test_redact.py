@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.redact_bench import best_time
+from clinicloop.cli import redaction_recall
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.store.redact import RULES, redact, redact_record, redact_tree
 from clinicloop.store.redact_eval import (
@@ -19,7 +20,6 @@ from clinicloop.store.redact_eval import (
     hostile_shapes,
     hostile_text,
     load_cases,
-    main,
     pieces,
 )
 
@@ -97,7 +97,7 @@ def test_synthetic_set_recall_and_retention():
 
 
 def test_eval_cli_prints_json(capsys):
-    main(["--json"])
+    redaction_recall(as_json=True)
     report = json.loads(capsys.readouterr().out)
     assert report["cases"] >= 60 and report["recall"] >= 0.95
 

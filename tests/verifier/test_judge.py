@@ -9,10 +9,13 @@ import os
 
 import pytest
 
+from clinicloop.store.db import Store
+from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.judge import (
     EXPLANATION_MAX_CHARS,
     Judge,
     MemoryVerdictCache,
+    StoreVerdictCache,
     Verdict,
     parse_verdict,
     prompt_suffix,
@@ -210,3 +213,40 @@ def test_a_conversation_holds_its_slot_so_its_items_run_back_to_back(tiny_model,
     prompts = with_client(tiny_model, tmp_path, body)
     owners = ["peanuts" in p for p in prompts]
     assert owners in ([False] * 3 + [True] * 3, [True] * 3 + [False] * 3)
+
+
+def test_the_judge_stores_every_verdict_it_makes(tiny_model, tmp_path):
+    # Rule, model and failed verdicts each become a row of the store's verdicts table; an
+    # answered one is reused from there, never asked again.
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    store.insert_many([TurnRecord(
+        id="t", conversation_id="c", endpoint="chat.completions", model="m", model_version="v1",
+        messages=CONVERSATION, choices=[LoggedChoice(index=0, content=RESPONSE,
+                                                     finish_reason="stop")])])
+    rule = RubricItem(criterion="Mentions paracetamol", points=3, tags=["kind:rule"],
+                      rule=RuleCheck(type="keywords", keywords=["paracetamol"]))
+    items = [rule, ITEMS[0], ITEMS[1]]
+
+    async def body(client: CountingClient) -> tuple[list[Verdict], list[Verdict], list[int]]:
+        cache = StoreVerdictCache(store)
+        judge = Judge(client, cache=cache)
+        cache.expect("t", [verdict_key(CONVERSATION, RESPONSE, i, client.model, "split")
+                           for i in items], items, client.model, "split")
+        made = await judge.grade_all(CONVERSATION, RESPONSE, items[:2])
+        # A prompt plus max_tokens longer than the context: the server refuses it.
+        made.append(await Judge(client, cache=cache, max_tokens=4096).grade(
+            CONVERSATION, RESPONSE, items[2]))
+        calls = [client.calls]
+        again = await judge.grade_all(CONVERSATION, RESPONSE, items[:2])
+        calls.append(client.calls)
+        return made, again, calls
+
+    made, again, calls = with_client(tiny_model, tmp_path, body, n_ctx=1024)
+    assert [v.source for v in made] == ["rule", "llm", "error"]
+    stored = store.list_verdicts("t")
+    assert [(v.source, v.criteria_met) for v in stored] == [
+        (v.source, v.criteria_met) for v in made]
+    assert stored[2].explanation == made[2].error
+    assert [v.source for v in again] == ["rule", "cache"] and calls == [2, 2]
+    store.dispose()

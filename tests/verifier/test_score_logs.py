@@ -14,18 +14,14 @@ from alembic import command
 from sqlalchemy import MetaData, Table, inspect
 from sqlalchemy import text as sql_text
 
+from clinicloop.cli import verify_score
 from clinicloop.store.db import Store, StoredVerdict, TurnScore, _to_row, alembic_config
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, prefix_hash
-from clinicloop.verifier.judge import Judge
+from clinicloop.verifier.judge import Judge, StoreVerdictCache
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
-from clinicloop.verifier.score_logs import (
-    ScoreSummary,
-    StoreVerdictCache,
-    score_command,
-    score_logs,
-)
+from clinicloop.verifier.score_logs import ScoreSummary, score_logs
 from tests.conftest import ROOT
 from tests.verifier.clients import CountingClient, Killed, with_engine
 
@@ -205,20 +201,20 @@ def test_score_logs_scores_every_turn_and_resumes_after_a_kill(tiny_model, tmp_p
     with_engine(tiny_model, tmp_path, body)
 
 
-def test_score_command_scores_a_store_with_the_in_process_tiny_model(
+def test_verify_score_scores_a_store_with_the_in_process_tiny_model(
         tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLINICLOOP_MODELS_DIR", str(ROOT / "var" / "models"))
     store = new_store(tmp_path)
     out = tmp_path / "out" / "score.json"
-    summary = score_command(str(store.engine.url), None, "2025-03-01T12:02:00", "v1", None,
-                            "healthbench", out)
+    verify_score(store_url=str(store.engine.url), since="2025-03-01T12:02:00",
+                 model_version="v1", template="healthbench", out=out)
+    summary = ScoreSummary.model_validate(json.loads(out.read_text()))
     assert summary.n_turns == 2  # turns 2 and 3: v1, from 12:02
     assert summary.template == "healthbench" and summary.judge_model == tiny_model.name
-    assert ScoreSummary.model_validate(json.loads(out.read_text())) == summary
     printed = capsys.readouterr().out
     assert "turns scored: 2" in printed and "verdicts/s" in printed
     with pytest.raises(ValueError, match="template"):
-        score_command(str(store.engine.url), None, None, None, None, "lenient", None)
+        verify_score(store_url=str(store.engine.url), template="lenient")
 
 
 def test_identical_turns_graded_at_once_share_their_verdicts(tiny_model, tmp_path):

@@ -1,5 +1,6 @@
 """The patient simulator: shipped scripts, the factual unit, the termination gate on labelled
-doctor messages, and `simulate_command` end to end on the tiny model (in-process and over HTTP)."""
+doctor messages, and `clinicloop verify simulate` end to end on the tiny model (in-process and
+over HTTP)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from clinicloop.backends.llamacpp import LlamaCppEngine
+from clinicloop.cli import verify_score, verify_simulate
 from clinicloop.config import EngineSettings
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import EngineChatClient
-from clinicloop.verifier.patient_scripts import generate, to_jsonl
-from clinicloop.verifier.patients import SCRIPTS_PATH, load_scripts
-from clinicloop.verifier.score_logs import score_command
-from clinicloop.verifier.simulate_cli import simulate_command
+from clinicloop.verifier.patients import load_scripts
+from clinicloop.verifier.score_logs import ScoreSummary
+from clinicloop.verifier.simulation import SimulationReport
 from clinicloop.verifier.simulator import (
     FactualUnit,
     TerminationGate,
@@ -80,10 +81,6 @@ def test_shipped_scripts_validate_and_vary(scripts):
     assert {s.persona.income for s in values} == {"low", "middle", "high"}
     assert {s.persona.education for s in values} == {"primary", "secondary", "university"}
     assert all(len(s.record.hidden) >= 2 for s in values)
-
-
-def test_generator_reproduces_shipped_file():
-    assert to_jsonl(generate()) == SCRIPTS_PATH.read_text(encoding="utf-8")
 
 
 def check(script, draft: str, doctor: list[str]):
@@ -167,6 +164,10 @@ def test_llm_units_return_parsed_verdicts_on_the_tiny_model(tiny_model, scripts)
     assert isinstance(finished, bool) and isinstance(objects, bool)
 
 
+def _report(out: Path) -> SimulationReport:
+    return SimulationReport.model_validate_json((out / "simulate.json").read_text())
+
+
 def _check_run(report, out: Path, store_url: str, script_ids: list[str]) -> None:
     data = json.loads((out / "simulate.json").read_text())
     m = data["metrics"]
@@ -193,9 +194,9 @@ def _check_run(report, out: Path, store_url: str, script_ids: list[str]) -> None
 def test_simulate_in_process(tiny_model, tmp_path):
     ids = ["cardio-acs", "gi-reflux"]
     store_url = f"sqlite:///{tmp_path / 'sim.db'}"
-    report = simulate_command(None, None, scripts=2, max_turns=4, store_url=store_url,
-                              out=tmp_path, seed=0, script_ids=ids,
-                              model_path=tiny_model.gguf_q8_0, progress=False)
+    verify_simulate(scripts=2, max_turns=4, store_url=store_url, out=tmp_path, seed=0,
+                    script=ids, model=tiny_model.gguf_q8_0)
+    report = _report(tmp_path)
     _check_run(report, tmp_path, store_url, ids)
     assert report.doctor_model == report.patient_model == tiny_model.gguf_q8_0.stem
 
@@ -206,8 +207,9 @@ def test_simulate_against_our_server_stores_each_doctor_turn_once(
     monkeypatch.setenv("CLINICLOOP_MODELS_DIR", str(ROOT / "var" / "models"))
     server = server_factory()
     store_url = f"sqlite:///{server.db_path}"
-    report = simulate_command(server.v1, server.v1, scripts=1, max_turns=3, store_url=store_url,
-                              out=tmp_path, seed=1, script_ids=["neuro-stroke"], progress=False)
+    verify_simulate(server.v1, server.v1, scripts=1, max_turns=3, store_url=store_url,
+                    out=tmp_path, seed=1, script=["neuro-stroke"])
+    report = _report(tmp_path)
     assert report.doctor_model == report.patient_model == tiny_model.name
     assert report.logged_by_doctor and report.stored_turns == 0
     assert "logged the" in capsys.readouterr().out
@@ -226,5 +228,6 @@ def test_simulate_against_our_server_stores_each_doctor_turn_once(
     store.dispose()
 
     # Scoring that store (in-process judge) scores each doctor turn once.
-    summary = score_command(store_url, None, None, None, None, "split", None)
+    verify_score(store_url=store_url, out=tmp_path / "score.json")
+    summary = ScoreSummary.model_validate_json((tmp_path / "score.json").read_text())
     assert summary.n_turns == doctor_turns

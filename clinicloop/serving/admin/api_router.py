@@ -22,11 +22,11 @@ from clinicloop.backends.registry import (
     Version,
     VersionConflict,
     VersionInUse,
+    VersionSpec,
 )
 from clinicloop.serving.admin.protocol import (
     CanaryRequest,
     LoadedVersion,
-    RegisterRequest,
     VersionList,
 )
 from clinicloop.serving.errors import OpenAIError
@@ -44,7 +44,7 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_admin)])
 def _versions(request: Request) -> VersionedEngine:
     versions: VersionedEngine | None = request.app.state.versions
     if versions is None:
-        raise OpenAIError(404, "model versions are served only by the llamacpp engine",
+        raise OpenAIError(404, "this server's engine serves no model versions",
                           code="versions_unsupported")
     return versions
 
@@ -73,7 +73,7 @@ async def _listing(versions: VersionedEngine) -> VersionList:
         data=state.ordered(),
         active=versions.active, canary=versions.canary,
         loaded=[LoadedVersion(id=vid, in_flight=n) for vid, n in versions.loaded().items()],
-        history=state.history,
+        history=state.history, memory=versions.memory(),
     )
 
 
@@ -83,11 +83,11 @@ async def list_versions(request: Request) -> VersionList:
 
 
 @router.post("/versions", status_code=201)
-async def register_version(body: RegisterRequest, request: Request) -> Version:
+async def register_version(body: VersionSpec, request: Request) -> Version:
     versions = _versions(request)
     with _errors():
-        await versions.check_files(body.kind, body.model_path, body.lora_path)
-        return await asyncio.to_thread(body.register_in, versions.registry)
+        backend = await versions.check_files(body.backend, body.model_path, body.lora_path)
+        return await asyncio.to_thread(body.register_in, versions.registry, backend)
 
 
 @router.delete("/versions/{version_id}")

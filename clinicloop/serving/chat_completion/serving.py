@@ -67,7 +67,8 @@ class ChatCompletionHandler:
             caller=caller, conversation=conversation_id(messages, caller, conversation_header),
             n=request.n,
         )
-        await run.open(self.s.engine.chat(messages, params, request.chat_template_kwargs))
+        await run.open(lambda engine: engine.chat(messages, params,
+                                                   request.chat_template_kwargs))
         return run
 
     async def respond(self, request: ChatCompletionRequest, run: GenerationRun,

@@ -54,7 +54,7 @@ class CompletionHandler:
             caller=caller,
             conversation=conversation_id(messages, caller, conversation_header), n=request.n,
         )
-        await run.open(self.s.engine.complete(prompts[0], params))
+        await run.open(lambda engine: engine.complete(prompts[0], params))
         return run
 
     def _echo(self, request: CompletionRequest) -> str:

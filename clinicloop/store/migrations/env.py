@@ -1,8 +1,7 @@
 """Alembic environment for the store's migrations.
 
 `Store.migrate()` passes an open connection in `config.attributes["connection"]`. From the `alembic`
-command line (see `clinicloop/store/db.py`) the URL is `-x url=...`, or else the clinicloop
-settings' store URL.
+command line (see `clinicloop/store/db.py`) the URL is given as `-x url=...`.
 """
 
 from __future__ import annotations
@@ -10,12 +9,15 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from clinicloop.config import Settings
 from clinicloop.store.db import Base, Store
 
 
 def _url() -> str:
-    return context.get_x_argument(as_dictionary=True).get("url") or Settings().store.url
+    url = context.get_x_argument(as_dictionary=True).get("url")
+    if not url:
+        raise SystemExit("give the store URL: alembic -c clinicloop/store/alembic.ini "
+                         "-x url=sqlite:///var/clinicloop.db <command>")
+    return str(url)
 
 
 def _run(connection: Connection) -> None:

@@ -1,5 +1,5 @@
-"""`clinicloop verify simulate`: consultations between the patient simulator and a doctor model,
-stored as conversations, with the run's metrics.
+"""Simulated consultations (`clinicloop verify simulate`) between the patient simulator and a
+doctor model, stored as conversations, with the run's metrics.
 
 The doctor is any OpenAI-compatible endpoint (our own server, vLLM, a hosted model) and so is the
 patient's model; either left unset runs the tiny model in-process. Each doctor turn is stored once,
@@ -13,8 +13,8 @@ so `clinicloop verify score` treats simulated consultations like logged ones:
 The patient's model calls are service traffic (`X-Clinicloop-Origin: service`): a gateway serving
 them keeps them out of scoring and training.
 
-Writes `<out>/simulate.json` (the run's metrics and every consultation, turn by turn) and prints a
-short summary.
+`run_simulation` writes `<out>/simulate.json` (the run's metrics and every consultation, turn by
+turn); `summary` is the short human summary.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from clinicloop.config import Settings
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.client import ChatClient, HttpChatClient, open_client
-from clinicloop.verifier.patients import SCRIPTS_PATH, PatientScript, load_scripts
+from clinicloop.verifier.patients import PatientScript
 from clinicloop.verifier.simulator import Consultation, PatientSimulator, SimulatorOptions
 
 
@@ -149,8 +148,8 @@ async def simulate(doctor_url: str | None, patient_url: str | None, chosen: list
                    options: SimulatorOptions, store: Store | None, seed: int, *,
                    api_key: str | None = None, patient_key: str | None = None,
                    doctor_model: str | None = None, patient_model: str | None = None,
-                   model_path: Path | None = None, models_dir: Path = Path("var/models"),
-                   concurrency: int = 4, progress: bool = True) -> SimulationReport:
+                   model_path: Path | None = None, models_dir: Path, concurrency: int = 4,
+                   progress: bool = True) -> SimulationReport:
     """Consult every chosen script. `store`: where doctor turns go unless the doctor's server
     logs them itself (None: nowhere). `api_key`: the doctor URL's key, `patient_key` the
     patient URL's (None: from the environment, see `client.resolve_key`)."""
@@ -206,52 +205,22 @@ def summary(report: SimulationReport) -> str:
     ])
 
 
-def simulate_command(doctor_url: str | None = None, patient_url: str | None = None,
-                     scripts: int = 10, max_turns: int = 6, store_url: str | None = None,
-                     out: Path = Path("var/simulate"), seed: int = 0, *,
-                     script_ids: list[str] | None = None, api_key: str | None = None,
-                     patient_key: str | None = None,
-                     doctor_model: str | None = None, patient_model: str | None = None,
-                     model_path: Path | None = None, models_dir: Path | None = None,
-                     llm_gate: bool = False, llm_fact_check: bool = False,
-                     temperature: float = 0.7, concurrency: int = 4,
-                     scripts_path: Path = SCRIPTS_PATH, progress: bool = True,
-                     ) -> SimulationReport:
-    """Run simulated consultations against a doctor model, store them, and report the metrics.
-
-    doctor_url / patient_url: OpenAI-compatible base URLs ending in /v1 (None: the tiny model,
-    or `model_path`, in-process). scripts: how many patient scripts, drawn with `seed` (or
-    `script_ids`). max_turns: doctor turns before the budget ends a consultation. store_url:
-    where the doctor turns are stored (default: the configured store) unless the doctor is a
-    clinicloop gateway, which logs them in its own store. api_key / patient_key: the doctor /
-    patient URL's API key (None: from the environment). out: the folder for
-    simulate.json. llm_gate / llm_fact_check: also ask the patient's model in the termination
-    gate / factual unit. concurrency: consultations at once.
-    Prints a summary and returns the report.
-    """
-    settings = Settings()
-    options = SimulatorOptions(max_turns=max_turns, temperature=temperature, llm_gate=llm_gate,
-                               llm_fact_check=llm_fact_check)
-    chosen = select_scripts(load_scripts(scripts_path), scripts, seed, script_ids)
-    store = Store(store_url or settings.store.url)
+def run_simulation(store_url: str, out: Path, doctor_url: str | None, patient_url: str | None,
+                   chosen: list[PatientScript], options: SimulatorOptions, seed: int, *,
+                   models_dir: Path, api_key: str | None = None, patient_key: str | None = None,
+                   model_path: Path | None = None, progress: bool = True) -> SimulationReport:
+    """`simulate` with the store at `store_url` (its schema upgraded first) keeping the doctor
+    turns, unless the doctor is a clinicloop gateway, which logs them in its own store; writes
+    `<out>/simulate.json`."""
+    store = Store(store_url)
     store.migrate()
     try:
         report = asyncio.run(simulate(
             doctor_url, patient_url, chosen, options, store, seed, api_key=api_key,
-            patient_key=patient_key, doctor_model=doctor_model, patient_model=patient_model,
-            model_path=model_path,
-            models_dir=models_dir or settings.models_dir, concurrency=concurrency,
+            patient_key=patient_key, model_path=model_path, models_dir=models_dir,
             progress=progress))
     finally:
         store.dispose()
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulate.json").write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    print(summary(report))
-    if report.logged_by_doctor:
-        where = (f"the doctor's server at {doctor_url} logged the {report.metrics.doctor_turns} "
-                 "doctor turns in its own store (not stored again here)")
-    else:
-        where = (f"stored {report.stored_turns} doctor turns in "
-                 f"{store.engine.url.render_as_string(hide_password=True)}")
-    print(f"wrote {out / 'simulate.json'}; {where}")
     return report
