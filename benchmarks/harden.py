@@ -7,7 +7,8 @@ processes on the tiny model on 127.0.0.1. Parts (`--parts` picks some):
   `/openapi.json` (`--fuzz-examples` per operation and mode; the client key on the OpenAI routes,
   the admin key on /admin). Checks: no 5xx and no dropped connection (`fuzz_5xx`), every 4xx in
   OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`, every event stream ends
-  with `data: [DONE]`. The fuzzed server has `engine.n_ctx` 256, so no generated request is
+  with `data: [DONE]` (a Responses API stream with its final typed event). The fuzzed server
+  has `engine.n_ctx` 256, so no generated request is
   expensive.
 - properties: the hypothesis tests of PROPERTY_FILES (`pytest -m hypothesis`: the marker
   hypothesis' pytest plugin puts on every `@given` test).
@@ -208,6 +209,9 @@ class Report(BaseModel):
     summary: str = ""
 
 
+#: How a Responses API stream ends (OpenAI's final events).
+RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
 def summary_line(report: Report) -> str:
     storm = report.overload.storm if report.overload else None
     fuzz = report.fuzz
@@ -299,6 +303,12 @@ def _register_checks() -> list[Callable[..., Any]]:
             return None
         data = [line[5:].strip() for line in response.content.decode(errors="replace")
                 .splitlines() if line.startswith("data:")]
+        if case.path == "/v1/responses":  # typed events, ending as OpenAI ends them: no [DONE]
+            last = json.loads(data[-1]).get("type") if data else None
+            if last not in RESPONSE_ENDS:
+                raise AssertionError(f"a Responses stream ends with {last!r}, not one of "
+                                     f"{', '.join(RESPONSE_ENDS)}")
+            return True
         if not data or data[-1] != "[DONE]":
             raise AssertionError("event stream does not end with `data: [DONE]`")
         for item in data[:-1]:

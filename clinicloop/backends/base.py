@@ -30,6 +30,15 @@ class EngineUnavailable(EngineError):
         super().__init__(message, status=503, code="engine_unavailable")
 
 
+class ModelNotFound(EngineError):
+    """A request named a model this server does not serve (OpenAI's 404)."""
+
+    def __init__(self, model: str) -> None:
+        shown = model if len(model) <= 200 else model[:200] + "..."
+        super().__init__(f"The model `{shown}` does not exist.", status=404,
+                         code="model_not_found", param="model")
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = None
@@ -42,6 +51,16 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past end-of-sequence
+    # OpenAI's penalties (on generated tokens) and vLLM's (on prompt and generated tokens);
+    # the defaults leave the logits alone.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # > 0; 1: off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    top_k: int = 0  # 0 (or vLLM's -1): off
+    min_p: float = 0.0
+    min_tokens: int = 0  # neither end-of-generation nor a stop token id before this many
+    stop_token_ids: list[int] = field(default_factory=list)  # sampling one ends the choice
 
 
 @dataclass
@@ -82,6 +101,17 @@ Event = Delta | Usage
 
 
 @dataclass
+class Tokens:
+    """A tokenized prompt, as vLLM's /tokenize answers it."""
+
+    ids: list[int]
+    #: The longest sequence (prompt and completion) the engine serves.
+    max_model_len: int
+    #: Each token's text in the vocabulary (e.g. `Ġfever`), when asked for.
+    strs: list[str] | None = None
+
+
+@dataclass
 class Lease:
     """The engine and model version chosen for one admitted request, held until `release`."""
 
@@ -110,9 +140,18 @@ class Engine(abc.ABC):
     def healthy(self) -> bool:
         """False while loading, or when the engine (or its upstream) is dead."""
 
-    def lease(self, conversation: str | None) -> Lease:
-        """Choose what serves an admitted request of `conversation` (an engine serving several
-        versions routes here); raise `EngineUnavailable` if nothing can."""
+    async def resolve(self, model: str | None) -> str | None:
+        """The version a request's `model` pins (None: routed as usual), checked before the
+        request is admitted; `ModelNotFound` for a name this engine does not serve. An engine
+        without versions serves its own name only."""
+        if model is not None and model != self.model_name:
+            raise ModelNotFound(model)
+        return None
+
+    async def lease(self, conversation: str | None, version: str | None = None) -> Lease:
+        """Choose what serves an admitted request of `conversation`, or the `version` that
+        `resolve` pinned (an engine serving several versions routes or loads here); raise
+        `EngineUnavailable` if nothing can."""
         return Lease(self, self.model_version)
 
     def memory(self) -> dict[str, int]:
@@ -123,6 +162,12 @@ class Engine(abc.ABC):
         """Cumulative counters of the decode loop, exported as `vllm:<name>` counters."""
         return {}
 
+    def kv_cells(self) -> tuple[int, int]:
+        """(KV-cache cells held by running requests, cells allocated), the source of
+        `vllm:kv_cache_usage_perc`; (0, 0) where the engine cannot tell (an upstream reports
+        its own)."""
+        return (0, 0)
+
     @abc.abstractmethod
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
              template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
@@ -131,3 +176,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
         """Stream a raw-text completion (no chat template, no reasoning split)."""
+
+    @abc.abstractmethod
+    async def tokenize(self, prompt: str | list[dict[str, Any]], *, add_special_tokens: bool,
+                       add_generation_prompt: bool = True,
+                       template_kwargs: dict[str, Any] | None = None,
+                       token_strs: bool = False) -> Tokens:
+        """The tokens of a text `prompt`, or of chat `messages` rendered by the chat template
+        (`add_generation_prompt`, `template_kwargs`); `add_special_tokens` adds what the
+        tokenizer adds on its own (BOS)."""
+
+    @abc.abstractmethod
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of `tokens`; `EngineError` (400) for an id outside the vocabulary."""

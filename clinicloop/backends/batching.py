@@ -22,12 +22,18 @@ one decode checks them all, the longest prefix that greedy decoding would have p
 accepted, plus the model's own next token, and the rejected positions are removed from the KV
 cache. Drafts start short and double while wholly accepted; a sequence whose draft was wholly
 rejected does not draft for the next few steps, so text the drafter cannot predict costs little.
+Greedy with logit biases and penalties drafts too: each accepted token is accepted by the chain.
+
+Sampling: each sequence has a chain of llama.cpp's samplers (`_sampler`) holding only those its
+fields turn on, so a request at the defaults gets a bare greedy or top-p/temperature/seed chain.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
+import math
 import queue
 import threading
 import time
@@ -65,11 +71,22 @@ class Request:
     #: Called from the worker thread with ("token", text, logprob), then ("finish", reason,
     #: None), then `DONE`.
     emit: Callable[[Any], None]
+    # What else shapes the logits (`SamplingParams`' fields); the defaults leave them alone.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
     cancel: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     # -- worker state
     slot: Slot | None = None
     sampler: Any = None
+    #: Chain index of the sampler that holds back the end of the choice until `min_tokens`.
+    min_tokens_at: int | None = None
     pending: list[int] = field(default_factory=list)  # tokens still to feed the model
     draft_pause: int = 0  # steps left without drafting
     draft_len: int = 2  # how many tokens to draft next: grows while drafts are accepted
@@ -77,7 +94,9 @@ class Request:
 
     @property
     def drafting_allowed(self) -> bool:
-        return self.temperature <= 0 and self.grammar is None and self.top_logprobs is None
+        # Before `min_tokens` the chain changes after each token: a draft checks one chain only.
+        return (self.temperature <= 0 and self.grammar is None and self.top_logprobs is None
+                and self.min_tokens_at is None)
 
 
 @dataclass
@@ -116,7 +135,10 @@ class BatchScheduler:
         self.draft_max = draft_max
         self.slots = [Slot(i) for i in range(n_slots)]
         self.spec = SpecStats()
-        self.prefix_hits = 0  # prompt tokens not prefilled thanks to a cached prefix
+        # Prefix cache lookups as vLLM counts them, in tokens: every placed request's prompt is
+        # queried; the hits are the tokens not prefilled thanks to a cached prefix.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: list[Request] = []
@@ -139,6 +161,14 @@ class BatchScheduler:
     def wake(self) -> None:
         """A sequence was cancelled: let the worker notice without waiting for a step."""
         self._wake.set()
+
+    def kv_cells(self) -> tuple[int, int]:
+        """(cells held by running requests, cells of all slots), as vLLM counts KV usage: the
+        cells of a busy slot (its reused prefix included) are in use; an idle slot's cached
+        prefix is free, since the next request that needs the slot drops it (vLLM's cached
+        blocks with no running request sit in its free queue likewise)."""
+        used = sum(len(slot.tokens) for slot in self.slots if slot.busy is not None)
+        return used, self.n_ctx_seq * len(self.slots)
 
     def close(self) -> None:
         self._stopped = True
@@ -223,27 +253,73 @@ class BatchScheduler:
         slot.busy = seq
         seq.slot = slot
         seq.pending = seq.prompt[kept:]
+        self.prefix_queries += len(seq.prompt)
         self.prefix_hits += kept
 
     def _sampler(self, seq: Request) -> Any:
-        """The request's sampler chain, or None when llama.cpp cannot compile its grammar (a
-        NULL sampler in the chain would crash the process at the first sample)."""
+        """The request's chain of llama.cpp's samplers, in the order llama.cpp's server chains
+        them: grammar, logit biases, penalties, then greedy, or top-k, top-p, min-p, temperature
+        and a seeded draw. A sampler at its default is left out, so a request with default fields
+        gets the chain it always had. None when llama.cpp cannot compile the grammar (a NULL
+        sampler in the chain would crash the process at the first sample)."""
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            lib.llama_sampler_chain_add(chain, sampler)
+
         if seq.grammar is not None:
             grammar = lib.llama_sampler_init_grammar(self.vocab, seq.grammar.encode(), b"root")
             if not grammar:
                 lib.llama_sampler_free(chain)
                 return None
-            lib.llama_sampler_chain_add(chain, grammar)
+            add(grammar)
+        held = self._held_back(seq)
+        if held:  # removed from the chain once `min_tokens` are out (`_emit_token`)
+            seq.min_tokens_at = lib.llama_sampler_chain_n(chain)
+            add(self._logit_bias(dict.fromkeys(held, -math.inf)))
+        if seq.logit_bias:
+            add(self._logit_bias(seq.logit_bias))
+        if seq.repetition_penalty != 1.0:
+            # vLLM's: on every token of the prompt and of the output. It applies once per token
+            # however often it occurs, so each prompt token is counted once.
+            prompt = list(dict.fromkeys(seq.prompt))
+            repeat = lib.llama_sampler_init_penalties(
+                self.n_vocab, len(prompt) + seq.max_tokens, seq.repetition_penalty, 0.0, 0.0)
+            for token in prompt:
+                lib.llama_sampler_accept(repeat, token)
+            add(repeat)
+        if seq.frequency_penalty or seq.presence_penalty:  # OpenAI's: on the output only
+            add(lib.llama_sampler_init_penalties(self.n_vocab, seq.max_tokens, 1.0,
+                                                 seq.frequency_penalty, seq.presence_penalty))
         if seq.temperature <= 0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            add(lib.llama_sampler_init_greedy())
         else:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(seq.top_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(seq.temperature))
+            if seq.top_k > 0:
+                add(lib.llama_sampler_init_top_k(seq.top_k))
+            add(lib.llama_sampler_init_top_p(seq.top_p, 1))
+            if seq.min_p > 0:
+                add(lib.llama_sampler_init_min_p(seq.min_p, 1))
+            add(lib.llama_sampler_init_temp(seq.temperature))
             seed = lib.LLAMA_DEFAULT_SEED if seq.seed is None else seq.seed & 0xFFFFFFFF
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+            add(lib.llama_sampler_init_dist(seed))
         return chain
+
+    def _held_back(self, seq: Request) -> set[int]:
+        """The tokens that would end `seq`, which `min_tokens` holds back, as vLLM does: its stop
+        token ids, and end-of-generation unless `ignore_eos`."""
+        if seq.min_tokens <= 0:
+            return set()
+        return set(seq.stop_token_ids) | (set() if seq.ignore_eos else self._eog_tokens)
+
+    @functools.cached_property
+    def _eog_tokens(self) -> frozenset[int]:
+        return frozenset(t for t in range(self.n_vocab)
+                         if self._lib.llama_vocab_is_eog(self.vocab, t))
+
+    def _logit_bias(self, bias: dict[int, float]) -> Any:
+        entries = (self._lib.llama_logit_bias * len(bias))(*bias.items())
+        return self._lib.llama_sampler_init_logit_bias(self.n_vocab, len(bias), entries)
 
     def _step(self) -> None:
         """One decode over every running sequence; then sample, emit and retire."""
@@ -355,10 +431,13 @@ class BatchScheduler:
             self._retire(seq, "stop")
             return False
         eog = lib.llama_vocab_is_eog(self.vocab, token)
-        if eog and not seq.ignore_eos:
+        if (eog and not seq.ignore_eos) or token in seq.stop_token_ids:
             self._retire(seq, "stop")
             return False
         seq.generated += 1
+        if seq.min_tokens_at is not None and seq.generated >= seq.min_tokens:
+            lib.llama_sampler_free(lib.llama_sampler_chain_remove(seq.sampler, seq.min_tokens_at))
+            seq.min_tokens_at = None
         logprob = None if seq.top_logprobs is None else self._logprob(token, row,
                                                                      seq.top_logprobs)
         text = "" if eog else seq.decoder.decode(self.llama.detokenize([token], special=True))

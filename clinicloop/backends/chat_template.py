@@ -24,8 +24,11 @@ class ChatTemplate:
         self._template = env.from_string(source)
         self._tokens = {"bos_token": bos_token, "eos_token": eos_token}
 
-    def render(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        """The prompt text for `messages`, ending with the assistant generation prompt."""
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:
+        """The prompt text for `messages`, ending with the assistant generation prompt unless
+        `add_generation_prompt` is false."""
         return self._template.render(
-            messages=messages, add_generation_prompt=True, **self._tokens, **kwargs
+            messages=messages, add_generation_prompt=add_generation_prompt, **self._tokens,
+            **kwargs
         )

@@ -15,6 +15,7 @@ reasoning split). Logprobs come from each sequence's own logits row.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 import threading
@@ -31,6 +32,7 @@ from clinicloop.backends.base import (
     Event,
     SamplingParams,
     TokenLogprob,
+    Tokens,
     Usage,
 )
 from clinicloop.backends.batching import DONE, BatchScheduler, Request
@@ -264,8 +266,6 @@ class LlamaCppEngine(Engine):
     def _batching(self, llama: Any) -> BatchScheduler:
         """Open this engine's context (kept as `_context` at once, so a failure after it
         closes it) with the adapter applied, the drafter, and the scheduler over them."""
-        import ctypes
-
         import llama_cpp
 
         s = self.settings
@@ -348,7 +348,12 @@ class LlamaCppEngine(Engine):
         return {"spec_decode_num_drafts": spec.num_drafts,
                 "spec_decode_num_draft_tokens": spec.num_draft_tokens,
                 "spec_decode_num_accepted_tokens": spec.num_accepted_tokens,
-                "prefix_cache_hit_tokens": self._scheduler.prefix_hits}
+                "prefix_cache_queries": self._scheduler.prefix_queries,
+                "prefix_cache_hits": self._scheduler.prefix_hits}
+
+    def kv_cells(self) -> tuple[int, int]:
+        scheduler = self._scheduler
+        return (0, 0) if scheduler is None else scheduler.kv_cells()
 
     @property
     def n_ctx(self) -> int:
@@ -357,11 +362,7 @@ class LlamaCppEngine(Engine):
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
              template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
         self._require_loaded()
-        assert self.base is not None
-        try:
-            prompt = self.base.template.render(messages, **template_kwargs)
-        except Exception as exc:  # a template's raise_exception, or bad kwargs
-            raise EngineError(f"chat template failed: {exc}", param="messages") from exc
+        prompt = self._render(messages, True, template_kwargs)
         thinking = self.settings.reasoning_parser == "think"
         opened = thinking and prompt.rstrip().endswith(THINK_OPEN)
         return self._generate(
@@ -371,6 +372,43 @@ class LlamaCppEngine(Engine):
     def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
         self._require_loaded()
         return self._generate(prompt, params, lambda: None, "prompt")
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                template_kwargs: dict[str, Any]) -> str:
+        assert self.base is not None
+        try:
+            return self.base.template.render(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except Exception as exc:  # a template's raise_exception, or bad kwargs
+            raise EngineError(f"chat template failed: {exc}", param="messages") from exc
+
+    async def tokenize(self, prompt: str | list[dict[str, Any]], *, add_special_tokens: bool,
+                       add_generation_prompt: bool = True,
+                       template_kwargs: dict[str, Any] | None = None,
+                       token_strs: bool = False) -> Tokens:
+        self._require_loaded()
+        text = prompt if isinstance(prompt, str) else self._render(
+            prompt, add_generation_prompt, template_kwargs or {})
+
+        def run() -> Tokens:
+            assert self.base is not None
+            llama = self.base.llama
+            ids = llama.tokenize(text.encode(), add_bos=add_special_tokens, special=True)
+            strs = [llama._model.token_get_text(i) for i in ids] if token_strs else None
+            return Tokens(ids, self.n_ctx, strs)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        self._require_loaded()
+        assert self.base is not None
+        n_vocab = self.base.llama.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise EngineError(f"token id {bad} is outside the vocabulary (ids 0 to "
+                              f"{n_vocab - 1})", param="tokens", code="invalid_value")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _detokenize, self.base.llama, tokens)
 
     def _require_loaded(self) -> None:
         if not self.healthy():
@@ -394,7 +432,24 @@ class LlamaCppEngine(Engine):
                 code="context_length_exceeded",
                 param="messages",
             )
+        self._check_sampling(params)
         return tokens, params.max_tokens or room, self._grammar(params)
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        """Token ids a request names must be in the vocabulary (as vLLM checks them); and
+        `min_tokens` cannot hold back the end of a structured output, whose grammar leaves
+        nothing but the end once the value is complete."""
+        assert self.base is not None
+        n_vocab = self.base.llama.n_vocab()
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                              params.stop_token_ids)):
+            bad = sorted(t for t in ids if not 0 <= t < n_vocab)
+            if bad:
+                raise EngineError(f"{name}: token ids {bad[:8]} are outside the vocabulary (ids 0 "
+                                  f"to {n_vocab - 1})", param=name, code="invalid_value")
+        if params.min_tokens and (params.json_schema is not None or params.json_object):
+            raise EngineError("min_tokens cannot be combined with response_format on this "
+                              "engine", param="min_tokens", code="invalid_value")
 
     def _grammar(self, params: SamplingParams) -> str | None:
         """The GBNF that constrains the output, compiled by llama.cpp once here (the decode
@@ -447,13 +502,18 @@ class LlamaCppEngine(Engine):
         request = Request(prompt=tokens, max_tokens=max_tokens, temperature=params.temperature,
                           top_p=params.top_p, seed=seed, grammar=grammar,
                           top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos,
-                          emit=emit)
+                          emit=emit, presence_penalty=params.presence_penalty,
+                          frequency_penalty=params.frequency_penalty,
+                          repetition_penalty=params.repetition_penalty,
+                          logit_bias=params.logit_bias, top_k=params.top_k, min_p=params.min_p,
+                          min_tokens=params.min_tokens,
+                          stop_token_ids=frozenset(params.stop_token_ids))
         cancel = request.cancel
         scheduler.submit(request)
         done = False
         stops = StopMatcher(params.stop)
         pending_logprobs: list[TokenLogprob] = []
-        pending_tokens = 0
+        pending_tokens = received = 0
         finish_reason = "stop"
         try:
             while True:
@@ -468,7 +528,10 @@ class LlamaCppEngine(Engine):
                 pending_tokens += 1
                 if logprob is not None:
                     pending_logprobs.append(logprob)
-                text, stopped = stops.push(payload)
+                received += 1
+                # As vLLM does, stop strings count only once `min_tokens` are out.
+                text, stopped = (stops.push(payload) if received > params.min_tokens
+                                 else (payload, False))
                 if stopped:
                     cancel.set()
                     finish_reason = "stop"
@@ -489,6 +552,23 @@ class LlamaCppEngine(Engine):
             while not done:  # the scheduler ends every request it was given with DONE
                 done = await queue.get() is DONE
         yield request.generated
+
+
+def _detokenize(llama: Any, tokens: list[int]) -> str:
+    """llama.cpp's own inverse of tokenizing (`llama_detokenize`), special tokens written out
+    as text, as Hugging Face's `decode` does; bytes that are not UTF-8 (a token cut inside a
+    character) are replaced."""
+    import llama_cpp
+
+    ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+    size = max(64, 8 * len(tokens))
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_detokenize(llama._model.vocab, ids, len(tokens), buffer, size,
+                                       False, True)
+        if n >= 0:
+            return buffer.raw[:n].decode("utf-8", "replace")
+        size = -n  # the length it needs
 
 
 def _split(index: int, text: str, splitter: ReasoningSplitter | None,

@@ -36,6 +36,7 @@ from clinicloop.backends.base import (
     Event,
     SamplingParams,
     TokenLogprob,
+    Tokens,
     TopLogprob,
     Usage,
 )
@@ -181,6 +182,59 @@ class OpenAIUpstreamEngine(Engine):
             raise EngineUnavailable("the upstream engine is not started")
         await _post_ok(self._client, self.url + path, body)
 
+    async def tokenize(self, prompt: str | list[dict[str, Any]], *, add_special_tokens: bool,
+                       add_generation_prompt: bool = True,
+                       template_kwargs: dict[str, Any] | None = None,
+                       token_strs: bool = False, model: str | None = None) -> Tokens:
+        """vLLM's /tokenize, which it serves beside /v1 (not under it)."""
+        body: dict[str, Any] = {"model": model or self.upstream_model,
+                                "add_special_tokens": add_special_tokens,
+                                "return_token_strs": token_strs}
+        if isinstance(prompt, str):
+            body["prompt"] = prompt
+        else:
+            body.update(messages=prompt, add_generation_prompt=add_generation_prompt)
+            if template_kwargs:
+                body["chat_template_kwargs"] = _with_enable_thinking(template_kwargs)
+        answer = await self._root_call("/tokenize", body)
+        try:
+            strs = answer.get("token_strs")
+            return Tokens([int(t) for t in answer["tokens"]], int(answer["max_model_len"]),
+                          None if strs is None else [_text(t) for t in strs])
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise UpstreamFailed(
+                "upstream answered /tokenize in a shape that is not vLLM's") from None
+
+    async def detokenize(self, tokens: list[int], *, model: str | None = None) -> str:
+        answer = await self._root_call("/detokenize",
+                                       {"model": model or self.upstream_model, "tokens": tokens})
+        try:
+            return _text(answer["prompt"])
+        except (KeyError, TypeError):
+            raise UpstreamFailed(
+                "upstream answered /detokenize in a shape that is not vLLM's") from None
+
+    async def _root_call(self, path: str, body: dict[str, Any]) -> Any:
+        """POST `body` to `path` at the upstream's root (its URL without `/v1`): its JSON."""
+        if self._client is None:
+            raise EngineUnavailable("the upstream engine is not started")
+        try:
+            resp = await self._client.post(self.url.removesuffix("/v1") + path, json=body)
+        except httpx.ConnectError as exc:
+            raise EngineUnavailable(f"upstream unreachable: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"upstream failed ({type(exc).__name__})") from exc
+        if resp.status_code == 404:  # not vLLM: llama-server and hosted APIs have no such route
+            raise EngineError(f"the upstream model server does not serve {path}", status=404,
+                              code="not_supported")
+        if resp.status_code >= 400:
+            raise _upstream_error(resp.status_code, resp.content)
+        try:
+            return resp.json()
+        except ValueError:
+            raise UpstreamFailed(
+                f"upstream answered {path} with something that is not JSON") from None
+
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
              template_kwargs: dict[str, Any], *, model: str | None = None
              ) -> AsyncIterator[Event]:
@@ -216,6 +270,12 @@ class OpenAIUpstreamEngine(Engine):
             body["ignore_eos"] = True
         if params.stop:
             body["stop"] = params.stop
+        # The other sampling fields under OpenAI's and vLLM's names, only when they do anything.
+        defaults = SamplingParams()
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                     "top_k", "min_p", "min_tokens", "stop_token_ids"):
+            if getattr(params, name) != getattr(defaults, name):
+                body[name] = getattr(params, name)
         if params.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
@@ -337,6 +397,18 @@ class UpstreamModel(Engine):
 
     def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
         return self.upstream.complete(prompt, params, model=self._model)
+
+    async def tokenize(self, prompt: str | list[dict[str, Any]], *, add_special_tokens: bool,
+                       add_generation_prompt: bool = True,
+                       template_kwargs: dict[str, Any] | None = None,
+                       token_strs: bool = False) -> Tokens:
+        return await self.upstream.tokenize(
+            prompt, add_special_tokens=add_special_tokens,
+            add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs,
+            token_strs=token_strs, model=self._model)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        return await self.upstream.detokenize(tokens, model=self._model)
 
     @property
     def _model(self) -> str | None:

@@ -32,10 +32,16 @@ from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
 from clinicloop.serving.errors import ContainErrors, error_response, install_error_handlers
 from clinicloop.serving.generation import Services
-from clinicloop.serving.metrics import Metrics
+from clinicloop.serving.metrics import Metrics, kv_cache_usage
 from clinicloop.serving.models.api_router import router as models_router
 from clinicloop.serving.protocol import body_problem
+from clinicloop.serving.responses.api_router import router as responses_router
+from clinicloop.serving.responses.serving import ResponsesHandler
+from clinicloop.serving.tokenize.api_router import router as tokenize_router
+from clinicloop.serving.tokenize.serving import TokenizeHandler
 from clinicloop.serving.versions import VersionedEngine
+from clinicloop.store.db import Store
+from clinicloop.store.writer import LogWriter
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +88,10 @@ class RequestBody:
         await self.app(scope, replay, send)
 
 
-def _make_writer(settings: Settings) -> Any:
-    from clinicloop.store.db import Store
-    from clinicloop.store.writer import LogWriter
-
+def _open_store(settings: Settings) -> Store:
     # `ack` durability: a committed turn survives power loss too (synchronous=FULL).
     synchronous = "FULL" if settings.store.durability == "ack" else "NORMAL"
-    return LogWriter(Store(settings.store.url, sqlite_synchronous=synchronous), settings.store)
+    return Store(settings.store.url, sqlite_synchronous=synchronous)
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any = None,
@@ -100,7 +103,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     if engine is None:
         # Models are served as registry versions, so they can be swapped while serving.
         engine = versions = VersionedEngine(settings, Registry(settings.registry.dir))
-    writer = writer or _make_writer(settings)
+    # One store: the log writer writes it, the Responses API reads stored responses from it.
+    store = _open_store(settings)
+    writer = writer or LogWriter(store, settings.store)
     keys = KeyRing(settings.server.api_keys, settings.server.admin_keys,
                    settings.server.service_keys)
     keys.check_open_allowed(settings.server.host)
@@ -141,6 +146,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.state.versions = versions
     app.state.chat = ChatCompletionHandler(services, settings.server.max_top_logprobs)
     app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
+    app.state.tokenize = TokenizeHandler(engine)
+    app.state.responses = ResponsesHandler(services, store)
     install_error_handlers(app)
     # Added innermost first: the key is checked before a body byte is read, and an exception
     # escaping any of it stops at ContainErrors.
@@ -150,11 +157,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.include_router(chat_router)
     app.include_router(completion_router)
     app.include_router(models_router)
+    app.include_router(tokenize_router)
+    app.include_router(responses_router)
     app.include_router(admin_router)
 
     metrics.watch(lambda: {
         "vllm:num_requests_running": ("Requests generating.", admission.running),
         "vllm:num_requests_waiting": ("Requests waiting for a slot.", admission.waiting),
+        "vllm:kv_cache_usage_perc": ("KV-cache usage. 1 means 100 percent usage.",
+                                     kv_cache_usage(engine.kv_cells())),
         "clinicloop:log_queue_depth": ("Log records waiting to be written.", writer.queue_depth),
         "clinicloop:log_store_up": ("1 while the conversation store accepts writes.",
                                     float(writer.store_up)),

@@ -125,12 +125,16 @@ def _marked(who: Caller, headers: Mapping[str, str]) -> Caller:
     return who
 
 
+_ROOT_CLIENT_ROUTES = frozenset({"/tokenize", "/detokenize"})
+
+
 def _route_class(path: str) -> Literal["client", "admin"] | None:
-    """The key a path needs: an admin key under /admin, any key under /v1 (the OpenAI routes);
-    none elsewhere (/health, /metrics)."""
+    """The key a path needs: an admin key under /admin, any key under /v1 (the OpenAI routes)
+    and for /tokenize and /detokenize (vLLM serves those at the root); none elsewhere (/health,
+    /metrics)."""
     if path == "/admin" or path.startswith("/admin/"):
         return "admin"
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith("/v1/") or path in _ROOT_CLIENT_ROUTES:
         return "client"
     return None
 

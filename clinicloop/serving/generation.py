@@ -31,9 +31,12 @@ from clinicloop.serving.auth import Caller
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.protocol import UsageInfo, new_id, now
-from clinicloop.store.records import LoggedChoice, TurnRecord
+from clinicloop.store.records import Endpoint, LoggedChoice, TurnRecord
 
 CONVERSATION_HEADER = "x-conversation-id"
+# What each API calls its responses' ids.
+_ID_PREFIX: dict[Endpoint, str] = {
+    "chat.completions": "chatcmpl", "completions": "cmpl", "responses": "resp"}
 
 
 def conversation_id(messages: list[dict[str, Any]], caller: Caller, header: str | None) -> str:
@@ -73,12 +76,13 @@ class Services:
 
 
 class GenerationRun:
-    def __init__(self, services: Services, *, endpoint: Literal["chat.completions", "completions"],
+    def __init__(self, services: Services, *, endpoint: Endpoint,
                  messages: list[dict[str, Any]], params: dict[str, Any], caller: Caller,
-                 conversation: str, n: int) -> None:
+                 conversation: str, n: int, model: str | None = None) -> None:
+        """`model`: the request's, which `open` resolves (`Engine.resolve`)."""
         self.s = services
         # The response id the client sees is also the log record's id, so the two can be joined.
-        self.request_id = new_id("chatcmpl" if endpoint == "chat.completions" else "cmpl")
+        self.request_id = new_id(_ID_PREFIX[endpoint])
         self.created = now()
         self.endpoint = endpoint
         self.messages = messages
@@ -87,7 +91,11 @@ class GenerationRun:
         self.conversation = conversation
         self.choices = [ChoiceState() for _ in range(n)]
         self.usage = Usage(0, 0)
+        #: The served name: what metrics are labelled with and the log record says.
         self.model = services.engine.model_name
+        #: What the response's `model` says: the served name, or the card of a pinned version.
+        self.response_model = self.model
+        self.requested_model = model
         self.version = services.engine.model_version
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -99,15 +107,23 @@ class GenerationRun:
         self._admitted = False
 
     async def open(self, start: Callable[[Engine], AsyncIterator[Event]]) -> None:
-        """Admit the request, choose the model version that serves it (`Engine.lease`), start
-        `start(engine)` on that version's engine and pull its first event, so that a bad
-        request or a full server is an HTTP error rather than a broken stream. Choosing on
-        admission means a request queued across a swap starts on the new version (unless its
-        conversation began on the old one)."""
-        await self.s.admission.acquire()
-        self._admitted = True
+        """Resolve the request's `model` (an unknown one is a 404 before admission), admit the
+        request, choose the model version that serves it (`Engine.lease`: the pinned one, or
+        routed), start `start(engine)` on that version's engine and pull its first event, so
+        that a bad request or a full server is an HTTP error rather than a broken stream.
+        Choosing on admission means a request queued across a swap starts on the new version
+        (unless its conversation began on the old one)."""
         try:
-            self._lease = self.s.engine.lease(self.conversation)
+            pinned = await self.s.engine.resolve(self.requested_model)
+        except EngineError as exc:
+            raise OpenAIError.from_engine(exc) from None
+        if pinned is not None:
+            self.response_model = f"{self.model}@{pinned}"
+        queued_s = await self.s.admission.acquire()
+        self._admitted = True
+        self.s.metrics.queue_time.labels(self.model).observe(queued_s)
+        try:
+            self._lease = await self.s.engine.lease(self.conversation, pinned)
             self.version = self._lease.version
             self._events = start(self._lease.engine)
             async with asyncio.timeout(self.s.request_timeout_s):

@@ -1,7 +1,7 @@
 """Prometheus metrics named as vLLM names them, so existing vLLM dashboards work unchanged.
 
-One registry per app (no process-global state); gauges that mirror live state (admission, the log
-writer) are read at scrape time.
+One registry per app (no process-global state); gauges that mirror live state (admission, the
+engine's KV cache, the log writer) and the engine's counters are read at scrape time.
 """
 
 from __future__ import annotations
@@ -16,14 +16,25 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 
 
+def kv_cache_usage(cells: tuple[int, int]) -> float | None:
+    """`vllm:kv_cache_usage_perc` from an engine's (cells in use, cells allocated): a share in
+    [0, 1] as vLLM exports it (despite the name), or None when the engine cannot tell."""
+    used, total = cells
+    return used / total if total else None
+
+
 class _LiveGauges(Collector):
-    def __init__(self, read: Callable[[], dict[str, tuple[str, float]]],
+    """Gauges read at scrape time; a value of None (unknown here) is not exported."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[str, float | None]]],
                  model: Callable[[], str]) -> None:
         self._read = read
         self._model = model
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         for name, (doc, value) in self._read().items():
+            if value is None:
+                continue
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self._model()], value)
             yield family
@@ -33,7 +44,8 @@ _COUNTER_HELP = {
     "spec_decode_num_drafts": "Draft proposals checked by speculative decoding.",
     "spec_decode_num_draft_tokens": "Tokens proposed by speculative decoding.",
     "spec_decode_num_accepted_tokens": "Draft tokens accepted by speculative decoding.",
-    "prefix_cache_hit_tokens": "Prompt tokens not prefilled thanks to a cached prefix.",
+    "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+    "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
 }
 
 
@@ -60,6 +72,9 @@ class Metrics:
         self.itl = Histogram("vllm:inter_token_latency_seconds",
                              "Time between streamed chunks of one request.", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds",
+                                    "Time a request waited for an admission slot.", labels,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.",
                              labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels,
@@ -71,9 +86,9 @@ class Metrics:
         self.request_errors = Counter("clinicloop:request_errors", "Requests that failed.",
                                       labels + ["status"], registry=r)
 
-    def watch(self, read: Callable[[], dict[str, tuple[str, float]]],
+    def watch(self, read: Callable[[], dict[str, tuple[str, float | None]]],
               model: Callable[[], str]) -> None:
-        """Export live values (name -> (help, value)) at each scrape."""
+        """Export live values (name -> (help, value)) at each scrape; None: not exported."""
         self.registry.register(_LiveGauges(read, model))
 
     def watch_counters(self, read: Callable[[], dict[str, int]],

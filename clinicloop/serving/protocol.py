@@ -7,10 +7,10 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clinicloop.backends.base import SamplingParams
 
@@ -61,8 +61,9 @@ def _nesting(text: str) -> int:
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are ignored, as vLLM does, so newer clients keep working.
-    model_config = ConfigDict(extra="ignore")
+    """A part of a request: an unknown field is a 400 naming it, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorInfo(BaseModel):
@@ -84,9 +85,50 @@ class UsageInfo(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # padding against side channels: nothing to pad
 
 
-class SamplingRequest(OpenAIModel):
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+class CheckedRequest(BaseModel):
+    """A request body whose every field is honoured, or is metadata that cannot change the answer
+    (accepted, not logged: what a client tags a request with may name a person), or is refused
+    with a 400 naming it (`refused_field`): OpenAI's fields this endpoint does not honour, each
+    with why (`UNSUPPORTED`), and any unknown field."""
+
+    # Extras are kept so that the handler names each one in its 400.
+    model_config = ConfigDict(extra="allow")
+    #: OpenAI's fields this endpoint does not honour, each with why.
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
+    #: Values of those fields that change nothing, besides null and an empty list.
+    NO_OP: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    user: str | None = Field(None, exclude=True)
+    safety_identifier: str | None = Field(None, exclude=True)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, exclude=True)
+    store: bool | None = Field(None, exclude=True)  # every turn is logged (redacted) anyway
+    service_tier: str | None = Field(None, exclude=True)  # one tier here
+    prompt_cache_key: str | None = Field(None, exclude=True)  # the prefix cache needs no hint
+    prompt_cache_retention: str | None = Field(None, exclude=True)
+
+    def refused_field(self) -> ErrorInfo | None:
+        """The 400 for the first field set that this server does not honour, in OpenAI's words
+        (an unknown one is an `unknown_parameter`); None when there is none."""
+        for name, value in (self.model_extra or {}).items():
+            reason = self.UNSUPPORTED.get(name)
+            if reason is None:
+                return ErrorInfo(message=f"Unknown parameter: '{name}'.", param=name,
+                                 type="invalid_request_error", code="unknown_parameter")
+            if not (value is None or value == [] or value in self.NO_OP.get(name, ())):
+                return ErrorInfo(message=f"'{name}' is not supported by this server: {reason}",
+                                 param=name, type="invalid_request_error",
+                                 code="unsupported_parameter")
+        return None
+
+
+class SamplingRequest(CheckedRequest):
     """Fields common to /v1/chat/completions and /v1/completions."""
 
     model: str | None = None
@@ -98,15 +140,48 @@ class SamplingRequest(OpenAIModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: keep generating past the "
                              "end-of-sequence token up to max_tokens (benchmarks).")
+    # Every sampling field OpenAI and vLLM define; null is the default, which changes nothing.
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's (> 0, 1 = off), bounded so that the logits it scales stay finite in float32.
+    repetition_penalty: float | None = Field(None, ge=1e-6, le=1e6)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> -100..100
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)  # vLLM's: -1 or 0 = off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    stop_token_ids: list[TokenId] | None = None
+    prompt_cache_options: dict[str, Any] | None = Field(None, exclude=True)  # metadata too
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+                raise ValueError("keys must be token ids (integers from 0, as strings)")
+            if not -100 <= value <= 100:
+                raise ValueError(f"the bias of token {int(key)} must be from -100 to 100")
+        return bias
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         return self
+
+    def max_new_tokens(self) -> int | None:
+        """How many tokens the completion may have, if the request says."""
+        return self.max_tokens
+
+    def refused_field(self) -> ErrorInfo | None:
+        """As `CheckedRequest.refused_field`, and `min_tokens` beyond the completion's budget."""
+        budget = self.max_new_tokens()
+        if self.min_tokens and budget is not None and self.min_tokens > budget:
+            return ErrorInfo(message=f"min_tokens ({self.min_tokens}) must be at most the "
+                             f"completion's max_tokens ({budget})", param="min_tokens",
+                             type="invalid_request_error", code="invalid_value")
+        return super().refused_field()
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -121,7 +196,14 @@ class SamplingRequest(OpenAIModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, n=self.n,
             seed=self.seed, stop=self.stop_list(), top_logprobs=top_logprobs,
-            ignore_eos=self.ignore_eos, **extra,
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0, stop_token_ids=list(self.stop_token_ids or []),
+            **extra,
         )
 
 

@@ -10,6 +10,9 @@ A request is routed when it is admitted (`lease`, called by the gateway once the
 slot): a conversation seen before stays on the version it began on (a bounded, expiring LRU
 map); a new one goes to the canary with probability `share`, decided by a hash of its id so the
 split is deterministic, else to the active version. The chosen version's engine then serves it.
+A request whose `model` names a version (`<served>@<version>` as /v1/models lists it, or the bare
+version id; `resolve`) is served by that version instead, loaded first if it is not (as a change
+loads it), without touching its conversation's pin.
 
 Every change (activate, canary, rollback) loads the version it needs first; if loading fails
 nothing changes and the old version keeps serving. Only then is the registry written and the
@@ -47,10 +50,13 @@ from typing import Any
 
 from clinicloop.backends.base import (
     Engine,
+    EngineError,
     EngineUnavailable,
     Event,
     Lease,
+    ModelNotFound,
     SamplingParams,
+    Tokens,
 )
 from clinicloop.backends.kinds import BACKENDS, open_backend
 from clinicloop.backends.registry import (
@@ -58,6 +64,7 @@ from clinicloop.backends.registry import (
     Registry,
     RegistryError,
     RegistryState,
+    UnknownVersion,
     Version,
 )
 from clinicloop.config import BackendKind, Settings
@@ -194,6 +201,11 @@ class VersionedEngine(Engine):
         for slot in self._slots.values():
             total.update(slot.engine.stats())
         return dict(total)
+
+    def kv_cells(self) -> tuple[int, int]:
+        """Summed over the loaded versions: each has a KV cache of its own."""
+        cells = [slot.engine.kv_cells() for slot in self._slots.values()]
+        return sum(used for used, _ in cells), sum(total for _, total in cells)
 
     async def _load(self, version: Version) -> _Slot:
         # A request that ends while a change is under way must not retire what it loads.
@@ -356,15 +368,52 @@ class VersionedEngine(Engine):
 
     # -- routing ------------------------------------------------------------------------------
 
-    def lease(self, conversation: str | None) -> Lease:
-        """The engine that serves this conversation's next request, referenced until the
-        lease is released."""
-        version_id = self._route(conversation)
-        slot = self._slots.get(version_id or "")
-        if slot is None:
+    async def resolve(self, model: str | None) -> str | None:
+        """The version a request's `model` pins: none for the served name (routed: active,
+        canary, sticky); for a card of /v1/models, `<served>@<version>`, or a bare version id
+        (ids hold no `@`, so neither form can be read as the other), that registered version.
+        Anything else is `ModelNotFound`."""
+        if model is None or model == self.model_name:
+            return None
+        if self._active is None:  # the served name is not known yet
             raise EngineUnavailable("the model is not loaded")
-        slot.in_flight += 1
+        versions = (await asyncio.to_thread(self.registry.read)).versions
+        version_id = model.removeprefix(self.model_name + "@")
+        if version_id not in versions:
+            raise ModelNotFound(model)
+        return version_id
+
+    async def lease(self, conversation: str | None, version: str | None = None) -> Lease:
+        """The engine that serves this conversation's next request, or the pinned `version`
+        (which leaves the conversation's own pin as it was), referenced until the lease is
+        released."""
+        if version is not None:
+            slot = await self._hold(version)
+        else:
+            found = self._slots.get(self._route(conversation) or "")
+            if found is None:
+                raise EngineUnavailable("the model is not loaded")
+            slot = found
+            slot.in_flight += 1
         return Lease(slot.engine, slot.version.id, lambda: self.release(slot))
+
+    async def _hold(self, version_id: str) -> _Slot:
+        """`version_id`'s engine with one more request on it; loaded first if it is not, as
+        the admin routes load (it is unloaded again once idle, unless it serves by then)."""
+        slot = self._slots.get(version_id)
+        if slot is None:
+            async with self._change():
+                try:
+                    slot = await self._load(await self._version(version_id))
+                except UnknownVersion:  # removed since it was resolved
+                    raise ModelNotFound(version_id) from None
+                except VersionLoadError as exc:
+                    raise EngineError(str(exc), status=422, code="version_load_failed",
+                                      param="model") from None
+                slot.in_flight += 1  # before the change ends, which retires what is idle
+        else:
+            slot.in_flight += 1
+        return slot
 
     def release(self, slot: _Slot) -> None:
         slot.in_flight -= 1
@@ -427,9 +476,29 @@ class VersionedEngine(Engine):
                       start: Callable[[Engine], AsyncIterator[Event]]) -> AsyncIterator[Event]:
         """A stream for a caller that does not lease first (a client of the engine itself, not
         the gateway): the active version's, holding it until the stream ends."""
-        lease = self.lease(conversation)
+        lease = await self.lease(conversation)
         try:
             async for event in start(lease.engine):
                 yield event
+        finally:
+            lease.release()
+
+    async def tokenize(self, prompt: str | list[dict[str, Any]], *, add_special_tokens: bool,
+                       add_generation_prompt: bool = True,
+                       template_kwargs: dict[str, Any] | None = None,
+                       token_strs: bool = False) -> Tokens:
+        lease = await self.lease(None)
+        try:
+            return await lease.engine.tokenize(
+                prompt, add_special_tokens=add_special_tokens,
+                add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs,
+                token_strs=token_strs)
+        finally:
+            lease.release()
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        lease = await self.lease(None)
+        try:
+            return await lease.engine.detokenize(tokens)
         finally:
             lease.release()

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+#: The API that served a turn.
+Endpoint = Literal["chat.completions", "completions", "responses"]
+
 
 class LoggedChoice(BaseModel):
     index: int
@@ -25,7 +28,7 @@ class TurnRecord(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     conversation_id: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    endpoint: Literal["chat.completions", "completions"]
+    endpoint: Endpoint
     model: str
     model_version: str
     api_key_id: str | None = Field(

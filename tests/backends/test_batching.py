@@ -92,7 +92,7 @@ def reference(tiny_model, tmp_path_factory):
 def test_batched_and_reused_decoding_change_no_greedy_output(tiny_model, tmp_path, reference):
     texts, stats = generate_all(tiny_model, tmp_path, concurrent=True, n_parallel=4)
     assert texts == reference
-    assert stats["prefix_cache_hit_tokens"] > 0  # shared system prompts and first turns
+    assert stats["prefix_cache_hits"] > 0  # shared system prompts and first turns
     texts, _ = generate_all(tiny_model, tmp_path, concurrent=False, n_parallel=4)
     assert texts == reference
 
@@ -116,13 +116,13 @@ def test_a_later_turn_prefills_only_what_is_new(tiny_model, tmp_path):
         try:
             turn1 = [{"role": "user", "content": "I have had a sore throat since yesterday."}]
             answer, _ = await _run(engine, turn1)
-            before = engine.stats()["prefix_cache_hit_tokens"]
+            before = engine.stats()["prefix_cache_hits"]
             # Another conversation in between must not evict this one's cache.
             await _run(engine, [{"role": "user", "content": "My knee hurts after running."}])
             turn2 = [*turn1, {"role": "assistant", "content": answer},
                      {"role": "user", "content": "Should I see a doctor?"}]
             await _run(engine, turn2)
-            reused = engine.stats()["prefix_cache_hit_tokens"] - before
+            reused = engine.stats()["prefix_cache_hits"] - before
 
             def tokens(messages):
                 return engine._prepare(engine.base.template.render(messages), GREEDY)[0]

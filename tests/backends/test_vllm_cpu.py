@@ -234,6 +234,48 @@ def test_gateway_runs_several_sequences_at_once(gateway):
     assert min(peaks.values()) >= 2, peaks
 
 
+def test_tokenize_passes_through_to_vllm(gateway):
+    """The gateway's /tokenize and /detokenize answer what vLLM's own do (served at its root,
+    not under /v1), for a prompt and for chat messages; an unknown model is the gateway's 404."""
+    auth = {"authorization": f"Bearer {CLIENT_KEY}"}
+    vllm = gateway.vllm_url.removesuffix("/v1")
+    for body in ({"prompt": "I have a fever.", "return_token_strs": True},
+                 {"messages": MESSAGES, **NO_THINKING}):
+        ours = httpx.post(gateway.url + "/tokenize", json=body, headers=auth, timeout=60)
+        assert ours.status_code == 200, ours.text
+        assert ours.json() == httpx.post(vllm + "/tokenize", json=body, timeout=60).json()
+        back = httpx.post(gateway.url + "/detokenize", json={"tokens": ours.json()["tokens"]},
+                          headers=auth, timeout=60)
+        assert back.json() == httpx.post(vllm + "/detokenize", timeout=60,
+                                         json={"tokens": ours.json()["tokens"]}).json()
+    assert back.json()["prompt"].startswith("<|im_start|>user\nI have a sore throat")
+    r = httpx.post(gateway.url + "/tokenize", json={"model": "nope", "prompt": "x"},
+                   headers=auth, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_sampling_fields_reach_vllm(gateway):
+    """The sampling fields pass through to vLLM as sent: a greedy reply with its first token
+    biased away and penalties set is, through the gateway, exactly vLLM's own answer to the same
+    request, and not the unbiased reply."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    plain = _chat(client, "bench")
+    first = httpx.post(gateway.url + "/tokenize", json={"prompt": plain}, timeout=60,
+                       headers={"authorization": f"Bearer {CLIENT_KEY}"}).json()["tokens"][0]
+    fields = {"logit_bias": {str(first): -100}, "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    extra = {"repetition_penalty": 1.3, "top_k": 5, "min_p": 0.01, "min_tokens": 4}
+
+    def ask(c: openai.OpenAI) -> str:
+        reply = c.chat.completions.create(model="bench", messages=MESSAGES, temperature=0,
+                                          max_tokens=24, extra_body={**NO_THINKING, **extra},
+                                          **fields)
+        return _text(reply.choices[0].message)
+
+    through = ask(client)
+    assert through == ask(vllm) != plain
+
+
 def test_runtime_lora_load_then_load_inplace(gateway, adapters):
     a, b = adapters
     vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)

@@ -103,6 +103,8 @@ def _first_response(server, head: str, body: bytes) -> str:
     ("/v1/chat/completions", "sk-wrong", 401),
     ("/admin/v1/versions", None, 401),
     ("/admin/v1/versions", CLIENT_KEY, 403),
+    ("/tokenize", None, 401),
+    ("/detokenize", "sk-wrong", 401),
 ])
 @pytest.mark.parametrize("declared", [3000, 1 << 20])
 def test_keys_are_checked_before_the_body_is_read(keyed, path, key, status, declared):
@@ -251,10 +253,10 @@ def test_an_upstream_failure_ends_the_stream_with_an_error_then_done(over_script
 def test_finish_reasons_openai_knows_pass_through(over_scripted, reason):
     client = openai.OpenAI(base_url=over_scripted.v1, api_key=CLIENT_KEY, max_retries=0)
     messages = [{"role": "user", "content": f"@@finish:{reason}@@"}]
-    full = client.chat.completions.create(model="scripted", messages=messages)
+    model = client.models.list().data[0].id  # the served name, not the upstream's
+    full = client.chat.completions.create(model=model, messages=messages)
     assert full.choices[0].finish_reason == reason
-    chunks = list(client.chat.completions.create(model="scripted", messages=messages,
-                                                 stream=True))
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True))
     assert chunks[-1].choices[0].finish_reason == reason
 
 

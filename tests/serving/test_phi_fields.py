@@ -24,8 +24,9 @@ PHI = ["Zebulon", "Quartermaine", "078-05-1120", "078.05.1120", "Xiomara", "Wój
 def _chat(server, key: str, header: str, text: str) -> httpx.Response:
     return httpx.post(server.v1 + "/chat/completions", timeout=60, headers={
         "authorization": f"Bearer {key}", "x-conversation-id": header}, json={
-        "messages": [{"role": "user", "name": "Ignatius", "content": text,
-                      "metadata": {"Xiomara Wójcikowska": "SSN 078.05.1120"}}],
+        "messages": [{"role": "user", "name": "Ignatius", "content": text}],
+        "metadata": {"Xiomara Wójcikowska": "SSN 078.05.1120"},
+        "safety_identifier": "Zebulon Quartermaine", "user": "MRN 00917733",
         "max_tokens": 4,
         "stop": ["Regards,\nXiomara Wójcikowska", "xiomara@bücher.de"],
         "chat_template_kwargs": {"thinking_mode": "off", "note": {

@@ -37,7 +37,7 @@ def chat(server: Server, messages: list[dict[str, Any]], key: str | None = None,
          headers: dict[str, str] | None = None) -> None:
     auth = {"authorization": f"Bearer {key}"} if key else {}
     r = httpx.post(server.v1 + "/chat/completions", timeout=60, headers={**auth, **(headers or {})},
-                   json={"model": "m", "messages": messages, "max_tokens": 8, "temperature": 0})
+                   json={"messages": messages, "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
 
 

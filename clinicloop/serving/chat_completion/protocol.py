@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
 from clinicloop.serving.protocol import (
     INT32_MAX,
@@ -17,20 +17,77 @@ from clinicloop.serving.protocol import (
 )
 
 
-class ContentPart(OpenAIModel):
+class TextPart(OpenAIModel):
     type: Literal["text"]
     text: str
+
+
+class RefusalPart(OpenAIModel):
+    """An assistant message's refusal, sent back in the history: text too."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+# What a message may carry that this server does not honour, each with why: a 400 naming it when
+# set (null or an empty list is as good as unset), as the official client sends a reply back.
+MESSAGE_UNSUPPORTED: dict[str, str] = {
+    **{name: "tool calling is not supported yet"
+       for name in ("tool_calls", "function_call", "tool_call_id")},
+    "audio": "audio is not supported: the model takes text only",
+    "refusal": "send a refusal back as content (a part of type 'refusal')",
+}
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # An earlier reply as the official client sends it back: its reasoning is not shown to the
+    # model (as reasoning models' templates drop it), its annotations are citations.
+    reasoning_content: str | None = None
+    annotations: list[Any] | None = None
+    tool_calls: Any = None
+    function_call: Any = None
+    tool_call_id: Any = None
+    audio: Any = None
+    refusal: Any = None
+
+    @field_validator(*MESSAGE_UNSUPPORTED, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or value == []:
+            return value
+        assert info.field_name is not None
+        raise ValueError(MESSAGE_UNSUPPORTED[info.field_name])
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """A part of another type (image_url, input_audio, file) is refused by name: the model
+        takes text only."""
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind not in ("text", "refusal"):
+                shown = kind if len(kind) <= 40 else kind[:40] + "..."
+                raise ValueError(f"content part {i} is of type {shown!r}; this model takes "
+                                 "text only (parts of type 'text')")
+        return content
 
     def text(self) -> str:
+        """The content as one text: parts joined by a newline, as vLLM joins them."""
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text if isinstance(part, TextPart) else part.refusal
+                             for part in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the chat template takes it."""
+        return {"role": self.role, "content": self.text(),
+                **({"name": self.name} if self.name else {})}
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -51,6 +108,20 @@ class ResponseFormat(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        **{name: "tool calling is not supported yet" for name in
+           ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")},
+        "audio": "audio output is not supported",
+        "modalities": "the model answers in text only",
+        "prediction": "predicted outputs are not supported",
+        "web_search_options": "web search is not supported",
+        "reasoning_effort": "use chat_template_kwargs {\"thinking_mode\": \"on\"|\"off\"|"
+                            "\"auto\"} instead",
+        "verbosity": "verbosity is not supported",
+        "moderation": "moderation is not supported",
+    }
+    NO_OP: ClassVar[dict[str, tuple[Any, ...]]] = {"modalities": (["text"],)}
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
@@ -64,11 +135,11 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
     def messages_as_dicts(self) -> list[dict[str, Any]]:
-        return [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in self.messages
-        ]
+        return [m.as_dict() for m in self.messages]
 
 
 class TopLogprobOut(BaseModel):

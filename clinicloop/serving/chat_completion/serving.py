@@ -41,6 +41,8 @@ class ChatCompletionHandler:
     async def start(self, request: ChatCompletionRequest, caller: Caller,
                     conversation_header: str | None = None) -> GenerationRun:
         """Validate, admit and start generating; errors here are plain HTTP errors."""
+        if (refused := request.refused_field()) is not None:
+            raise OpenAIError(400, refused.message, param=refused.param, code=refused.code)
         if request.top_logprobs is not None and request.top_logprobs > self.max_top_logprobs:
             raise OpenAIError(400, f"top_logprobs must be at most {self.max_top_logprobs}",
                               param="top_logprobs", code="invalid_value")
@@ -56,16 +58,14 @@ class ChatCompletionHandler:
             assert fmt.json_schema is not None
             extra["json_schema"] = fmt.json_schema.schema_
         top = (request.top_logprobs or 0) if request.logprobs else None
-        params = request.sampling_params(
-            request.max_completion_tokens or request.max_tokens, top, **extra
-        )
+        params = request.sampling_params(request.max_new_tokens(), top, **extra)
         params.stop = stops
         messages = request.messages_as_dicts()
         run = GenerationRun(
             self.s, endpoint="chat.completions", messages=messages,
-            params=request.model_dump(exclude={"messages", "user"}, exclude_none=True),
+            params=request.model_dump(exclude={"messages"}, exclude_none=True),
             caller=caller, conversation=conversation_id(messages, caller, conversation_header),
-            n=request.n,
+            n=request.n, model=request.model,
         )
         await run.open(lambda engine: engine.chat(messages, params,
                                                    request.chat_template_kwargs))
@@ -76,7 +76,7 @@ class ChatCompletionHandler:
         async for _ in run.deltas():
             pass
         return ChatCompletionResponse(
-            id=run.request_id, created=run.created, model=run.model,
+            id=run.request_id, created=run.created, model=run.response_model,
             choices=[
                 ChatChoice(
                     index=i,
@@ -92,7 +92,7 @@ class ChatCompletionHandler:
 
     async def stream(self, request: ChatCompletionRequest, run: GenerationRun,
                      ) -> AsyncIterator[ChatCompletionChunk]:
-        header = {"id": run.request_id, "created": run.created, "model": run.model}
+        header = {"id": run.request_id, "created": run.created, "model": run.response_model}
         for i in range(request.n):
             yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
                 index=i, delta=DeltaMessage(role="assistant", content=""))])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +16,12 @@ from clinicloop.serving.protocol import (
 
 
 class CompletionRequest(SamplingRequest):
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        "best_of": "each choice is one sample (best_of 1)",
+        "suffix": "insertion (a suffix) is not supported",
+    }
+    NO_OP: ClassVar[dict[str, tuple[Any, ...]]] = {"best_of": (1,), "suffix": ("",)}
+
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     logprobs: int | None = Field(None, ge=0)

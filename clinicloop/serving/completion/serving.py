@@ -34,6 +34,8 @@ class CompletionHandler:
 
     async def start(self, request: CompletionRequest, caller: Caller,
                     conversation_header: str | None = None) -> GenerationRun:
+        if (refused := request.refused_field()) is not None:
+            raise OpenAIError(400, refused.message, param=refused.param, code=refused.code)
         prompts = request.prompts()
         if len(prompts) != 1:
             raise OpenAIError(400, "send one prompt per request (batched prompts are not "
@@ -50,9 +52,10 @@ class CompletionHandler:
         messages = [{"role": "user", "content": prompts[0]}]
         run = GenerationRun(
             self.s, endpoint="completions", messages=messages,
-            params=request.model_dump(exclude={"prompt", "user"}, exclude_none=True),
+            params=request.model_dump(exclude={"prompt"}, exclude_none=True),
             caller=caller,
             conversation=conversation_id(messages, caller, conversation_header), n=request.n,
+            model=request.model,
         )
         await run.open(lambda engine: engine.complete(prompts[0], params))
         return run
@@ -65,7 +68,7 @@ class CompletionHandler:
             pass
         echo = self._echo(request)
         return CompletionResponse(
-            id=run.request_id, created=run.created, model=run.model,
+            id=run.request_id, created=run.created, model=run.response_model,
             choices=[
                 CompletionChoice(
                     index=i, text=echo + c.content,
@@ -79,7 +82,7 @@ class CompletionHandler:
 
     async def stream(self, request: CompletionRequest, run: GenerationRun,
                      ) -> AsyncIterator[CompletionResponse]:
-        header = {"id": run.request_id, "created": run.created, "model": run.model}
+        header = {"id": run.request_id, "created": run.created, "model": run.response_model}
         offsets = [0] * request.n
         echo = self._echo(request)
         if echo:
