@@ -84,7 +84,7 @@ FAULTS = (
     Fault(slug="refresh_killed", title="refresh killed at each step",
           files=("tests/rl/test_refresh.py",), select=("-k", "killed")),
     Fault(slug="corrupt_version", title="corrupt adapter or GGUF registered",
-          files=("tests/serving/test_hot_swap.py", "tests/serving/test_registry.py"),
+          files=("tests/serving/test_hot_swap.py", "tests/backends/test_registry.py"),
           select=("-k", "corrupt")),
     Fault(slug="upstream_killed", title="upstream killed mid-stream",
           files=("tests/backends/test_upstream_faults.py",)),

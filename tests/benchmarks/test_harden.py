@@ -46,3 +46,17 @@ def test_fuzz_and_security_on_a_real_server(tiny_model, tmp_path):
     # And what they measured holds: no 5xx, OpenAI-shaped 4xx, keys checked before the body,
     # CORS closed, no key or PHI in the server's log.
     assert not [c for c in report["checks"] if not c["ok"]] and done.returncode == 0, done.stdout
+
+
+def test_every_test_file_harden_runs_exists(monkeypatch):
+    """The property files and fault tests are named by path: a moved test file must not turn
+    into a fault that can only fail."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as the script runs: beside `peers.py`
+    spec = importlib.util.spec_from_file_location("harden", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    harden = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harden)
+    named = [*harden.PROPERTY_FILES, *(f for fault in harden.FAULTS for f in fault.files)]
+    assert named and [f for f in named if not (ROOT / f).is_file()] == []
