@@ -206,7 +206,7 @@ class LlamaCppBackend(Backend):
 
     def memory(self) -> dict[str, Any]:
         return {"rss_bytes": rss_bytes(),
-                "bases": {str(p): p.stat().st_size for p, b in self._bases.items() if b.refs}}
+                "bases": {str(p): b.file_bytes for p, b in self._bases.items() if b.refs}}
 
 
 class OpenAIBackend(Backend):

@@ -95,6 +95,8 @@ class LlamaCppModel:
         self.name = name
         self.hf_dir = hf_dir
         self.version = file_version(path)
+        #: Measured once at load: the file may be moved or deleted while it serves.
+        self.file_bytes = path.stat().st_size
         source = llama.metadata.get("tokenizer.chat_template")
         if not source:
             raise ValueError(f"{path} has no tokenizer.chat_template in its GGUF metadata")
@@ -173,6 +175,7 @@ class LlamaCppEngine(Engine):
         self.base: LlamaCppModel | None = None
         self._given_base = base
         self._adapter: Any = None
+        self._adapter_bytes = 0
         self._context: Any = None
         self._draft: Any = None  # the draft model (`speculative.mode=draft_model`) and its context
         self._draft_context: Any = None
@@ -218,6 +221,7 @@ class LlamaCppEngine(Engine):
         try:
             if lora is not None:
                 self._adapter = base.load_adapter(lora)
+                self._adapter_bytes = lora.stat().st_size
             self._scheduler = self._batching(base.llama)
         except BaseException:
             self._unload()
@@ -319,9 +323,8 @@ class LlamaCppEngine(Engine):
             self.base = None
 
     def memory(self) -> dict[str, int]:
-        lora = self.settings.lora_path
         return {"kv_cache_bytes": self.kv_cache_bytes() if self.base is not None else 0,
-                "adapter_bytes": lora.stat().st_size if lora is not None else 0}
+                "adapter_bytes": self._adapter_bytes}
 
     def kv_cache_bytes(self) -> int:
         """The KV cache of this engine's context as llama.cpp allocates it: a stream of n_ctx
