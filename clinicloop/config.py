@@ -91,6 +91,12 @@ class EngineSettings(BaseModel):
     reasoning_parser: Literal["think", "none"] = Field(
         "think", description="`think`: text before `</think>` is returned as reasoning_content."
     )
+    tool_call_parser: Literal["hermes", "none"] = Field(
+        "hermes", description="`hermes`: the model writes tool calls as Qwen2.5 / Hermes "
+        "`<tool_call>` blocks, parsed into `tool_calls` (a managed vLLM is launched with "
+        "`--enable-auto-tool-choice --tool-call-parser hermes`); `none`: requests with tools "
+        "(other than tool_choice none) are refused."
+    )
     upstream_url: str | None = Field(
         None, description="`openai` engine: base URL ending in /v1, e.g. http://127.0.0.1:8001/v1."
     )

@@ -1,6 +1,7 @@
 """Write the tiny model's training corpus, `clinicloop/model/data/medical_dialogues.jsonl`, from
 templates: hand-written conditions, medicines and emergency situations combined with patient
-phrasings (see `clinicloop.model.corpus`). Deterministic: a re-run rewrites the same bytes.
+phrasings, and tool dialogues that call a drug-interaction lookup or an appointment booking (see
+`clinicloop.model.corpus`). Deterministic: a re-run rewrites the same bytes.
 
     .venv/bin/python scripts/make_corpus.py
 """
@@ -11,7 +12,16 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from clinicloop.model.corpus import CORPUS_PATH, Dialogue, Message, system_messages
+from clinicloop.model.corpus import (
+    CORPUS_PATH,
+    SPECIALTIES,
+    TOOLS,
+    WEEKDAYS,
+    Dialogue,
+    Message,
+    ToolCall,
+    system_messages,
+)
 
 
 class Symptom(NamedTuple):
@@ -540,6 +550,74 @@ VAGUE: tuple[Vague, ...] = (
 )
 
 
+# Known interactions between the corpus's medicines (either order); any other pair has none.
+INTERACTIONS: dict[frozenset[str], tuple[str, str]] = {
+    frozenset(pair): (severity, advice) for pair, severity, advice in (
+        (("warfarin", "aspirin"), "major",
+         "Together they raise the risk of serious bleeding; only combine them if your doctor "
+         "says so."),
+        (("warfarin", "ibuprofen"), "major",
+         "Ibuprofen with warfarin raises the risk of serious bleeding; use paracetamol instead."),
+        (("warfarin", "naproxen"), "major",
+         "Naproxen with warfarin raises the risk of serious bleeding; use paracetamol instead."),
+        (("warfarin", "metronidazole"), "major",
+         "Metronidazole makes warfarin much stronger; your blood test needs checking."),
+        (("ibuprofen", "naproxen"), "major",
+         "Two anti-inflammatories together raise the risk of stomach bleeding; take only one."),
+        (("codeine", "sertraline"), "moderate",
+         "Both can cause drowsiness; start carefully and avoid driving until you know."),
+        (("aspirin", "ibuprofen"), "moderate",
+         "Ibuprofen can block the heart protection of aspirin; take aspirin first."),
+        (("lisinopril", "ibuprofen"), "moderate",
+         "Ibuprofen can raise blood pressure and strain the kidneys; use it only briefly."),
+        (("sertraline", "aspirin"), "moderate",
+         "Together they raise the risk of bleeding; watch for bruising or black stools."),
+        (("metformin", "prednisolone"), "moderate",
+         "Prednisolone raises blood sugar; check your sugar more often."),
+        (("codeine", "cetirizine"), "moderate",
+         "Both can make you drowsy; avoid driving and alcohol."),
+        (("levothyroxine", "omeprazole"), "minor",
+         "Omeprazole may slightly reduce how well levothyroxine is absorbed."),
+        (("amlodipine", "atorvastatin"), "minor",
+         "Amlodipine can slightly raise atorvastatin levels; report muscle pain."),
+    )
+}
+NO_INTERACTION = ("none", "No interaction is known; take each as directed.")
+DRUG_PAIR_ASKS: tuple[str, ...] = (
+    "Can I take {a} with {b}?",
+    "Is it safe to take {a} and {b} together?",
+    "Does {a} interact with {b}?",
+    "I'm on {a}. Can I also take {b}?",
+    "Can {a} and {b} be taken at the same time?",
+    "My doctor gave me {a}. Is {b} fine with it?",
+    "Are {a} and {b} safe together?",
+    "Do {a} and {b} clash?",
+)
+SEVERITY_ANSWERS: dict[str, str] = {
+    "major": "The interaction check shows a major interaction. {advice} Please ask your doctor "
+             "or pharmacist first.",
+    "moderate": "The interaction check shows a moderate interaction. {advice}",
+    "minor": "The interaction check shows only a minor interaction. {advice}",
+    "none": "The interaction check found no known interaction between {a} and {b}. {advice}",
+}
+# Who the patient asks for, per specialty of `SPECIALTIES`.
+CLINICIANS: dict[str, str] = {
+    "general practice": "GP", "dermatology": "dermatologist", "cardiology": "cardiologist",
+    "physiotherapy": "physiotherapist", "paediatrics": "paediatrician",
+    "mental health": "counsellor",
+}
+BOOKING_ASKS: tuple[str, ...] = (
+    "Book me a {who} on {day}.",
+    "Can I see a {who} on {day}?",
+    "I need an appointment with a {who} on {day}, please.",
+    "Please book {specialty} for me on {day}.",
+    "Is there a {who} free on {day}? Book it for me.",
+)
+SLOTS: tuple[str, ...] = ("09:00", "10:30", "14:00", "16:15")
+DRUG_PAIR_ROWS = 75
+BOOKING_ROWS = 25
+
+
 def _dialogue(row_id: str, topic: str, i: int, turns: list[str], reasoning: str) -> Dialogue:
     roles = ("user", "assistant")
     messages = system_messages(i) + [
@@ -622,10 +700,81 @@ def _clarify_rows() -> list[Dialogue]:
     return rows
 
 
+def _drug_pairs() -> list[tuple[str, str]]:
+    """Every known interaction (half in each order), then pairs with none, cycling the list."""
+    pairs = [tuple(sorted(pair)) for pair in INTERACTIONS]
+    pairs = [(a, b) if k % 2 else (b, a) for k, (a, b) in enumerate(pairs)]
+    names = [med.name for med in MEDICINES]
+    step = 0
+    while len(pairs) < DRUG_PAIR_ROWS:
+        # Round r pairs each medicine with the one r + 2 places on.
+        a, b = names[step % len(names)], names[(step + 2 + step // len(names)) % len(names)]
+        step += 1
+        if a != b and frozenset((a, b)) not in INTERACTIONS and (a, b) not in pairs:
+            pairs.append((a, b))
+    return pairs
+
+
+def _call(row_id: str, name: str, arguments: dict[str, str]) -> ToolCall:
+    return {"id": f"call_{row_id}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_dialogue(row_id: str, i: int, question: str, call: ToolCall, result: dict[str, str],
+                   answer: str, reasoning: str) -> Dialogue:
+    """The user asks, the assistant calls one tool, reads its JSON result and answers."""
+    messages = system_messages(i) + [
+        Message(role="user", content=question),
+        Message(role="assistant", content="", tool_calls=[call]),
+        Message(role="tool", content=json.dumps(result, ensure_ascii=False),
+                tool_call_id=call["id"]),
+        Message(role="assistant", content=answer),
+    ]
+    return {"id": row_id, "topic": "tool", "messages": messages, "reasoning": reasoning,
+            "tools": TOOLS}
+
+
+def _tool_rows() -> list[Dialogue]:
+    rows: list[Dialogue] = []
+    for n, (a, b) in enumerate(_drug_pairs()):
+        severity, advice = INTERACTIONS.get(frozenset((a, b)), NO_INTERACTION)
+        row_id = f"tool-interaction-{a}-{b}"
+        rows.append(_tool_dialogue(
+            row_id, n, DRUG_PAIR_ASKS[n % len(DRUG_PAIR_ASKS)].format(a=a, b=b),
+            _call(row_id, "check_drug_interaction", {"drug_a": a, "drug_b": b}),
+            {"severity": severity, "advice": advice},
+            SEVERITY_ANSWERS[severity].format(a=a, b=b, advice=advice),
+            f"The lookup rates {a} with {b} as {severity}; pass on its advice."))
+    for n in range(BOOKING_ROWS):
+        specialty = SPECIALTIES[n % len(SPECIALTIES)]
+        day = WEEKDAYS[(n + n // len(SPECIALTIES)) % len(WEEKDAYS)]
+        time = SLOTS[n % len(SLOTS)]
+        ask = BOOKING_ASKS[n % len(BOOKING_ASKS)]
+        row_id = f"tool-booking-{n}"
+        rows.append(_tool_dialogue(
+            row_id, n, ask.format(who=CLINICIANS[specialty], specialty=specialty, day=day),
+            _call(row_id, "book_appointment", {"specialty": specialty, "day": day}),
+            {"status": "booked", "specialty": specialty, "day": day, "time": time},
+            f"Your {specialty} appointment is booked for {day} at {time}.",
+            "The booking succeeded; confirm the specialty, day and time."))
+    return rows
+
+
+def _tools_offered_rows(plain: list[Dialogue]) -> list[Dialogue]:
+    """Single-question rows whose request offers the tools, answered without a call: the
+    model learns to call only when a tool fits."""
+    single = [row for row in plain if sum(m["role"] == "user" for m in row["messages"]) == 1]
+    return [
+        {**row, "id": f"tool-none-{row['id']}", "topic": "tool_none", "tools": TOOLS}
+        for row in single[::9]
+    ]
+
+
 def generate() -> list[Dialogue]:
     """Every dialogue of the corpus, in a fixed order."""
-    return (_symptom_rows() + _red_flag_rows() + _medicine_rows() + _follow_up_rows()
-            + _clarify_rows())
+    plain = (_symptom_rows() + _red_flag_rows() + _medicine_rows() + _follow_up_rows()
+             + _clarify_rows())
+    return plain + _tool_rows() + _tools_offered_rows(plain)
 
 
 def to_jsonl(rows: list[Dialogue]) -> str:

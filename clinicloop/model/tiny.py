@@ -22,21 +22,23 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from clinicloop.model.corpus import CORPUS_PATH, Dialogue, load_corpus
+from clinicloop.model.corpus import CORPUS_PATH, Dialogue, Message, load_corpus
 from clinicloop.model.gguf_export import quantize_gguf, write_gguf_f16
 from clinicloop.model.tokenizer import (
     IM_END,
+    IM_START,
     THINK_CLOSE,
     THINK_OPEN,
     load_chat_template,
     render_chat,
     save_tokenizer,
+    tool_argument_words,
     train_tokenizer,
     training_texts,
 )
 
 # Bump when a change to this package changes what a build produces.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 IGNORE = -100
 
 
@@ -55,6 +57,9 @@ class SizeConfig:
     max_positions: int
     steps: int  # the step count, not wall time, ends training so a seed fixes the weights
     batch_size: int
+    # Most padded tokens in one batch: a batch of long tool dialogues holds fewer examples, so a
+    # step costs about the same whatever the lengths.
+    batch_tokens: int
     lr: float
     warmup_steps: int
     # Fixed, since the thread count can change float reductions. The tiny model trains on one
@@ -64,10 +69,12 @@ class SizeConfig:
 
 
 SIZES: dict[str, SizeConfig] = {
+    # 2200 steps: copying a call's arguments from the question appears only after about 2000
+    # (at 1500 every call named the same drug); the answer format is learned far sooner.
     "tiny": SizeConfig(
         name="clinicloop-tiny", vocab_size=1024, vocab_multiple=64, hidden_size=64,
         intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2, max_positions=4096,
-        steps=1200, batch_size=16, lr=3e-3, warmup_steps=30, threads=1,
+        steps=2200, batch_size=16, batch_tokens=2048, lr=5e-3, warmup_steps=30, threads=1,
     ),
     # Every matrix width is a multiple of 256 so llama.cpp's K-quants apply to all of them. Four
     # layers, not eight: on two cores only a model this size sees the corpus about 1.5 times in
@@ -75,14 +82,14 @@ SIZES: dict[str, SizeConfig] = {
     "bench": SizeConfig(
         name="clinicloop-tiny-bench", vocab_size=4096, vocab_multiple=256, hidden_size=512,
         intermediate_size=1536, num_layers=4, num_heads=8, num_kv_heads=2, max_positions=4096,
-        steps=300, batch_size=8, lr=2e-3, warmup_steps=10, threads=2,
+        steps=300, batch_size=8, batch_tokens=1280, lr=2e-3, warmup_steps=10, threads=2,
     ),
     # A draft model for `bench` (speculative decoding): the tokenizer depends only on the corpus
     # and the vocabulary size, so the same size gives the identical vocabulary.
     "bench-draft": SizeConfig(
         name="clinicloop-tiny-bench-draft", vocab_size=4096, vocab_multiple=256, hidden_size=128,
         intermediate_size=512, num_layers=2, num_heads=2, num_kv_heads=1, max_positions=4096,
-        steps=600, batch_size=16, lr=3e-3, warmup_steps=20, threads=1,
+        steps=600, batch_size=16, batch_tokens=2048, lr=3e-3, warmup_steps=20, threads=1,
     ),
 }
 
@@ -116,22 +123,48 @@ def build_hash(size: SizeConfig, seed: int) -> str:
     return h.hexdigest()
 
 
+def _call_text(history: list[Message], message: Message, tools: list[dict[str, Any]] | None
+               ) -> str:
+    """An assistant turn with tool calls as the model writes it: the chat template's rendering
+    of that turn, so the calls are in exactly the format the template shows for past turns."""
+    before = render_chat(history, add_generation_prompt=False, tools=tools)
+    after = render_chat([*history, message], add_generation_prompt=False, tools=tools)
+    return after[len(before):].removeprefix(f"{IM_START}assistant\n").removesuffix(f"{IM_END}\n")
+
+
 def training_targets(row: Dialogue, index: int) -> list[tuple[str, str]]:
-    """(prompt, target) pairs for one dialogue: its last assistant turn in every thinking mode.
+    """(prompt, target) pairs for one dialogue: its last assistant turn in every thinking mode,
+    and each earlier turn that calls a tool in modes 'off' and 'auto'.
 
     In 'auto' mode the model writes the think block itself; half the rows teach it to reason and
-    half to close the block at once, so both are in its repertoire.
+    half to close the block at once, so both are in its repertoire. A tool call is taught without
+    reasoning (in 'auto' the block closes at once), so a call is never inside the think block;
+    'on' mode with tools is trained on the answer after the tool result only.
     """
-    history = row["messages"][:-1]
-    answer = row["messages"][-1]["content"] + IM_END
-    # The 'on' prompt already ends with "<think>\n", so its target starts at the reasoning.
-    reasoning = f"{row['reasoning']}\n{THINK_CLOSE}\n\n"
-    auto = f"{THINK_OPEN}\n{reasoning}" if index % 2 == 0 else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n"
-    return [
-        (render_chat(history, thinking_mode="on"), reasoning + answer),
-        (render_chat(history, thinking_mode="off"), answer),
-        (render_chat(history, thinking_mode="auto"), auto + answer),
-    ]
+    messages, tools = row["messages"], row.get("tools")
+    pairs: list[tuple[str, str]] = []
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant" or (j < len(messages) - 1
+                                               and not message.get("tool_calls")):
+            continue
+        history = messages[:j]
+
+        def prompt(mode: str, history: list[Message] = history) -> str:
+            return render_chat(history, thinking_mode=mode, tools=tools)
+
+        if message.get("tool_calls"):
+            call = _call_text(history, message, tools) + IM_END
+            pairs += [(prompt("off"), call),
+                      (prompt("auto"), f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{call}")]
+            continue
+        answer = message["content"] + IM_END
+        # The 'on' prompt already ends with "<think>\n", so its target starts at the reasoning.
+        reasoning = f"{row['reasoning']}\n{THINK_CLOSE}\n\n"
+        auto = (f"{THINK_OPEN}\n{reasoning}" if index % 2 == 0
+                else f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n")
+        pairs += [(prompt("on"), reasoning + answer), (prompt("off"), answer),
+                  (prompt("auto"), auto + answer)]
+    return pairs
 
 
 def build_examples(rows: list[Dialogue], tokenizer: PreTrainedTokenizerFast) -> list[Example]:
@@ -186,6 +219,29 @@ def _collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def _epoch_batches(examples: list[Example], size: SizeConfig, order: torch.Generator
+                   ) -> list[list[int]]:
+    """One pass over ``examples`` as batches of indices, in a random order.
+
+    Examples are sorted by length within groups of eight batches' worth, so a batch pads little,
+    and a batch is cut at ``batch_size`` examples or ``batch_tokens`` padded tokens.
+    """
+    shuffled = torch.randperm(len(examples), generator=order).tolist()
+    group = 8 * size.batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(shuffled), group):
+        batch: list[int] = []
+        for i in sorted(shuffled[start:start + group], key=lambda i: len(examples[i].input_ids)):
+            width = len(examples[i].input_ids)  # ascending, so the widest of the batch so far
+            if batch and (len(batch) == size.batch_size
+                          or (len(batch) + 1) * width > size.batch_tokens):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
+    return [batches[k] for k in torch.randperm(len(batches), generator=order).tolist()]
+
+
 def train_model(
     size: SizeConfig,
     tokenizer: PreTrainedTokenizerFast,
@@ -218,14 +274,13 @@ def train_model(
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         order = torch.Generator().manual_seed(seed)
-        queue: list[int] = []
+        queue: list[list[int]] = []
         losses: list[float] = []
         bar = tqdm(range(steps), desc=f"train {size.name}", unit="step", disable=not progress)
         for _ in bar:
-            while len(queue) < size.batch_size:
-                queue.extend(torch.randperm(len(examples), generator=order).tolist())
-            batch = [examples[i] for i in queue[: size.batch_size]]
-            del queue[: size.batch_size]
+            if not queue:
+                queue = _epoch_batches(examples, size, order)
+            batch = [examples[i] for i in queue.pop()]
             loss = model(**_collate(batch, tokenizer.pad_token_id)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -289,7 +344,7 @@ def _tiny_model(root: Path, manifest: dict[str, Any]) -> TinyModel:
 def _build_into(work: Path, size: SizeConfig, seed: int, digest: str, progress: bool) -> None:
     started = time.perf_counter()
     rows = load_corpus()
-    tokenizer = train_tokenizer(training_texts(rows), size.vocab_size)
+    tokenizer = train_tokenizer(training_texts(rows), size.vocab_size, tool_argument_words(rows))
     examples = build_examples(rows, tokenizer)
     prepared = time.perf_counter()
 

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Template
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -32,6 +37,14 @@ SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
 # Think tags are plain added tokens, as in Qwen3: single tokens that still appear in decoded text,
 # so the server can split reasoning at "</think>" from llama.cpp's output.
 THINK_TOKENS: tuple[str, ...] = (THINK_OPEN, THINK_CLOSE)
+# Tool tags are plain added tokens too, as in Qwen2.5: vLLM's hermes tool parser refuses a
+# vocabulary without <tool_call>/</tool_call>, and single tokens make the format easy to learn.
+TOOL_TOKENS: tuple[str, ...] = (
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"
+)
+ADDED_TOKENS: tuple[str, ...] = THINK_TOKENS + TOOL_TOKENS
+
+_TAGS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + ADDED_TOKENS))
 
 # Qwen2's tokenizer.json split pattern (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
 QWEN2_SPLIT_REGEX = (
@@ -45,7 +58,8 @@ def load_chat_template() -> str:
 
 
 def training_texts(rows: Iterable[Dialogue]) -> list[str]:
-    """The strings BPE merges are learned from: every turn, the reasoning and the role headers.
+    """The strings BPE merges are learned from: every turn, the reasoning and the role headers
+    (and for rows that offer tools, the tool list, calls and results).
 
     The newlines mirror the assistant target, so that "\n\n" (the empty think block, the gap
     before the answer) is one token: otherwise an empty think block starts with the same token as
@@ -53,10 +67,31 @@ def training_texts(rows: Iterable[Dialogue]) -> list[str]:
     """
     texts: list[str] = []
     for row in rows:
-        texts.extend(f"{m['role']}\n{m['content']}" for m in row["messages"])
+        if "tools" in row:
+            # The tool list, calls and results as the template writes them, cut at the tags.
+            rendered = render_chat(row["messages"], add_generation_prompt=False,
+                                   tools=row["tools"])
+            texts.extend(part for part in _TAGS.split(rendered) if part)
+        else:
+            texts.extend(f"{m['role']}\n{m['content']}" for m in row["messages"])
         texts.append(f"\n{row['reasoning']}\n")
         texts.append(f"\n\n{row['messages'][-1]['content']}")
     return texts
+
+
+def tool_argument_words(rows: Iterable[Dialogue]) -> tuple[str, ...]:
+    """Every string argument value of the corpus's tool calls (medicines, specialties, days).
+
+    They become whole added tokens, matched wherever they occur, so "warfarin" is one and the same
+    token in the question and in the call's JSON (where BPE would split it differently after a
+    quote): the tiny model then fills an argument by copying one token from the question.
+    """
+    words = {
+        value
+        for row in rows for message in row["messages"] for call in message.get("tool_calls", [])
+        for value in call["function"]["arguments"].values() if isinstance(value, str)
+    }
+    return tuple(sorted(words))
 
 
 def _bare_tokenizer() -> Tokenizer:
@@ -69,21 +104,24 @@ def _bare_tokenizer() -> Tokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train the BPE; ``vocab_size`` counts every token, the added think tags included.
+def train_tokenizer(texts: Iterable[str], vocab_size: int, words: Iterable[str] = ()
+                    ) -> PreTrainedTokenizerFast:
+    """Train the BPE; ``vocab_size`` counts every token, the added think and tool tags and
+    ``words`` (plain added tokens, see `tool_argument_words`) included.
 
     The result can be smaller than ``vocab_size`` when the corpus runs out of pairs to merge;
     the model pads its embedding instead.
     """
+    added = ADDED_TOKENS + tuple(words)
     tok = _bare_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(THINK_TOKENS),
+        vocab_size=vocab_size - len(added),
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -106,19 +144,45 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     config_path.write_text(text, encoding="utf-8")
 
 
+def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+           separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter: plain `json.dumps`, where Jinja's built-in one HTML-escapes
+    ``<>&'`` and so would render tools differently from vLLM's `apply_chat_template`."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def template_environment() -> ImmutableSandboxedEnvironment:
+    """A Jinja environment that renders chat templates as transformers' `apply_chat_template`
+    does (block trimming, loop controls, its `tojson`, `raise_exception`, `strftime_now`)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled(template: str) -> Template:
     # Compiling dominates rendering; the training set renders thousands of prompts.
-    return ImmutableSandboxedEnvironment().from_string(template)
+    return template_environment().from_string(template)
 
 
 def render_chat(
-    messages: list[dict[str, str]] | list[Message],
+    messages: list[dict[str, Any]] | list[Message],
     add_generation_prompt: bool = True,
     thinking_mode: str = "off",
     template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Render ``messages`` with the chat template through plain jinja2, as the server does."""
+    """Render ``messages`` (and ``tools``, OpenAI shape) with the chat template, as the server
+    does."""
     return _compiled(template or load_chat_template()).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, thinking_mode=thinking_mode
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        thinking_mode=thinking_mode, tools=tools,
     )

@@ -24,6 +24,7 @@ from clinicloop.backends.base import (
     Event,
     Lease,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 from clinicloop.serving.admission import Admission
@@ -57,11 +58,33 @@ def conversation_id(messages: list[dict[str, Any]], caller: Caller, header: str 
 
 
 @dataclass
+class CallState:
+    id: str
+    name: str
+    arguments: str = ""
+
+    def as_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
 class ChoiceState:
     content: str = ""
     reasoning: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[CallState] = field(default_factory=list)
+
+    def add_calls(self, pieces: list[ToolCallDelta]) -> None:
+        """Join streamed call pieces: a call's first piece (id and name) opens it, later ones
+        extend its arguments."""
+        for piece in pieces:
+            if piece.index == len(self.tool_calls):
+                self.tool_calls.append(CallState(piece.id or "", piece.name or ""))
+            elif not 0 <= piece.index < len(self.tool_calls):
+                continue  # engines number calls in order; a stray piece has nothing to join
+            self.tool_calls[piece.index].arguments += piece.arguments
 
 
 @dataclass
@@ -176,7 +199,7 @@ class GenerationRun:
 
     def _observe(self, delta: Delta) -> Delta:
         now = time.perf_counter()
-        if delta.content or delta.reasoning:
+        if delta.content or delta.reasoning or delta.tool_calls:
             if self.first_token_at is None:
                 self.first_token_at = now
                 self.s.metrics.ttft.labels(self.model).observe(now - self.started)
@@ -188,6 +211,7 @@ class GenerationRun:
         choice.content += delta.content
         choice.reasoning += delta.reasoning
         choice.logprobs.extend(delta.logprobs)
+        choice.add_calls(delta.tool_calls)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
         return delta
@@ -221,7 +245,8 @@ class GenerationRun:
             messages=self.messages,
             choices=[
                 LoggedChoice(index=i, content=c.content, reasoning_content=c.reasoning or None,
-                             finish_reason=c.finish_reason)
+                             finish_reason=c.finish_reason,
+                             tool_calls=[call.as_openai() for call in c.tool_calls] or None)
                 for i, c in enumerate(self.choices)
             ],
             params=self.params, prompt_tokens=self.usage.prompt_tokens,

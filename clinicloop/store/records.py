@@ -22,6 +22,9 @@ class LoggedChoice(BaseModel):
     content: str
     reasoning_content: str | None = None
     finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description="The calls the reply made, in OpenAI's shape: "
+        '`{"id", "type": "function", "function": {"name", "arguments"}}`.')
 
 
 class TurnRecord(BaseModel):

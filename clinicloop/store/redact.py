@@ -24,6 +24,7 @@ capitalised word ("I'm Daniel", not "I'm worried" or "I'm 45"). Names without a 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -325,18 +326,71 @@ def redact_tree(value: Any) -> Any:
     return root[0]
 
 
+def redact_json_text(text: str) -> str:
+    """`text` redacted; when it is a JSON object or array (a tool call's arguments, a tool's
+    result), each string in it is redacted with its key in front as the cue a rule needs
+    (`"patient": "Ana Ruiz"` reads as `patient: Ana Ruiz`), keys included, and the JSON is
+    written again if anything was redacted."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+        return redact(text)
+    if not isinstance(value, dict | list):
+        return redact(text)
+    stack: list[Any] = [value]
+    changed = False
+    while stack:
+        item = stack.pop()
+        slots = list(item.items()) if isinstance(item, dict) else list(enumerate(item))
+        if isinstance(item, dict):
+            item.clear()
+        for key, child in slots:
+            new_key = redact(key) if isinstance(item, dict) else key
+            new = child
+            if isinstance(child, str):
+                cued = redact(f"{new_key}: {child}") if isinstance(new_key, str) else ""
+                new = cued.removeprefix(f"{new_key}: ") if cued.startswith(f"{new_key}: ") \
+                    else redact(child)
+            elif isinstance(child, dict | list):
+                stack.append(child)
+            changed = changed or new_key != key or new != child
+            item[new_key] = new
+    # Unchanged, the text is kept as written (a reply's arguments read back the same).
+    return json.dumps(value, ensure_ascii=False) if changed else text
+
+
+def _redact_calls(calls: Any) -> Any:
+    """Tool calls (OpenAI's shape) with every string redacted, the arguments as JSON text."""
+    if not isinstance(calls, list):
+        return redact_tree(calls)
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        copy = redact_tree(call)
+        if isinstance(arguments, str):
+            copy["function"]["arguments"] = redact_json_text(arguments)
+        out.append(copy)
+    return out
+
+
 def _redact_message(message: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = redact_tree(message)
     # A participant name on a user/assistant message is a person's name; on a tool message it
     # names the function, which is not PHI.
     if isinstance(message.get("name"), str) and message.get("role") not in ("tool", "function"):
         out["name"] = "[NAME]"
+    if "tool_calls" in message:
+        out["tool_calls"] = _redact_calls(message["tool_calls"])
+    if message.get("role") == "tool" and isinstance(message.get("content"), str):
+        out["content"] = redact_json_text(message["content"])
     return out
 
 
 def redact_record(record: TurnRecord) -> TurnRecord:
     """A copy of `record` with every string a client sent or a model wrote redacted: messages
-    (every field, nested content parts and tool calls included), responses, reasoning, error and
+    (every field, nested content parts, tool calls and results included; JSON arguments and
+    results with their keys as cues), responses and their calls, reasoning, error and
     request parameters (`stop`, `chat_template_kwargs`, schemas, tools)."""
     return record.model_copy(
         update={
@@ -348,6 +402,9 @@ def redact_record(record: TurnRecord) -> TurnRecord:
                         "reasoning_content": None
                         if c.reasoning_content is None
                         else redact(c.reasoning_content),
+                        "tool_calls": None
+                        if c.tool_calls is None
+                        else _redact_calls(c.tool_calls),
                     }
                 )
                 for c in record.choices

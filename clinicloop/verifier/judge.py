@@ -20,6 +20,11 @@ failed. A request the server refuses (another 4xx, e.g. a prompt longer than the
 is never retried: it would fail the same way. `kind:rule` items are checked without a model. A key
 the server refuses (`KeyRefused`) is no verdict's fault: it stops the batch.
 
+Tool calls are part of what is graded: the graded reply's own calls (`tool_calls`, OpenAI's shape)
+and those of earlier assistant turns are rendered as `[tool call] name({arguments})` lines after
+the turn's text, and tool results as `tool (name): result`, so the judge can grade an item about a
+call, and a `tool_call` rule checks the reply's calls.
+
 This module owns persisting verdicts: the judge hands every verdict it makes (model, rule,
 unparseable, failed; not one it read from the cache) to its `VerdictCache` the moment it has it,
 and the cache decides what to keep. `MemoryVerdictCache` keeps model verdicts; `StoreVerdictCache`
@@ -44,7 +49,7 @@ from pydantic import BaseModel
 from clinicloop.store.db import Store, StoredVerdict
 from clinicloop.verifier import judge_templates
 from clinicloop.verifier.client import ChatClient, ChatError
-from clinicloop.verifier.rubrics import RubricItem, check_rule
+from clinicloop.verifier.rubrics import RubricItem, ToolCalls, call_arguments, check_rule
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +156,13 @@ def _digest(text: str) -> str:
 
 
 def verdict_key(conversation: list[dict[str, Any]], response: str, item: RubricItem, model: str,
-                template: Template) -> str:
-    """Cache key of one verdict: the graded exchange, what the judge sees of the item (its points
-    and criterion; tags do not change a verdict), the judge model and the prompt style."""
-    exchange = _digest(json.dumps([conversation, response], sort_keys=True, ensure_ascii=False))
+                template: Template, tool_calls: ToolCalls | None = None) -> str:
+    """Cache key of one verdict: the graded exchange (the reply's tool calls included), what the
+    judge sees of the item (its points and criterion; tags do not change a verdict), the judge
+    model and the prompt style."""
+    # A reply without calls keeps the key it had before calls were graded: stored verdicts stay.
+    graded = [conversation, response, tool_calls] if tool_calls else [conversation, response]
+    exchange = _digest(json.dumps(graded, sort_keys=True, ensure_ascii=False))
     rubric = _digest(_item_line(item))
     return _digest("\x1f".join([exchange, rubric, model, template]))
 
@@ -168,21 +176,46 @@ def _text(content: Any) -> str:
     return ""
 
 
-def render_conversation(conversation: list[dict[str, Any]], response: str) -> str:
-    """HealthBench's rendering: `role: content` blocks, the graded response last."""
-    turns = [*conversation, {"role": "assistant", "content": response}]
-    return "\n\n".join(f"{m['role']}: {_text(m.get('content'))}" for m in turns)
+def _call_line(call: dict[str, Any]) -> str:
+    arguments = call_arguments(call)
+    shown = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f"[tool call] {call.get('function', {}).get('name')}({shown})"
+
+
+def render_conversation(conversation: list[dict[str, Any]], response: str,
+                        tool_calls: ToolCalls | None = None) -> str:
+    """HealthBench's rendering: `role: content` blocks, the graded response (and its tool calls)
+    last. An assistant turn's calls follow its text, one `[tool call] name({arguments})` line
+    each; a tool result reads `tool (name): result`, named after the call it answers."""
+    turns = [*conversation, {"role": "assistant", "content": response, "tool_calls": tool_calls}]
+    called = {call["id"]: call.get("function", {}).get("name")
+              for m in turns for call in m.get("tool_calls") or [] if call.get("id")}
+    blocks = []
+    for m in turns:
+        role = m["role"]
+        if role == "tool" and called.get(m.get("tool_call_id")):
+            role = f"tool ({called[m['tool_call_id']]})"
+        text = _text(m.get("content"))
+        lines = [text] if text else []
+        lines += [_call_line(call) for call in m.get("tool_calls") or []]
+        blocks.append(f"{role}: " + "\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def _item_line(item: RubricItem) -> str:
     return f"[{item.points}] {item.criterion}"
 
 
-def prompt_prefix(conversation: list[dict[str, Any]], response: str, template: Template) -> str:
+def prompt_prefix(conversation: list[dict[str, Any]], response: str, template: Template,
+                  tool_calls: ToolCalls | None = None) -> str:
     """The part of the grader prompt shared by every item of this conversation."""
     instructions = judge_templates.HEALTHBENCH if template == "healthbench" \
         else judge_templates.SPLIT
-    return f"{instructions}\n# Conversation\n{render_conversation(conversation, response)}\n\n"
+    if tool_calls or any(m.get("tool_calls") or m.get("role") == "tool"
+                         for m in conversation):
+        instructions += judge_templates.TOOL_CALLS
+    rendered = render_conversation(conversation, response, tool_calls)
+    return f"{instructions}\n# Conversation\n{rendered}\n\n"
 
 
 def prompt_suffix(item: RubricItem, template: Template) -> str:
@@ -196,8 +229,9 @@ def prompt_suffix(item: RubricItem, template: Template) -> str:
 
 
 def render_prompt(conversation: list[dict[str, Any]], response: str, item: RubricItem,
-                  template: Template) -> str:
-    return prompt_prefix(conversation, response, template) + prompt_suffix(item, template)
+                  template: Template, tool_calls: ToolCalls | None = None) -> str:
+    return prompt_prefix(conversation, response, template, tool_calls) \
+        + prompt_suffix(item, template)
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -256,28 +290,34 @@ class Judge:
         self._slots = asyncio.Semaphore(concurrency)
 
     async def grade(self, conversation: list[dict[str, Any]], response: str,
-                    item: RubricItem) -> Verdict:
+                    item: RubricItem, *, tool_calls: ToolCalls | None = None) -> Verdict:
+        """The verdict on `item` for the reply `response` (with its `tool_calls`, if it made
+        any) to `conversation`."""
         async with self._slots:
-            return await self._grade(conversation, response, item)
+            return await self._grade(conversation, response, item, tool_calls)
 
     async def grade_all(self, conversation: list[dict[str, Any]], response: str,
-                        items: list[RubricItem]) -> list[Verdict]:
+                        items: list[RubricItem], *,
+                        tool_calls: ToolCalls | None = None) -> list[Verdict]:
         """One verdict per item, in order, sent one after another."""
         async with self._slots:
-            return [await self._grade(conversation, response, item) for item in items]
+            return [await self._grade(conversation, response, item, tool_calls)
+                    for item in items]
 
     async def _grade(self, conversation: list[dict[str, Any]], response: str,
-                     item: RubricItem) -> Verdict:
-        key = verdict_key(conversation, response, item, self.client.model, self.template)
+                     item: RubricItem, tool_calls: ToolCalls | None) -> Verdict:
+        key = verdict_key(conversation, response, item, self.client.model, self.template,
+                          tool_calls)
         if item.is_rule:
             assert item.rule is not None  # is_rule checks it
-            met = check_rule(item.rule, response)
+            met = check_rule(item.rule, response, tool_calls)
             verdict = Verdict(criteria_met=met, source="rule",
                               explanation=f"{item.rule.type} check {'met' if met else 'not met'}")
         elif self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit.model_copy(update={"source": "cache", "attempts": 0})
         else:
-            verdict = await self._ask(render_prompt(conversation, response, item, self.template))
+            verdict = await self._ask(render_prompt(conversation, response, item, self.template,
+                                                    tool_calls))
         if self.cache is not None:
             self.cache.put(key, verdict)
         return verdict

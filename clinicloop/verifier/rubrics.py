@@ -8,7 +8,9 @@ every unknown field, on the row and on each rubric item. HealthBench rows carry 
 they are for evaluation, never for training (`is_canaried`).
 
 Our own tags sit beside HealthBench's: `kind:rule` marks an item graded by a machine check (see
-`RuleCheck`, graded by `check_rule`), `dimension:*` one of the paper's rubric dimensions.
+`RuleCheck`, graded by `check_rule`), `dimension:*` one of the paper's rubric dimensions. A
+`tool_call` check grades the reply's tool calls rather than its text: with positive points it
+rewards calling a function (with some arguments), with negative points it penalises it.
 """
 
 from __future__ import annotations
@@ -66,15 +68,24 @@ class _SourceOrdered(BaseModel):
         return {k: dumped[k] for k in order if k in base or k in self.model_fields_set}
 
 
-class RuleCheck(_SourceOrdered):
-    """A mechanical check for a `kind:rule` item, run on the response text by `check_rule`."""
+#: A reply's tool calls in OpenAI's shape: `{"id", "type": "function", "function": {"name",
+#: "arguments"}}`, the arguments as JSON text (as logged) or already parsed (as templates get them).
+ToolCalls = list[dict[str, Any]]
 
-    type: Literal["regex", "keywords", "exact"]
+
+class RuleCheck(_SourceOrdered):
+    """A mechanical check for a `kind:rule` item, run on the response by `check_rule`."""
+
+    type: Literal["regex", "keywords", "exact", "tool_call"]
     pattern: str | None = Field(None, description="regex: met if it matches (case-insensitive).")
     keywords: list[str] = Field(default_factory=list,
                                 description="keywords: met if any (or all, with all_of) appear.")
     all_of: bool = False
     answer: str | None = Field(None, description="exact: met if the stripped answer equals it.")
+    name: str | None = Field(None, description="tool_call: met if the reply calls this function.")
+    arguments: dict[str, Any] | None = Field(
+        None, description="tool_call: and the call's arguments hold these (nested objects may "
+        "hold more keys; strings compare ignoring case and surrounding space).")
 
     @model_validator(mode="after")
     def _has_what_its_type_needs(self) -> RuleCheck:
@@ -89,6 +100,8 @@ class RuleCheck(_SourceOrdered):
             raise ValueError("a keywords rule needs at least one keyword")
         elif self.type == "exact" and not (self.answer or "").strip():
             raise ValueError("an exact rule needs an answer")
+        elif self.type == "tool_call" and not (self.name or "").strip():
+            raise ValueError("a tool_call rule needs a function name")
         return self
 
 
@@ -177,8 +190,40 @@ def _same_answer(text: str, answer: str) -> bool:
     return text.strip().casefold() == answer.strip().casefold()
 
 
-def check_rule(rule: RuleCheck, response: str) -> bool:
-    """Whether `response` meets a `kind:rule` item's mechanical check."""
+def call_arguments(call: dict[str, Any]) -> Any:
+    """A tool call's arguments, parsed: logged calls carry JSON text; text that is not JSON is
+    returned as it is."""
+    arguments = call.get("function", {}).get("arguments")
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except (ValueError, RecursionError):
+            return arguments
+    return arguments
+
+
+def _holds(actual: Any, expected: Any) -> bool:
+    """Whether `actual` holds `expected`: every key of an expected object, recursively; strings
+    alike but for case and surrounding space; anything else equal (a bool is not a number)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and _holds(actual[k], v) for k, v in expected.items())
+    if isinstance(expected, str):
+        return isinstance(actual, str) and _same_answer(actual, expected)
+    return isinstance(actual, bool) == isinstance(expected, bool) and actual == expected
+
+
+def _calls_it(rule: RuleCheck, tool_calls: ToolCalls) -> bool:
+    return any(call.get("function", {}).get("name") == rule.name
+               and (rule.arguments is None or _holds(call_arguments(call), rule.arguments))
+               for call in tool_calls)
+
+
+def check_rule(rule: RuleCheck, response: str, tool_calls: ToolCalls | None = None) -> bool:
+    """Whether a reply (its text `response` and its `tool_calls`) meets a `kind:rule` item's
+    mechanical check."""
+    if rule.type == "tool_call":
+        return _calls_it(rule, tool_calls or [])
     if rule.type == "regex":
         assert rule.pattern is not None  # RuleCheck validation guarantees it
         return re.search(rule.pattern, response, re.IGNORECASE) is not None

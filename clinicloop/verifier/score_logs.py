@@ -7,11 +7,15 @@ killed at any point: the judge writes each verdict as it produces it (its cache 
 table, see `judge.StoreVerdictCache`), so a re-run judges only what is missing, and a turn counts
 as done once its `turn_scores` row exists (written here).
 
-Verdicts are keyed by content (conversation, response, item, judge model, template), so two turns
-with identical text share one verdict row: the second is graded from the first's verdicts (or,
-graded at the same time, writes the same row). Only client turns are scored: the store leaves out
-service traffic (the judge's, the simulator's, benchmarks'). One turn failing stops the run at
-once, with the others cancelled, instead of leaving them running.
+A turn is graded with its tool calls: the reply's own (`LoggedChoice.tool_calls`; a reply that is
+only a call, with no text, is graded like any other) and those and their results in the history,
+which reach the judge as logged.
+
+Verdicts are keyed by content (conversation, response and its calls, item, judge model, template),
+so two turns with identical text share one verdict row: the second is graded from the first's
+verdicts (or, graded at the same time, writes the same row). Only client turns are scored: the
+store leaves out service traffic (the judge's, the simulator's, benchmarks'). One turn failing
+stops the run at once, with the others cancelled, instead of leaving them running.
 """
 
 from __future__ import annotations
@@ -61,11 +65,13 @@ class ScoreSummary(BaseModel):
 async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, judge: Judge,
                       cache: StoreVerdictCache, bar: tqdm) -> tuple[ExampleGrades, list[Verdict]]:
     conversation, response = turn.messages, turn.response or ""
+    calls = turn.choices[0].tool_calls if turn.choices else None
     model = judge.client.model
-    keys = [verdict_key(conversation, response, item, model, judge.template) for item in items]
+    keys = [verdict_key(conversation, response, item, model, judge.template, calls)
+            for item in items]
     cache.expect(turn.id, keys, items, model, judge.template)
     try:
-        verdicts = await judge.grade_all(conversation, response, items)
+        verdicts = await judge.grade_all(conversation, response, items, tool_calls=calls)
     finally:
         cache.forget(keys)
     grades = ExampleGrades(prompt_id=turn.id, example_tags=[], items=items,

@@ -21,6 +21,7 @@ from clinicloop.backends.grammar import (
     GrammarError,
     check_grammar,
     schema_to_gbnf,
+    tool_call_gbnf,
 )
 from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings
@@ -230,3 +231,192 @@ def test_server_answers_400_for_a_schema_it_cannot_enforce(server_factory):
     assert r.status_code == 200
     assert json.loads(r.json()["choices"][0]["message"]["content"]) == 'a "quoted" word'
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+# -- tool calls: the grammar of Hermes call blocks (`tool_call_gbnf`) -------------------------
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "lookup_interactions", "description": "Known interactions of two drugs.",
+        "parameters": {"type": "object", "properties": {
+            "drug_a": {"type": "string", "maxLength": 24},
+            "drug_b": {"type": "string", "maxLength": 24}},
+            "required": ["drug_a", "drug_b"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "book_appointment",
+        "parameters": {"type": "object", "properties": {
+            "day": {"enum": ["mon", "tue", "wed"]},
+            "hour": {"type": "integer", "minimum": 8, "maximum": 17},
+            "urgent": {"type": "boolean"}},
+            "required": ["day", "hour"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "list_clinics"}},  # no parameters: {}
+]
+NESTED_TOOLS = [{"type": "function", "function": {
+    "name": h, "parameters": {
+        "$defs": {"dose": {"type": "object", "properties": {"mg": {"type": "integer"}},
+                           "required": ["mg"], "additionalProperties": False}},
+        "properties": {h: {"const": h}, "doses": {"type": "array", "items": {
+            "$ref": "#/$defs/dose"}, "maxItems": 3}}}}} for h in HOSTILE[:4] + ["漢字 🙂"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    import llama_cpp
+
+    llama = llama_cpp.Llama(model_path=str(tiny_model.gguf_q8_0), vocab_only=True, verbose=False)
+    yield llama
+    llama.close()
+
+
+def accepts(llama, gbnf: str, text: str) -> bool:
+    """Whether llama.cpp's sampler for `gbnf` lets the model write `text` token by token and end
+    there."""
+    import ctypes
+
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(llama_cpp.llama_model_get_vocab(llama.model),
+                                                   gbnf.encode(), b"root")
+    assert sampler
+
+    def allowed(token: int) -> bool:
+        data = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 0.0, 0.0))
+        candidates = llama_cpp.llama_token_data_array(data, 1, -1, False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
+        return data[0].logit != float("-inf")
+
+    try:
+        for token in llama.tokenize(text.encode(), add_bos=False, special=True):
+            if not allowed(token):
+                return False
+            llama_cpp.llama_sampler_accept(sampler, token)
+        return allowed(llama.token_eos())
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+
+
+def call_block(name: str, arguments: str) -> str:
+    return (f'<tool_call>\n{{"name": {json.dumps(name, ensure_ascii=False)}, '
+            f'"arguments": {arguments}}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("tools", [TOOLS, NESTED_TOOLS], ids=["clinic", "hostile"])
+def test_tool_call_grammars_compile(vocab, tools):
+    for name in (None, tools[-1]["function"]["name"]):
+        for parallel in (False, True):
+            for reasoning in (False, True):
+                check_grammar(vocab, tool_call_gbnf(tools, name, parallel, reasoning))
+
+
+def test_tool_call_grammar_accepts_exactly_the_calls_it_should(tokenizer):
+    lookup = call_block("lookup_interactions", '{"drug_a": "warfarin", "drug_b": "aspirin"}')
+    book = call_block("book_appointment", '{"day": "tue", "hour": 9}')
+    required = tool_call_gbnf(TOOLS, None, parallel=False, reasoning=False)
+    assert accepts(tokenizer, required, lookup)
+    assert accepts(tokenizer, required, book)
+    assert accepts(tokenizer, required, call_block("list_clinics", "{}"))
+    assert not accepts(tokenizer, required, lookup + "\n" + book)  # one call only
+    assert not accepts(tokenizer, required, "Sure. " + lookup)  # nothing but calls
+    for bad in ('{"day": "sun", "hour": 9}', '{"day": "tue", "hour": 18}', '{"day": "tue"}',
+                '{"day": "tue", "hour": 9, "note": "x"}'):
+        assert not accepts(tokenizer, required, call_block("book_appointment", bad)), bad
+    assert not accepts(tokenizer, required, call_block("list_clinics", '{"city": "x"}'))
+    assert not accepts(tokenizer, required, call_block("unknown", "{}"))
+
+    named = tool_call_gbnf(TOOLS, "book_appointment", parallel=True, reasoning=False)
+    assert accepts(tokenizer, named, book) and accepts(tokenizer, named, book + "\n" + book)
+    assert not accepts(tokenizer, named, lookup)
+
+    thinking = tool_call_gbnf(TOOLS, None, parallel=True, reasoning=True)
+    assert accepts(tokenizer, thinking, "Warfarin and aspirin <b>both</b> thin blood, so "
+                                        "</thin k check.\n</think>\n\n" + lookup + "\n" + book)
+    assert accepts(tokenizer, thinking, "</think>" + lookup)
+    assert not accepts(tokenizer, thinking, lookup)  # the reasoning must close first
+    assert not accepts(tokenizer, thinking, "a </think> b </think>\n" + lookup)
+
+
+def test_hostile_function_names_and_schemas_round_trip(tokenizer):
+    for tool in NESTED_TOOLS:
+        name = tool["function"]["name"]
+        gbnf = tool_call_gbnf(NESTED_TOOLS, name, parallel=False, reasoning=False)
+        arguments = json.dumps({name: name, "doses": [{"mg": 5}]}, ensure_ascii=False)
+        assert accepts(tokenizer, gbnf, call_block(name, arguments)), name
+
+
+@pytest.mark.parametrize(("tools", "name", "part"), [
+    ([TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"not": {}}}}}}], None,
+     "at tools[1].function.parameters/properties/x: keyword 'not'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None,
+     "at tools[0].function.parameters/type: the arguments must be an object"),
+    ([{"type": "function", "function": {"description": "no name"}}], None,
+     "at tools[0].function.name"),
+    (TOOLS, "cancel_appointment", "at tool_choice.function.name: no function "
+                                  "'cancel_appointment'"),
+    ([], None, "at tools:"),
+])
+def test_tool_schemas_that_cannot_be_enforced_are_refused_naming_the_part(tools, name, part):
+    with pytest.raises(GrammarError, match=re.escape(part)):
+        tool_call_gbnf(tools, name, parallel=True, reasoning=False)
+
+
+def _conforms(value, schema) -> bool:
+    """`value` against the keywords the TOOLS schemas use (jsonschema is not a dependency)."""
+    if "enum" in schema:
+        return value in schema["enum"]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return isinstance(value, dict) and set(schema.get("required", [])) <= set(value) and (
+            schema.get("additionalProperties", True) is not False or set(value) <= set(props)
+        ) and all(_conforms(v, props[k]) for k, v in value.items() if k in props)
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+    if kind == "integer":
+        return type(value) is int and schema.get("minimum", value) <= value <= schema.get(
+            "maximum", value)
+    return kind == "boolean" and isinstance(value, bool)
+
+
+@pytest.mark.parametrize(("tool_choice", "parallel", "thinking"), [
+    ("required", False, "off"),
+    ({"type": "function", "function": {"name": "book_appointment"}}, False, "off"),
+    ("required", True, "off"),
+    ("required", False, "on"),
+])
+def test_generation_under_the_tool_grammar_gives_calls_that_satisfy_the_schemas(
+        tiny_model, tmp_path, tool_choice, parallel, thinking):
+    """The tiny model, forced by the grammar, through the engine and the parser: every choice
+    is calls of the allowed functions whose arguments satisfy their schemas."""
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {
+        "type": "object", "additionalProperties": False}) for t in TOOLS}
+
+    async def main():
+        engine = LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0, n_parallel=2),
+                                tmp_path)
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=160, temperature=1.0, seed=3, n=3, tools=TOOLS,
+                                    tool_choice=tool_choice, parallel_tool_calls=parallel)
+            return [e async for e in engine.chat(
+                [{"role": "user", "content": "Can I take warfarin with aspirin?"}], params,
+                {"thinking_mode": thinking}) if isinstance(e, Delta)]
+        finally:
+            await engine.close()
+
+    deltas = asyncio.run(main())
+    for index in range(3):
+        calls: dict[int, dict] = {}
+        for delta in (d for d in deltas if d.index == index):
+            assert "<tool_call>" not in delta.content + delta.reasoning
+            for piece in delta.tool_calls:
+                call = calls.setdefault(piece.index, {"name": piece.name, "arguments": ""})
+                call["arguments"] += piece.arguments
+        finish = [d.finish_reason for d in deltas if d.index == index and d.finish_reason]
+        assert finish == ["tool_calls"] and calls, (finish, calls)
+        assert parallel or len(calls) == 1
+        for call in calls.values():
+            assert call["name"] in schemas
+            if isinstance(tool_choice, dict):
+                assert call["name"] == "book_appointment"
+            assert _conforms(json.loads(call["arguments"]), schemas[call["name"]]), call

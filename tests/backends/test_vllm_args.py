@@ -21,6 +21,9 @@ def test_defaults_carry_batching_prefix_caching_reasoning_and_lora():
     assert _flag(command, "--max-num-seqs") == "16"
     assert "--enable-prefix-caching" in command and "--enable-lora" in command
     assert _flag(command, "--reasoning-parser") == "qwen3"
+    assert _flag(command, "--tool-call-parser") == "hermes"
+    assert "--enable-auto-tool-choice" in command
+    assert "--exclude-tools-when-tool-choice-none" in command
     assert "--quantization" not in command  # AWQ/GPTQ checkpoints pick their Marlin kernels
     assert "--speculative-config" not in command
     assert vllm_serve_env() == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
@@ -44,9 +47,11 @@ def test_speculative_configs():
 
 def test_names_reasoning_and_lora_follow_the_settings():
     command = vllm_serve_command(EngineSettings(served_model_name="baichuan-m2",
-                                                reasoning_parser="none"), "m",
+                                                reasoning_parser="none",
+                                                tool_call_parser="none"), "m",
                                  enable_lora=False, extra=["--kv-cache-dtype", "fp8"])
     assert _flag(command, "--served-model-name") == "baichuan-m2"
     assert "--reasoning-parser" not in command and "--enable-lora" not in command
+    assert "--tool-call-parser" not in command and "--enable-auto-tool-choice" not in command
     assert command[-2:] == ["--kv-cache-dtype", "fp8"]
     assert vllm_serve_env(enable_lora=False) == {}

@@ -28,6 +28,7 @@ import pytest
 
 from clinicloop.backends.vllm_launch import build_launch
 from clinicloop.config import EngineSettings
+from clinicloop.model.corpus import TOOLS
 from tests.backends.test_vllm_launch import QWEN_32B_AWQ, _checkpoint, _flag
 from tests.conftest import (
     ROOT,
@@ -136,6 +137,14 @@ def _chat(client: openai.OpenAI, model: str, conversation: str | None = None) ->
                                            max_tokens=24, extra_body=NO_THINKING,
                                            extra_headers=headers)
     return _text(reply.choices[0].message)
+
+
+def _logprobs(client: openai.OpenAI, model: str) -> tuple[float, ...]:
+    """The greedy reply's token logprobs (to 3 decimals): what a model's weights decide, even
+    where two of them say the same words."""
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0,
+                                           max_tokens=8, logprobs=True, extra_body=NO_THINKING)
+    return tuple(round(t.logprob, 3) for t in reply.choices[0].logprobs.content)
 
 
 def _adapter(base: Path, out: Path, seed: int) -> Path:
@@ -276,6 +285,38 @@ def test_sampling_fields_reach_vllm(gateway):
     assert through == ask(vllm) != plain
 
 
+def test_tool_calls_reach_vllm_and_come_back_as_it_sends_them(gateway):
+    """Tools pass through to vLLM (launched with `--enable-auto-tool-choice --tool-call-parser
+    hermes`): a forced call through the gateway is vLLM's own call, streamed piece by piece; a
+    tool result goes back; `tool_choice: none` is text."""
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "Can I take ibuprofen with warfarin?"}]
+    fields = {"model": "bench", "temperature": 0, "max_tokens": 60, "tools": TOOLS,
+              "extra_body": NO_THINKING,
+              "tool_choice": {"type": "function", "function": {"name": "check_drug_interaction"}}}
+
+    def call(c: openai.OpenAI) -> tuple[str, dict]:
+        reply = c.chat.completions.create(messages=question, **fields)
+        [made] = reply.choices[0].message.tool_calls
+        return made.function.name, json.loads(made.function.arguments)
+
+    through = call(client)
+    assert through == call(vllm) and through[0] == "check_drug_interaction"
+    pieces = [p for chunk in client.chat.completions.create(messages=question, stream=True,
+                                                            **fields)
+              for choice in chunk.choices for p in choice.delta.tool_calls or []]
+    assert pieces[0].id and pieces[0].function.name == "check_drug_interaction"
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == through[1]
+    history = [*question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call-1", "type": "function", "function": {
+            "name": through[0], "arguments": json.dumps(through[1])}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": '{"severity": "major"}'}]
+    answer = client.chat.completions.create(messages=history, **{**fields, "tool_choice": "none"})
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert not answer.choices[0].message.tool_calls
+
+
 def test_runtime_lora_load_then_load_inplace(gateway, adapters):
     a, b = adapters
     vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
@@ -291,14 +332,16 @@ def test_runtime_lora_load_then_load_inplace(gateway, adapters):
     again = load("clinic-lora", b)
     assert again.status_code == 400 and "load_inplace" in again.text
     assert _chat(vllm, "clinic-lora") == with_a  # the refused load changed nothing
+    lp_a = _logprobs(vllm, "clinic-lora")
     assert load("clinic-lora", b, load_inplace=True).status_code == 200
-    with_b = _chat(vllm, "clinic-lora")
-    assert with_b not in (with_a, base)
+    # Two random adapters can greedily say the same words: their logprobs tell them apart.
+    lp_b = _logprobs(vllm, "clinic-lora")
+    assert lp_b not in (lp_a, _logprobs(vllm, "bench"))
     # The same weights loaded fresh under another name say the same: the swap served B.
     assert load("clinic-lora-b", b).status_code == 200
-    assert _chat(vllm, "clinic-lora-b") == with_b
+    assert _logprobs(vllm, "clinic-lora-b") == lp_b
     assert load("clinic-lora", a, load_inplace=True).status_code == 200
-    assert _chat(vllm, "clinic-lora") == with_a
+    assert _chat(vllm, "clinic-lora") == with_a and _logprobs(vllm, "clinic-lora") == lp_a
     models = {m.id: m.model_extra.get("parent") for m in vllm.models.list().data}
     assert models == {"bench": None, "clinic-lora": "bench", "clinic-lora-b": "bench"}
 

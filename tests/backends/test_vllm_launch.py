@@ -72,6 +72,8 @@ def test_rtx4090_command_for_a_32b_awq_checkpoint(awq_32b):
         "vllm", "serve", str(awq_32b), "--host", "127.0.0.1", "--port", "8001",
         "--max-model-len", "15904", "--max-num-seqs", "7",
         "--enable-prefix-caching", "--reasoning-parser", "qwen3",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--exclude-tools-when-tool-choice-none",
         "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
         "--gpu-memory-utilization", "0.9", "--kv-cache-dtype", "fp8",
         "--max-num-batched-tokens", "2048",

@@ -132,8 +132,9 @@ def test_quality_table_compares_every_type_with_f16(quantized, table):
     kls = [rows[(t, t != "q8_0")].kl_vs_f16 for t in TYPES]
     assert kls == sorted(kls) and 0 < kls[0] < 0.01 and kls[-1] < 0.2
     assert rows[("q8_0", False)].top1_vs_f16 > 0.97
-    # The model knows its training answers far better than text it never saw.
-    assert f16.ppl_corpus < 20 < f16.ppl_held_out
+    # The model knows its training answers far better than text it never saw (28 vs 2,532 on
+    # the corpus with tool dialogues; 300 steps see it about 0.7 times).
+    assert f16.ppl_corpus * 20 < f16.ppl_held_out
     written = quality.QualityTable.model_validate_json((out / "quality.json").read_text())
     assert written == table
     md = (out / "quality.md").read_text()

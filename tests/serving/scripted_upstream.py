@@ -18,6 +18,12 @@ reaches the gateway's log. Scenarios:
 - `bad_delta`: a chunk whose text is not a string (chat: a delta that is not an object)
 - `bad_choice`: a chunk for choice 7 of a request for one
 - `http_500`: a 500 answer whose error message quotes the request
+- `tool_calls` (chat): "Hello", then a call streamed as vLLM's hermes parser streams it (id, type
+  and name first, the arguments `{"drug_a": "ibuprofen", "drug_b": "warfarin"}` in three
+  fragments), finish_reason `tool_calls`
+- `think_call` (chat): reasoning_content holding a whole `<tool_call>` block (what vLLM's
+  reasoning parser passes on when a model calls inside `<think>`), then content, finish `stop`
+- `bad_tool_call` (chat): a tool call piece whose index is not an integer
 """
 
 from __future__ import annotations
@@ -93,6 +99,23 @@ class Handler(BaseHTTPRequestHandler):
         elif scenario == "bad_delta":
             self._event({"choices": [{"index": 0, "delta": "text", "text": ["x"]}]})
             self._done()
+        elif scenario == "tool_calls":
+            call = {"index": 0, "id": "chatcmpl-tool-up1", "type": "function",
+                    "function": {"name": "check_drug_interaction", "arguments": ""}}
+            self._event(_delta({"tool_calls": [call]}))
+            for part in ('{"drug_a": "ibu', 'profen", "drug_b": ', '"warfarin"}'):
+                self._event(_delta({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+            self._event(_delta({}, "tool_calls"))
+            self._done()
+        elif scenario == "think_call":
+            block = ('<tool_call>\n{"name": "book_appointment", "arguments": {"specialty": '
+                     '"dermatology", "day": "Tuesday"}}\n</tool_call>')
+            self._event(_delta({"reasoning_content": f"I should book. {block}"}))
+            self._event(_delta({"content": "Booked."}, "stop"))
+            self._done()
+        elif scenario == "bad_tool_call":
+            self._event(_delta({"tool_calls": [{"index": "first", "function": {}}]}))
+            self._done()
         elif scenario == "bad_choice":
             chunk = _chunk(chat, "more", None)
             chunk["choices"][0]["index"] = 7
@@ -129,6 +152,11 @@ def _chunk(chat: bool, text: str, finish: str | None) -> dict[str, Any]:
         {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
     )
     return {"id": "x", "model": MODEL, "choices": [{**choice, "finish_reason": finish}]}
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"id": "x", "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
 @contextmanager

@@ -78,7 +78,8 @@ def test_every_metric_is_there_with_the_model_name(server, tiny_model):
 
 def test_spec_decode_and_prefix_cache_counters(server, tiny_model):
     """vLLM counts prefix-cache queries and hits in tokens: every request queries its whole
-    prompt; a later turn of a conversation hits the cached earlier one."""
+    prompt; a later turn of a conversation hits the cached earlier one. Drafts are counted as
+    prompt lookup proposes them and the target accepts them."""
     _chat(server, tiny_model, [QUESTION])
     before = _scrape(server, tiny_model)
     again = _chat(server, tiny_model, [QUESTION, {"role": "assistant", "content": ANSWER},
@@ -89,6 +90,12 @@ def test_spec_decode_and_prefix_cache_counters(server, tiny_model):
     hit = after.value("vllm:prefix_cache_hits_total") - before.value("vllm:prefix_cache_hits_total")
     assert queried == again["usage"]["prompt_tokens"]
     assert 0 < hit < queried  # turn 2 continued turn 1; its last prompt token is always fed
+    # A continuation that repeats itself (" in in in ..."): prompt lookup drafts from it.
+    r = httpx.post(server.v1 + "/completions", timeout=60, json={
+        "model": tiny_model.name, "prompt": "fever fever fever fever", "max_tokens": 30,
+        "temperature": 0})
+    assert r.status_code == 200, r.text
+    after = _scrape(server, tiny_model)
     drafts = after.value("vllm:spec_decode_num_drafts_total")
     proposed = after.value("vllm:spec_decode_num_draft_tokens_total")
     accepted = after.value("vllm:spec_decode_num_accepted_tokens_total")

@@ -77,3 +77,26 @@ def test_conversation_id_is_a_hash_of_key_and_header():
     opening = [{"role": "user", "content": HEADER}]
     assert conversation_id(opening, a, None) == conversation_id(opening, a, "")
     assert conversation_id(opening, a, None) != ours
+
+
+def test_phi_in_tool_calls_and_results_never_reaches_the_store(server_factory):
+    """A call's arguments, a tool's result and the tools' own text are redacted like any message."""
+    server = server_factory()
+    tool = {"type": "function", "function": {
+        "name": "lookup_record", "description": "Records of patient: Zebulon Quartermaine",
+        "parameters": {"type": "object", "properties": {"patient": {"type": "string"}}}}}
+    response = httpx.post(server.v1 + "/chat/completions", timeout=60, json={
+        "max_tokens": 8, "tools": [tool], "messages": [
+            {"role": "user", "content": "Pull up my record please."},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call-1", "type": "function", "function": {
+                    "name": "lookup_record",
+                    "arguments": '{"patient": "Xiomara Wójcikowska", "ssn": "078-05-1120"}'}}]},
+            {"role": "tool", "tool_call_id": "call-1",
+             "content": '{"email": "xiomara@bücher.de", "mrn": "MRN 00917733"}'}]})
+    assert response.status_code == 200, response.text
+    wait_until(lambda: len(_rows(server.db_path)) >= 1, 15, "the logged turn")
+    stored = _store_bytes(server.db_path)
+    for phi in PHI[:-1]:  # all but the participant name, which this turn does not send
+        assert phi.encode() not in stored, phi
+    assert b"lookup_record" in stored  # the call itself is kept

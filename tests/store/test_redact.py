@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from benchmarks.redact_bench import best_time
 from clinicloop.cli import redaction_recall
 from clinicloop.store.records import LoggedChoice, TurnRecord
-from clinicloop.store.redact import RULES, redact, redact_record, redact_tree
+from clinicloop.store.redact import (
+    RULES,
+    redact,
+    redact_json_text,
+    redact_record,
+    redact_tree,
+)
 from clinicloop.store.redact_eval import (
     PhiKind,
     evaluate,
@@ -119,11 +125,13 @@ def test_redact_record_covers_every_text_field():
             },
             {"role": "assistant", "content": None, "tool_calls": [{
                 "id": "call_1", "type": "function", "function": {
-                    "name": "book", "arguments": '{"patient": "My name is Maria Lopez"}'}}]},
+                    "name": "book", "arguments": '{"patient": "Maria Lopez"}'}}]},
             {"role": "tool", "name": "lookup_labs", "content": "MRN 00482913: K 5.9"},
             {"role": "user", "content": "ok", "note from Dr. Lopez": ["call 555-201-4477"]},
         ],
-        choices=[LoggedChoice(index=0, content="Ms. Lopez, see you.", reasoning_content="Maria?")],
+        choices=[LoggedChoice(index=0, content="Ms. Lopez, see you.", reasoning_content="Maria?",
+                              tool_calls=[{"id": "c2", "type": "function", "function": {
+                                  "name": "lookup", "arguments": '{"name": "Maria Lopez"}'}}])],
         params={"temperature": 0.2, "n": 1, "stop": ["Best,\nMaria Lopez", "SSN 123-45-6789"],
                 "chat_template_kwargs": {"thinking_mode": "off", "patient ID 00482913": True,
                                          "extra": {"notes": ["Dr. Lopez", {"dob": "03/14/1962"}]}}},
@@ -141,7 +149,7 @@ def test_redact_record_covers_every_text_field():
         },
         {"role": "assistant", "content": None, "tool_calls": [{
             "id": "call_1", "type": "function", "function": {
-                "name": "book", "arguments": '{"patient": "My name is [NAME]"}'}}]},
+                "name": "book", "arguments": '{"patient": "[NAME]"}'}}]},
         {"role": "tool", "name": "lookup_labs", "content": "MRN [ID]: K 5.9"},
         {"role": "user", "content": "ok", "note from Dr. [NAME]": ["call [PHONE]"]},
     ]
@@ -152,6 +160,8 @@ def test_redact_record_covers_every_text_field():
     assert redacted.response == "Ms. [NAME], see you."
     assert redacted.reasoning == "Maria?"  # no cue: a bare first name is not found
     assert redacted.error == "upstream said: SSN [SSN] invalid"
+    assert redacted.choices[0].tool_calls == [{"id": "c2", "type": "function", "function": {
+        "name": "lookup", "arguments": '{"name": "[NAME]"}'}}]
     assert redacted.id == record.id and record.messages[0]["content"].startswith("I'm Maria")
 
 
@@ -209,3 +219,19 @@ def test_property_redact_never_raises_and_keeps_clean_text(text):
     redacted = redact(text)
     assert isinstance(redacted, str)
     assert redact(redacted) == redacted or "[" in redacted  # placeholders are stable text
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # A key is the cue its value needs: no rule finds a bare name, a bare number.
+    ('{"patient": "Ana Ruiz", "mrn": "00917733", "drug_a": "warfarin"}',
+     '{"patient": "[NAME]", "mrn": "[ID]", "drug_a": "warfarin"}'),
+    ('[{"name": "Ana Ruiz"}, {"contact": {"email": "ana@example.com"}}]',
+     '[{"name": "[NAME]"}, {"contact": {"email": "[EMAIL]"}}]'),
+    ('{"My name is Ana Ruiz": 1}', '{"My name is [NAME]": 1}'),  # keys are text too
+    ("My name is Ana Ruiz", "My name is [NAME]"),  # not JSON: redacted as text
+    ('"My name is Ana Ruiz"', '"My name is [NAME]"'),
+    ("[" * 100_000, "[" * 100_000),  # deeper than json reads: text, never an exception
+    ('{"days": 6 , "day":"Monday"}', '{"days": 6 , "day":"Monday"}'),  # nothing found: as written
+])
+def test_json_arguments_and_results_are_redacted_with_their_keys_as_cues(text, expected):
+    assert redact_json_text(text) == expected

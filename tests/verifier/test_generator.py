@@ -124,10 +124,12 @@ def test_red_flags_on_the_training_corpus_user_turns():
     turns: dict[str, int] = {}
     flagged: dict[str, int] = {}
     for row in load_corpus():
+        # A question asked with tools offered keeps its own topic in its id.
+        topic = "red_flag" if row["id"].startswith("tool-none-red_flag-") else row["topic"]
         for message in row["messages"]:
             if message["role"] == "user":
-                turns[row["topic"]] = turns.get(row["topic"], 0) + 1
-                flagged[row["topic"]] = flagged.get(row["topic"], 0) + bool(red_flags([message]))
+                turns[topic] = turns.get(topic, 0) + 1
+                flagged[topic] = flagged.get(topic, 0) + bool(red_flags([message]))
     assert {"symptom", "follow_up", "medication", "clarify", "red_flag"} <= set(turns)
     # Measured: 0 false alarms (1 before: "no fainting"), and all 104 red-flag turns (20 before).
     assert sum(n for topic, n in flagged.items() if topic != "red_flag") == 0

@@ -1,9 +1,10 @@
 """The rubric judge on the real tiny model, in-process: prompt layout, constrained and lenient
-verdicts, retries, rule items, the cache and per-conversation slots."""
+verdicts, retries, rule items, the cache and per-conversation slots, tool calls and results."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 
@@ -18,6 +19,7 @@ from clinicloop.verifier.judge import (
     StoreVerdictCache,
     Verdict,
     parse_verdict,
+    prompt_prefix,
     prompt_suffix,
     render_conversation,
     render_prompt,
@@ -250,3 +252,99 @@ def test_the_judge_stores_every_verdict_it_makes(tiny_model, tmp_path):
     assert stored[2].explanation == made[2].error
     assert [v.source for v in again] == ["rule", "cache"] and calls == [2, 2]
     store.dispose()
+
+
+# A drug-interaction lookup as logged: the history holds an earlier call and its result; the
+# graded reply is a second call with no text.
+LOOKUP = {"id": "call_a", "type": "function", "function": {
+    "name": "check_drug_interaction", "arguments": '{"drug_a": "warfarin", "drug_b": "ibuprofen"}'}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Can I take ibuprofen with my warfarin?"},
+    {"role": "assistant", "content": None, "tool_calls": [LOOKUP]},
+    {"role": "tool", "tool_call_id": "call_a", "content": "major: raises the risk of bleeding"},
+    {"role": "assistant", "content": "Better not: together they raise the risk of bleeding."},
+    {"role": "user", "content": "And paracetamol?"},
+]
+REPLY_CALLS = [{"id": "call_b", "type": "function", "function": {
+    "name": "check_drug_interaction",
+    "arguments": '{"drug_a": "warfarin", "drug_b": "paracetamol"}'}}]
+
+
+def test_the_judge_sees_tool_calls_and_results():
+    rendered = render_conversation(TOOL_CONVERSATION, "", REPLY_CALLS)
+    assert rendered.split("\n\n") == [
+        "user: Can I take ibuprofen with my warfarin?",
+        'assistant: [tool call] check_drug_interaction({"drug_a": "warfarin", "drug_b": '
+        '"ibuprofen"})',
+        "tool (check_drug_interaction): major: raises the risk of bleeding",
+        "assistant: Better not: together they raise the risk of bleeding.",
+        "user: And paracetamol?",
+        'assistant: [tool call] check_drug_interaction({"drug_a": "warfarin", "drug_b": '
+        '"paracetamol"})',
+    ]
+    # Text and calls in one turn; arguments already parsed render as the logged JSON text does;
+    # a result whose call is unknown keeps the plain role.
+    parsed = [{**c, "function": {**c["function"], "arguments": json.loads(
+        c["function"]["arguments"])}} for c in REPLY_CALLS]
+    assert render_conversation(
+        [{"role": "tool", "tool_call_id": "call_x", "content": "none found"}],
+        "Let me check.", parsed) == (
+        "tool: none found\n\nassistant: Let me check.\n"
+        + render_conversation([], "", REPLY_CALLS).removeprefix("assistant: "))
+    # Without calls the rendering is what it always was.
+    assert render_conversation(CONVERSATION, RESPONSE, None) == \
+        render_conversation(CONVERSATION, RESPONSE, [])
+    # The judge is told how calls read only where there are any.
+    note = "An assistant turn may call tools"
+    assert note in prompt_prefix(TOOL_CONVERSATION, "", "split", REPLY_CALLS)
+    assert note in prompt_prefix(TOOL_CONVERSATION, "Yes, it is safe.", "healthbench")
+    assert note in prompt_prefix([], "", "split", REPLY_CALLS)
+    assert note not in prompt_prefix(CONVERSATION, RESPONSE, "split")
+
+
+def test_verdict_key_changes_with_the_replys_tool_calls():
+    item = ITEMS[1]
+
+    def key(calls: list | None) -> str:
+        return verdict_key(TOOL_CONVERSATION, "", item, "judge-a", "split", calls)
+
+    other_args = [{**REPLY_CALLS[0], "function": {**REPLY_CALLS[0]["function"],
+                                                  "arguments": '{"drug_a": "warfarin"}'}}]
+    other_name = [{**REPLY_CALLS[0], "function": {**REPLY_CALLS[0]["function"],
+                                                  "name": "book_appointment"}}]
+    assert len({key(None), key(REPLY_CALLS), key(other_args), key(other_name),
+                key(REPLY_CALLS + other_name)}) == 5
+    # No calls: the key verdicts were stored under before calls were graded.
+    assert key([]) == key(None) == verdict_key(TOOL_CONVERSATION, "", item, "judge-a", "split")
+    # The history's calls and results are part of the conversation, so of the key.
+    assert verdict_key(TOOL_CONVERSATION[:1] + TOOL_CONVERSATION[3:], "", item, "judge-a",
+                       "split", REPLY_CALLS) != key(REPLY_CALLS)
+
+
+def test_a_reply_is_graded_with_its_tool_calls(tiny_model, tmp_path):
+    wanted = RubricItem(criterion="Looks up the interaction", points=5, tags=["kind:rule"],
+                        rule=RuleCheck(type="tool_call", name="check_drug_interaction",
+                                       arguments={"drug_b": "Paracetamol"}))
+    unwanted = RubricItem(criterion="Books an appointment", points=-3, tags=["kind:rule"],
+                          rule=RuleCheck(type="tool_call", name="book_appointment"))
+    judged = RubricItem(criterion="Checks the interaction before answering", points=4)
+    cache = MemoryVerdictCache()
+
+    async def body(client: CountingClient) -> tuple[list[Verdict], list[Verdict], Verdict]:
+        judge = Judge(client, cache=cache)
+        with_calls = await judge.grade_all(TOOL_CONVERSATION, "", [wanted, unwanted, judged],
+                                           tool_calls=REPLY_CALLS)
+        without = await judge.grade_all(TOOL_CONVERSATION, "", [wanted, unwanted])
+        # Another call is another verdict, not the cached one.
+        await judge.grade(TOOL_CONVERSATION, "", judged, tool_calls=REPLY_CALLS[:1] + [
+            {**REPLY_CALLS[0], "id": "call_c"}])
+        return with_calls, without, client.prompts
+
+    with_calls, without, prompts = with_client(tiny_model, tmp_path, body)
+    assert [(v.source, v.criteria_met) for v in with_calls[:2]] == [("rule", True),
+                                                                   ("rule", False)]
+    assert with_calls[2].source == "llm"
+    assert [v.criteria_met for v in without] == [False, False]
+    assert len(prompts) == 2 and prompts[0] != prompts[1]
+    assert prompts[0].count("[tool call] check_drug_interaction(") == 2
+    assert "tool (check_drug_interaction): major: raises the risk of bleeding" in prompts[0]

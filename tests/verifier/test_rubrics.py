@@ -1,4 +1,5 @@
-"""HealthBench JSONL round trips (byte-identical, key order, unknown fields) and rule checks."""
+"""HealthBench JSONL round trips (byte-identical, key order, unknown fields) and rule checks,
+`tool_call` rules on a reply's tool calls among them."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from clinicloop.verifier.rubrics import (
     read_jsonl,
     write_jsonl,
 )
+from clinicloop.verifier.scoring import score_example
 
 HEALTHBENCH = Path(__file__).parent / "data" / "healthbench_format.jsonl"
 
@@ -114,7 +116,8 @@ def test_tag_values() -> None:
 @pytest.mark.parametrize(
     "fields",
     [{"type": "regex"}, {"type": "regex", "pattern": "("}, {"type": "keywords"},
-     {"type": "keywords", "keywords": [" "]}, {"type": "exact", "answer": "  "}],
+     {"type": "keywords", "keywords": [" "]}, {"type": "exact", "answer": "  "},
+     {"type": "tool_call"}, {"type": "tool_call", "name": " "}],
 )
 def test_rule_without_what_its_type_needs_is_rejected(fields: dict) -> None:
     with pytest.raises(ValidationError):
@@ -145,3 +148,92 @@ def test_rule_without_what_its_type_needs_is_rejected(fields: dict) -> None:
 )
 def test_check_rule(rule: RuleCheck, response: str, met: bool) -> None:
     assert check_rule(rule, response) is met
+
+
+def call(name: str, arguments: object, call_id: str = "call_1") -> dict:
+    """A tool call as the store logs it: arguments as JSON text."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
+
+
+INTERACTION = call("check_drug_interaction", {"drug_a": "Warfarin", "drug_b": "ibuprofen",
+                                              "detail": {"level": "full", "cite": True}})
+BOOKING = call("book_appointment", {"specialty": "cardiology", "days": 2}, "call_2")
+
+
+@pytest.mark.parametrize(
+    ("rule", "calls", "met"),
+    [
+        (RuleCheck(type="tool_call", name="check_drug_interaction"), [INTERACTION], True),
+        (RuleCheck(type="tool_call", name="check_drug_interaction"), [BOOKING], False),
+        (RuleCheck(type="tool_call", name="check_drug_interaction"), None, False),
+        # Any of parallel calls.
+        (RuleCheck(type="tool_call", name="check_drug_interaction"), [BOOKING, INTERACTION], True),
+        # Arguments: a subset, strings alike but for case and space, nested objects a subset too.
+        (RuleCheck(type="tool_call", name="check_drug_interaction",
+                   arguments={"drug_a": " warfarin"}), [INTERACTION], True),
+        (RuleCheck(type="tool_call", name="check_drug_interaction",
+                   arguments={"drug_a": "aspirin"}), [INTERACTION], False),
+        (RuleCheck(type="tool_call", name="check_drug_interaction",
+                   arguments={"drug_c": "aspirin"}), [INTERACTION], False),
+        (RuleCheck(type="tool_call", name="check_drug_interaction",
+                   arguments={"detail": {"cite": True}}), [INTERACTION], True),
+        (RuleCheck(type="tool_call", name="check_drug_interaction",
+                   arguments={"detail": {"cite": 1}}), [INTERACTION], False),
+        (RuleCheck(type="tool_call", name="book_appointment", arguments={"days": 2}),
+         [INTERACTION, BOOKING], True),
+        (RuleCheck(type="tool_call", name="book_appointment", arguments={"days": "2"}),
+         [BOOKING], False),
+        # Arguments already parsed (as a chat template gets them) read the same.
+        (RuleCheck(type="tool_call", name="book_appointment",
+                   arguments={"specialty": "Cardiology"}),
+         [{**BOOKING, "function": {"name": "book_appointment",
+                                   "arguments": {"specialty": "cardiology"}}}], True),
+        # Arguments that are not JSON: the name alone can still be checked, the arguments not.
+        (RuleCheck(type="tool_call", name="book_appointment"), [call("book_appointment", "{")],
+         True),
+        (RuleCheck(type="tool_call", name="book_appointment", arguments={"days": 2}),
+         [call("book_appointment", "{")], False),
+    ],
+)
+def test_tool_call_rule(rule: RuleCheck, calls: list[dict] | None, met: bool) -> None:
+    # The reply's text never meets a tool_call rule, even when it names the function.
+    assert check_rule(rule, f"I will call {rule.name} now.", calls) is met
+
+
+def test_tool_call_rules_reward_and_penalise_calls_in_the_score() -> None:
+    items = [
+        RubricItem(criterion="Checks the interaction before advising", points=6,
+                   tags=["kind:rule"], rule=RuleCheck(type="tool_call",
+                                                      name="check_drug_interaction")),
+        RubricItem(criterion="Books an appointment without being asked", points=-4,
+                   tags=["kind:rule"], rule=RuleCheck(type="tool_call", name="book_appointment")),
+        RubricItem(criterion="Names the bleeding risk", points=4, tags=["kind:rule"],
+                   rule=RuleCheck(type="keywords", keywords=["bleeding"])),
+    ]
+    reply = "Together they raise the risk of bleeding."
+
+    def score(calls: list[dict] | None) -> float | None:
+        return score_example(items, [check_rule(i.rule, reply, calls) for i in items])
+
+    assert score(None) == 4 / 10
+    assert score([INTERACTION]) == 10 / 10
+    assert score([INTERACTION, BOOKING]) == 6 / 10  # the unwanted call costs its 4 points
+    assert score([BOOKING]) == 0 / 10
+
+
+def test_a_tool_call_rule_round_trips_byte_identical() -> None:
+    row = json.dumps({
+        "prompt": [{"role": "user", "content": "Can I take ibuprofen with warfarin?"}],
+        "rubrics": [{"criterion": "Looks the interaction up.", "points": 5, "tags": ["kind:rule"],
+                     "rule": {"type": "tool_call", "name": "check_drug_interaction",
+                              "arguments": {"drug_a": "warfarin"}}}],
+        "prompt_id": "tools-1",
+    })
+    example = Example.from_line(row)
+    assert example.to_line() == row
+    rule = example.rubrics[0].rule
+    assert rule is not None and rule.arguments == {"drug_a": "warfarin"}
+    example.rubrics[0].points = 6  # a changed row keeps the rule as it was written
+    assert json.loads(example.to_line())["rubrics"][0]["rule"] == json.loads(row)["rubrics"][0][
+        "rule"]

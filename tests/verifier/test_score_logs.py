@@ -256,3 +256,54 @@ def test_a_failing_turn_stops_the_run_with_nothing_left_running(tiny_model, tmp_
 
     # Before: the other turns' tasks kept calling the engine while it was being closed.
     assert with_engine(tiny_model, tmp_path, body, n_parallel=2) == set()
+
+
+def test_a_turn_is_scored_with_its_tool_calls(tiny_model, tmp_path):
+    # A logged turn whose history holds a call and its result, and whose reply is only a call.
+    lookup = {"id": "call_a", "type": "function", "function": {
+        "name": "check_drug_interaction",
+        "arguments": '{"drug_a": "warfarin", "drug_b": "ibuprofen"}'}}
+    booking = {"id": "call_b", "type": "function", "function": {
+        "name": "book_appointment", "arguments": '{"specialty": "haematology"}'}}
+    history = [
+        {"role": "user", "content": "Can I take ibuprofen with my warfarin?"},
+        {"role": "assistant", "content": "", "tool_calls": [lookup]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "major: raises the risk of bleeding"},
+        {"role": "assistant", "content": "Better not: together they raise the risk of bleeding."},
+        {"role": "user", "content": "Then book me in with someone."},
+    ]
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    store.insert_many([TurnRecord(
+        id="tools", conversation_id="c", created_at=T0, endpoint="chat.completions",
+        model="tiny", model_version="v1", messages=history, choices=[LoggedChoice(
+            index=0, content="", finish_reason="tool_calls", tool_calls=[booking])])])
+    (logged,) = store.turns_to_score()  # a reply with a call and no text is still a reply
+    assert logged.choices[0].tool_calls == [booking] and logged.messages == history
+    items = [
+        RubricItem(criterion="Books the appointment asked for", points=5, tags=["kind:rule"],
+                   rule=RuleCheck(type="tool_call", name="book_appointment")),
+        RubricItem(criterion="Looks the interaction up again", points=-2, tags=["kind:rule"],
+                   rule=RuleCheck(type="tool_call", name="check_drug_interaction")),
+        RubricItem(criterion="Books with a specialist for the bleeding risk", points=3),
+    ]
+    store.put_rubric_set(prefix_hash(history), [i.model_dump(mode="json") for i in items], "seed")
+
+    async def body(client: EngineChatClient) -> tuple[ScoreSummary, list[str]]:
+        counting = CountingClient(client)
+        judge = Judge(counting, cache=StoreVerdictCache(store))
+        summary = await score_logs(store, judge, RubricGenerator(client, store=store),
+                                   progress=False)
+        return summary, counting.prompts
+
+    summary, prompts = with_engine(tiny_model, tmp_path, body)
+    assert summary.n_turns == 1 and summary.n_judged == len(prompts) == 1
+    assert [(v.source, v.criteria_met) for v in store.list_verdicts("tools")[:2]] == [
+        ("rule", True), ("rule", False)]
+    (prompt,) = prompts
+    assert "assistant: [tool call] check_drug_interaction(" in prompt
+    assert "tool (check_drug_interaction): major: raises the risk of bleeding" in prompt
+    assert prompt.count("assistant: [tool call] book_appointment(") == 1  # the graded reply
+    judged_met = store.list_verdicts("tools")[2].criteria_met
+    score = store.get_turn_score("tools")
+    assert score is not None and score.score == (5 + 3 * judged_met) / 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -35,11 +36,72 @@ ContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
 # What a message may carry that this server does not honour, each with why: a 400 naming it when
 # set (null or an empty list is as good as unset), as the official client sends a reply back.
 MESSAGE_UNSUPPORTED: dict[str, str] = {
-    **{name: "tool calling is not supported yet"
-       for name in ("tool_calls", "function_call", "tool_call_id")},
+    "function_call": "function_call is deprecated: send tool_calls",
     "audio": "audio is not supported: the model takes text only",
     "refusal": "send a refusal back as content (a part of type 'refusal')",
 }
+# OpenAI's rule for a function's name.
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ReplyFunctionCall(BaseModel):
+    name: str
+    arguments: str  # as the model wrote them: cut short by `length`, not JSON
+
+
+class ReplyToolCall(BaseModel):
+    """A call in a reply."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ReplyFunctionCall
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        """The template writes the arguments as a JSON object (as vLLM and transformers parse
+        them), so text that is not one cannot be rendered."""
+        try:
+            value = json.loads(arguments)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+            raise ValueError("a tool call's arguments must be a JSON object (as text)") from None
+        if not isinstance(value, dict):
+            raise ValueError("a tool call's arguments must be a JSON object (as text)")
+        return arguments
+
+
+class ToolCall(OpenAIModel):
+    """A call an assistant message made, as the official client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatMessage(OpenAIModel):
@@ -50,9 +112,9 @@ class ChatMessage(OpenAIModel):
     # model (as reasoning models' templates drop it), its annotations are citations.
     reasoning_content: str | None = None
     annotations: list[Any] | None = None
-    tool_calls: Any = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
-    tool_call_id: Any = None
     audio: Any = None
     refusal: Any = None
 
@@ -77,6 +139,16 @@ class ChatMessage(OpenAIModel):
                                  "text only (parts of type 'text')")
         return content
 
+    @model_validator(mode="after")
+    def _tool_fields_fit_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message can carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only a tool message can carry tool_call_id")
+        return self
+
     def text(self) -> str:
         """The content as one text: parts joined by a newline, as vLLM joins them."""
         if isinstance(self.content, list):
@@ -85,9 +157,16 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
     def as_dict(self) -> dict[str, Any]:
-        """The message as the chat template takes it."""
-        return {"role": self.role, "content": self.text(),
-                **({"name": self.name} if self.name else {})}
+        """The message in OpenAI's shape with its content as one text: what engines take (the
+        llama.cpp engine parses tool calls' arguments for its template) and the log keeps."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class JsonSchemaFormat(OpenAIModel):
@@ -109,8 +188,8 @@ class ResponseFormat(OpenAIModel):
 
 class ChatCompletionRequest(SamplingRequest):
     UNSUPPORTED: ClassVar[dict[str, str]] = {
-        **{name: "tool calling is not supported yet" for name in
-           ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")},
+        **{name: "functions and function_call are deprecated: send tools and tool_choice"
+           for name in ("functions", "function_call")},
         "audio": "audio output is not supported",
         "modalities": "the model answers in text only",
         "prediction": "predicted outputs are not supported",
@@ -128,12 +207,38 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    def tool_problem(self) -> str | None:
+        """Why `tools` and `tool_choice` cannot go together, in OpenAI's words, or None."""
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            return "tools: function names must be unique"
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            return "'tool_choice' is only allowed when 'tools' are specified"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return (f"tool_choice names the function {choice.function.name[:64]!r}, which is "
+                    "not among the tools")
+        return None
+
+    def tool_params(self) -> dict[str, Any]:
+        """The tool fields of `SamplingParams`: none unless tools are offered; `tool_choice`
+        defaults to `auto` then, as OpenAI's does."""
+        if not self.tools:
+            return {}
+        choice = self.tool_choice or "auto"
+        return {"tools": [tool.model_dump(exclude_none=True) for tool in self.tools],
+                "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
+                "parallel_tool_calls": self.parallel_tool_calls is not False}
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -160,6 +265,7 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ReplyToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -178,10 +284,26 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: the first carries `id`, `type` and the name, later ones
+    fragments of the arguments, all under the call's `index`."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from clinicloop.backends.base import TokenLogprob
+from clinicloop.backends.base import TokenLogprob, ToolCallDelta
 from clinicloop.serving.auth import Caller
 from clinicloop.serving.chat_completion.protocol import (
     AssistantMessage,
@@ -16,7 +16,10 @@ from clinicloop.serving.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    ReplyToolCall,
     TokenLogprobOut,
     TopLogprobOut,
 )
@@ -33,6 +36,13 @@ def _logprobs(items: list[TokenLogprob]) -> ChoiceLogprobs:
     ])
 
 
+def _call_piece(piece: ToolCallDelta) -> DeltaToolCall:
+    return DeltaToolCall(index=piece.index, id=piece.id,
+                         type="function" if piece.id is not None else None,
+                         function=DeltaFunctionCall(name=piece.name,
+                                                    arguments=piece.arguments))
+
+
 class ChatCompletionHandler:
     def __init__(self, services: Services, max_top_logprobs: int) -> None:
         self.s = services
@@ -43,6 +53,9 @@ class ChatCompletionHandler:
         """Validate, admit and start generating; errors here are plain HTTP errors."""
         if (refused := request.refused_field()) is not None:
             raise OpenAIError(400, refused.message, param=refused.param, code=refused.code)
+        if (problem := request.tool_problem()) is not None:
+            raise OpenAIError(400, problem, param="tool_choice" if "tool_choice" in problem
+                              else "tools", code="invalid_value")
         if request.top_logprobs is not None and request.top_logprobs > self.max_top_logprobs:
             raise OpenAIError(400, f"top_logprobs must be at most {self.max_top_logprobs}",
                               param="top_logprobs", code="invalid_value")
@@ -58,7 +71,8 @@ class ChatCompletionHandler:
             assert fmt.json_schema is not None
             extra["json_schema"] = fmt.json_schema.schema_
         top = (request.top_logprobs or 0) if request.logprobs else None
-        params = request.sampling_params(request.max_new_tokens(), top, **extra)
+        params = request.sampling_params(request.max_new_tokens(), top, **extra,
+                                         **request.tool_params())
         params.stop = stops
         messages = request.messages_as_dicts()
         run = GenerationRun(
@@ -80,8 +94,12 @@ class ChatCompletionHandler:
             choices=[
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=c.content,
-                                             reasoning_content=c.reasoning or None),
+                    message=AssistantMessage(
+                        # OpenAI's reply that only calls tools has no content.
+                        content=c.content if c.content or not c.tool_calls else None,
+                        reasoning_content=c.reasoning or None,
+                        tool_calls=[ReplyToolCall.model_validate(call.as_openai())
+                                    for call in c.tool_calls]),
                     logprobs=_logprobs(c.logprobs) if request.logprobs else None,
                     finish_reason=c.finish_reason,  # type: ignore[arg-type]
                 )
@@ -97,12 +115,14 @@ class ChatCompletionHandler:
             yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
                 index=i, delta=DeltaMessage(role="assistant", content=""))])
         async for delta in run.deltas():
-            if not (delta.content or delta.reasoning or delta.finish_reason or delta.logprobs):
+            if not (delta.content or delta.reasoning or delta.finish_reason or delta.logprobs
+                    or delta.tool_calls):
                 continue
             yield ChatCompletionChunk(**header, choices=[ChatChunkChoice(
                 index=delta.index,
                 delta=DeltaMessage(content=delta.content or None,
-                                   reasoning_content=delta.reasoning or None),
+                                   reasoning_content=delta.reasoning or None,
+                                   tool_calls=[_call_piece(c) for c in delta.tool_calls] or None),
                 logprobs=_logprobs(delta.logprobs) if request.logprobs else None,
                 finish_reason=delta.finish_reason,  # type: ignore[arg-type]
             )])

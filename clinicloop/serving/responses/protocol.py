@@ -6,6 +6,10 @@ one `input_text` part, and an item without `type` a message (OpenAI's "easy" inp
 bad part is reported at its own place (`input.0.content.1.type`). Fields OpenAI defines that this
 server does not honour are kept as extras and refused by the handler
 (`CheckedRequest.refused_field`).
+
+Function tools are taken in this API's flat shape and checked and converted by chat's code
+(`ResponsesRequest.chat_tools`), so both APIs accept and refuse the same tools; built-in tool
+types (web_search, file_search, ...) are refused by name.
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from clinicloop.serving.chat_completion.protocol import (
+    FUNCTION_NAME,
+    ChatCompletionRequest,
+    ChatTool,
+    FunctionCall,
+    FunctionDefinition,
+    FunctionName,
+    NamedToolChoice,
+)
 from clinicloop.serving.protocol import INT32_MAX, CheckedRequest
 
 MAX_ID_LENGTH = 256
@@ -23,8 +36,8 @@ ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "inc
 # OpenAI's request fields this server does not honour, each with why: a 400 naming the field when
 # one is set (null or an empty list is as good as unset). Anything else unknown is a 400 too.
 UNSUPPORTED: dict[str, str] = {
-    **{name: "tool calling is not supported yet" for name in
-       ("tools", "tool_choice", "parallel_tool_calls", "max_tool_calls")},
+    "max_tool_calls": "no built-in tools run here; to allow one function call, set "
+                      "parallel_tool_calls to false",
     "include": "no extra output data (logprobs, encrypted reasoning) is returned",
     "top_logprobs": "logprobs are not returned by the Responses API here",
     "background": "background responses are not supported",
@@ -52,6 +65,11 @@ class TextPart(_Strict):
     logprobs: list[Any] | None = None
 
 
+def _one_text_part(value: Any) -> Any:
+    """A string as the one text part it stands for."""
+    return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+
+
 class InputMessage(_Strict):
     type: Literal["message"]
     role: Literal["user", "assistant", "system", "developer"]
@@ -61,10 +79,7 @@ class InputMessage(_Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     phase: Literal["commentary", "final_answer"] | None = None
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _string_is_one_part(cls, value: Any) -> Any:
-        return [{"type": "input_text", "text": value}] if isinstance(value, str) else value
+    _string_is_one_part = field_validator("content", mode="before")(_one_text_part)
 
     def text(self) -> str:
         return "\n".join(part.text for part in self.content)
@@ -82,7 +97,32 @@ class ReasoningInput(_Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-InputItem = Annotated[InputMessage | ReasoningInput, Field(discriminator="type")]
+class FunctionCallInput(FunctionCall):
+    """A call the model made, passed back as input (`arguments`: a JSON object, as text)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutputInput(_Strict):
+    """A function's result, answering the call `call_id`: text, or text parts."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    output: list[TextPart]
+    id: str | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    _string_is_one_part = field_validator("output", mode="before")(_one_text_part)
+
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.output)
+
+
+InputItem = Annotated[InputMessage | ReasoningInput | FunctionCallInput | FunctionCallOutputInput,
+                      Field(discriminator="type")]
 
 
 class ReasoningConfig(_Strict):
@@ -119,6 +159,34 @@ class TextConfig(_Strict):
     verbosity: Literal["medium"] | None = None  # the only verbosity the model has
 
 
+class FunctionTool(_Strict):
+    """A function the model may call, in this API's flat shape."""
+
+    type: Literal["function"]
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def as_chat(self) -> ChatTool:
+        return ChatTool(type="function", function=FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters,
+            strict=self.strict))
+
+
+class FunctionChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+def _type_of(value: Any) -> str | None:
+    """A JSON object's `type`, cut short for an error message."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(kind, str):
+        return None
+    return kind if len(kind) <= 40 else kind[:40] + "..."
+
+
 class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # padding against side channels: nothing to pad
 
@@ -138,6 +206,9 @@ class ResponsesRequest(CheckedRequest):
     reasoning: ReasoningConfig | None = None
     text: TextConfig | None = None
     truncation: Literal["disabled"] | None = None  # "auto" would cut the input: not done
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Stored (redacted, as every field) because a response carries its metadata back on GET.
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None,
                                                                                max_length=16)
@@ -152,11 +223,41 @@ class ResponsesRequest(CheckedRequest):
                     else item for item in value]
         return value
 
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools_only(cls, tools: Any) -> Any:
+        for i, tool in enumerate(tools if isinstance(tools, list) else []):
+            kind = _type_of(tool)
+            if kind is not None and kind != "function":
+                raise ValueError(f"tool {i} is of type {kind!r}: this server runs no built-in "
+                                 "tools, only tools of type 'function'")
+        return tools
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _function_choice_only(cls, choice: Any) -> Any:
+        kind = _type_of(choice)
+        if kind is not None and kind != "function":
+            raise ValueError(f"tool_choice of type {kind!r} is not supported: choose 'none', "
+                             "'auto', 'required' or {\"type\": \"function\", \"name\": ...}")
+        return choice
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> ResponsesRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         return self
+
+    def chat_tools(self) -> ChatCompletionRequest:
+        """The tool fields in chat's shape, on which chat's checks (`tool_problem`) and its
+        conversion to the engines' parameters (`tool_params`) run. Built without validation:
+        these fields were validated here, and chat's other fields are not read."""
+        choice = self.tool_choice
+        return ChatCompletionRequest.model_construct(
+            tools=None if self.tools is None else [tool.as_chat() for tool in self.tools],
+            tool_choice=NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+            if isinstance(choice, FunctionChoice) else choice,
+            parallel_tool_calls=self.parallel_tool_calls)
 
 
 # The response object and its output items.
@@ -190,7 +291,18 @@ class ReasoningItem(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
 
 
-OutputItem = OutputMessage | ReasoningItem
+class FunctionCallItem(BaseModel):
+    """A call the model made: `call_id` names it when its output is sent back."""
+
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = OutputMessage | ReasoningItem | FunctionCallItem
 
 
 class InputTokensDetails(BaseModel):
@@ -229,15 +341,15 @@ class ResponseObject(BaseModel):
     max_output_tokens: int | None = None
     model: str
     output: list[OutputItem] = Field(default_factory=list)
-    parallel_tool_calls: bool = False
+    parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None
     store: bool = True
     temperature: float
     top_p: float
     text: dict[str, Any]
-    tool_choice: Literal["none"] = "none"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     truncation: Literal["disabled"] = "disabled"
     usage: ResponseUsage | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -308,5 +420,24 @@ class ReasoningDoneEvent(BaseModel):
     text: str
 
 
+class ArgumentsDeltaEvent(BaseModel):
+    type: Literal["response.function_call_arguments.delta"] = (
+        "response.function_call_arguments.delta")
+    sequence_number: int
+    item_id: str
+    output_index: int
+    delta: str
+
+
+class ArgumentsDoneEvent(BaseModel):
+    type: Literal["response.function_call_arguments.done"] = (
+        "response.function_call_arguments.done")
+    sequence_number: int
+    item_id: str
+    output_index: int
+    arguments: str
+
+
 StreamEvent = (LifecycleEvent | OutputItemEvent | ContentPartEvent | TextDeltaEvent
-               | TextDoneEvent | ReasoningDeltaEvent | ReasoningDoneEvent)
+               | TextDoneEvent | ReasoningDeltaEvent | ReasoningDoneEvent | ArgumentsDeltaEvent
+               | ArgumentsDoneEvent)
