@@ -18,7 +18,6 @@ import asyncio
 import ctypes
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -49,7 +48,7 @@ from clinicloop.backends.grammar import (
     tool_call_gbnf,
 )
 from clinicloop.backends.textstream import THINK_OPEN, ReasoningSplitter, StopMatcher
-from clinicloop.backends.toolcalls import TOOL_CALL_OPEN, with_tool_calls
+from clinicloop.backends.toolcalls import TOOL_CALL_OPEN, parse_arguments, with_tool_calls
 from clinicloop.config import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -616,17 +615,8 @@ def _for_template(message: dict[str, Any]) -> dict[str, Any]:
         return message
     return {**message, "tool_calls": [
         {**call, "function": {**call["function"],
-                              "arguments": _arguments(call["function"]["arguments"])}}
+                              "arguments": parse_arguments(call["function"]["arguments"])}}
         for call in calls]}
-
-
-def _arguments(arguments: Any) -> Any:
-    if not isinstance(arguments, str):
-        return arguments
-    try:
-        return json.loads(arguments)
-    except (ValueError, RecursionError):  # checked at the edge; other text is written as is
-        return arguments
 
 
 def _detokenize(llama: Any, tokens: list[int]) -> str:

@@ -18,11 +18,13 @@ exactly one call and its text is in neither `reasoning_content` nor `content`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from clinicloop.backends.base import Delta, Event, TokenLogprob, ToolCallDelta
 from clinicloop.backends.textstream import _partial_suffix
@@ -33,6 +35,17 @@ TOOL_CALL_CLOSE = "</tool_call>"
 _HEADER = re.compile(r'[ \t\n\r]*\{[ \t\n\r]*"name"[ \t\n\r]*:[ \t\n\r]*("(?:[^"\\]|\\.)*")'
                      r'[ \t\n\r]*,[ \t\n\r]*"arguments"[ \t\n\r]*:[ \t\n\r]*')
 _DECODER = json.JSONDecoder()
+
+
+def parse_arguments(arguments: Any) -> Any:
+    """A call's arguments as a value: OpenAI's JSON text parsed (as templates and rubric checks
+    take them); text that is not JSON, and a value already parsed, as they are."""
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+        return arguments
 
 
 def new_call_id() -> str:
@@ -303,24 +316,27 @@ async def with_tool_calls(events: AsyncIterator[Event], n: int,
     next Delta of its choice that carries text, a call or the finish."""
     streams = [ToolCallStream(parallel) for _ in range(n)]
     pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
-    async for event in events:
-        if not isinstance(event, Delta):
-            yield event
-            continue
-        stream = streams[event.index]
-        upstream = [stream.upstream(piece) for piece in event.tool_calls]
-        reasoning, content, calls = stream.push(event.reasoning, event.content)
-        finish = event.finish_reason
-        if finish is not None:
-            r, c, more = stream.flush()
-            reasoning, content, calls = reasoning + r, content + c, calls + more
-            if finish == "stop" and stream.called:
-                finish = "tool_calls"
-        pending[event.index] += event.logprobs
-        out = Delta(event.index, content=content, reasoning=reasoning,
-                    tool_calls=upstream + calls, finish_reason=finish, tokens=event.tokens)
-        if content or reasoning or out.tool_calls or finish is not None:
-            out.logprobs, pending[event.index] = pending[event.index], []
-        if out.tokens or out.logprobs or finish is not None or content or reasoning \
-                or out.tool_calls:
-            yield out
+    # Closed with us, at once: a client that hangs up stops the engine's generation before the
+    # request's lease (its version) is released.
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        async for event in events:
+            if not isinstance(event, Delta):
+                yield event
+                continue
+            stream = streams[event.index]
+            upstream = [stream.upstream(piece) for piece in event.tool_calls]
+            reasoning, content, calls = stream.push(event.reasoning, event.content)
+            finish = event.finish_reason
+            if finish is not None:
+                r, c, more = stream.flush()
+                reasoning, content, calls = reasoning + r, content + c, calls + more
+                if finish == "stop" and stream.called:
+                    finish = "tool_calls"
+            pending[event.index] += event.logprobs
+            out = Delta(event.index, content=content, reasoning=reasoning,
+                        tool_calls=upstream + calls, finish_reason=finish, tokens=event.tokens)
+            if content or reasoning or out.tool_calls or finish is not None:
+                out.logprobs, pending[event.index] = pending[event.index], []
+            if out.tokens or out.logprobs or finish is not None or content or reasoning \
+                    or out.tool_calls:
+                yield out

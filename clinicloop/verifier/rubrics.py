@@ -34,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from clinicloop.backends.toolcalls import parse_arguments
+
 _FROM_SOURCE = "clinicloop.rubrics.from_source"  # validation-context flag set by `from_line`
 
 
@@ -193,13 +195,7 @@ def _same_answer(text: str, answer: str) -> bool:
 def call_arguments(call: dict[str, Any]) -> Any:
     """A tool call's arguments, parsed: logged calls carry JSON text; text that is not JSON is
     returned as it is."""
-    arguments = call.get("function", {}).get("arguments")
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except (ValueError, RecursionError):
-            return arguments
-    return arguments
+    return parse_arguments(call.get("function", {}).get("arguments"))
 
 
 def _holds(actual: Any, expected: Any) -> bool:

@@ -329,3 +329,24 @@ def test_choices_are_parsed_apart_and_logprobs_go_out_with_their_text():
     assert [c.finish_reason for c in choices] == ["tool_calls", "tool_calls"]
     assert choices[1].content == "plain" and choices[1].calls[0]["name"] == "g"
     assert [len(c.calls) for c in choices] == [1, 1] and isinstance(out[-1], Usage)
+
+
+def test_closing_the_wrapper_closes_the_engine_stream_at_once():
+    """A client that hangs up: closing the wrapped stream closes the engine's own stream before
+    `aclose` returns (the request's lease is released next), not later by garbage collection."""
+    closed = []
+
+    async def engine():
+        try:
+            while True:
+                yield Delta(0, content="text ", tokens=1)
+        finally:
+            closed.append(True)
+
+    async def main():
+        wrapped = with_tool_calls(engine(), 1, True)
+        await anext(wrapped)
+        await wrapped.aclose()
+        return list(closed)
+
+    assert asyncio.run(main()) == [True]

@@ -134,9 +134,8 @@ def input_messages(items: list[InputItem]) -> list[dict[str, Any]]:
             if not joinable:
                 messages.append({"role": "assistant", "content": ""})
                 joinable = True
-            messages[-1].setdefault("tool_calls", []).append({
-                "id": item.call_id, "type": "function",
-                "function": {"name": item.name, "arguments": item.arguments}})
+            messages[-1].setdefault("tool_calls", []).append(
+                CallState(item.call_id, item.name, item.arguments).as_openai())
         elif isinstance(item, FunctionCallOutputInput):
             messages.append({"role": "tool", "tool_call_id": item.call_id,
                              "content": item.text()})
