@@ -451,9 +451,28 @@ def rl_refresh(
     abandon: Annotated[bool, typer.Option(
         "--abandon", help="Mark the latest unfinished run (or --run-id) abandoned, so no re-run "
                           "resumes it, and exit.")] = False,
+    window: Annotated[bool, typer.Option(
+        "--window", help="Retrain on the GPU that serves: train inside a maintenance window on "
+                         "--server-url's gateway, which drains requests and releases its engine "
+                         "(vLLM asleep or stopped) from train to the swap.")] = False,
+    window_treatment: Annotated[str | None, typer.Option(
+        help="With --window: what clients get meanwhile: queue, fallback or refuse (default: "
+             "the gateway's server.maintenance.treatment).")] = None,
+    window_minutes: Annotated[float, typer.Option(
+        help="With --window: the expected length; refused requests' retry-after counts down "
+             "to its end.", min=0.1)] = 60.0,
+    window_lease_s: Annotated[float, typer.Option(
+        help="With --window: the gateway closes the window by itself (old version serving) if "
+             "this job has not renewed it for this long, e.g. because it was killed.",
+        min=1.0)] = 120.0,
+    qlora: Annotated[bool, typer.Option(
+        "--qlora", help="Train QLoRA: the base in 4 bits (bitsandbytes NF4, double quantisation) "
+                        "on the CUDA GPU, so a base too large for 16 bits trains on the card "
+                        "that serves it; without CUDA the base trains unquantised.")] = False,
 ) -> None:
     """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
-    serving version -> publish and hot-swap. Resumable: re-run after a crash to continue."""
+    serving version -> publish and hot-swap. Resumable: re-run after a crash to continue. With
+    --window, on the serving GPU inside a maintenance window."""
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.refresh import (
         Paths,
@@ -464,6 +483,7 @@ def rl_refresh(
         refresh_lock,
     )
     from clinicloop.rl.refresh import abandon as abandon_run
+    from clinicloop.rl.window import WindowOptions
 
     if abandon:
         try:
@@ -474,11 +494,18 @@ def rl_refresh(
             raise typer.Exit(1) from None
         typer.echo(f"run {gone.run_id} abandoned; the next rl refresh starts a new run")
         return
+    if window and server_url is None:
+        raise typer.BadParameter("a maintenance window is opened on the running server: give "
+                                 "--server-url", param_hint="--window")
     settings = Settings()
     try:
         options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
                                  canary_share=canary_share, judge_url=judge_url,
-                                 publish=publish, grpo=PaperGRPOConfig(max_steps=steps))
+                                 publish=publish,
+                                 grpo=PaperGRPOConfig(max_steps=steps, qlora=qlora))
+        window_options = WindowOptions(
+            treatment=window_treatment, expected_s=window_minutes * 60,
+            lease_s=window_lease_s) if window else None
     except ValidationError as exc:
         raise typer.BadParameter(exc.errors()[0]["msg"]) from None
     if upstream_url is None and settings.engine.kind == "vllm":
@@ -490,7 +517,7 @@ def rl_refresh(
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
                   admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"), judge_api_key=judge_key,
-                  engine=engine)
+                  engine=engine, window=window_options)
     try:
         job = refresh(paths, options, run_id=run_id, policy_hf=model_dir, until=until,
                       fresh=fresh)
@@ -567,7 +594,8 @@ def quant_gguf(
 
 @quant_app.command("plan")
 def quant_plan(
-    preset: Annotated[str | None, typer.Option(help="A named model shape: qwen2.5-32b.")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="A named model shape: qwen2.5-32b, qwen2.5-14b, qwen2.5-7b, qwen2.5-3b.")] = None,
     config: Annotated[Path | None, typer.Option(
         help="A Hugging Face config.json (or its directory) instead of --preset.")] = None,
     gpu: Annotated[str, typer.Option(
@@ -593,10 +621,33 @@ def quant_plan(
     gpu_memory_utilization: Annotated[float | None, typer.Option(
         help="Share of GPU memory the engine may use (default 0.90).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    train: Annotated[bool, typer.Option(
+        "--train", help="Plan a QLoRA GRPO refresh step on the card instead of serving: 4-bit "
+                        "base, LoRA, AdamW, activations with gradient checkpointing, rollout KV "
+                        "cache; --seq-len is then prompt + completion tokens (default 1024).")
+    ] = False,
+    num_generations: Annotated[int | None, typer.Option(
+        help="With --train: the GRPO group, completions sampled per prompt (default 4).",
+        min=1)] = None,
+    micro_batch: Annotated[int | None, typer.Option(
+        help="With --train: sequences per forward/backward, TRL's per_device_train_batch_size "
+             "(default 1).", min=1)] = None,
+    engine_resident: Annotated[str | None, typer.Option(
+        help="With --train: what the serving vLLM keeps on the card: none (stopped), asleep "
+             "(its CUDA context), serving (its whole share) (default none).")] = None,
+    double_quant: Annotated[bool, typer.Option(
+        help="With --train: bitsandbytes double quantisation of the NF4 constants.")] = True,
+    kbit_upcast: Annotated[bool, typer.Option(
+        help="With --train: peft's k-bit preparation casts embeddings, lm_head and norms to "
+             "fp32 (what `rl refresh` does); --no-kbit-upcast keeps them bf16.")] = True,
+    base_16bit: Annotated[bool, typer.Option(
+        "--base-16bit", help="With --train: no 4-bit loading, a bf16 base (the CPU path, a "
+                             "plain LoRA).")] = False,
 ) -> None:
     """Plan GPU memory: weights, KV cache per token, overhead, the longest sequence, concurrent
-    sequences, and the vLLM / llama.cpp limits that follow. A plan that does not fit ends with
-    one line saying why and what to change, and exits 1."""
+    sequences, and the vLLM / llama.cpp limits that follow; with --train, the memory of a QLoRA
+    GRPO step and the largest settings that fit. A plan that does not fit ends with one line
+    saying why and what to change, and exits 1."""
     from clinicloop.backends import plan as planner
 
     if (preset is None) == (config is None):
@@ -606,6 +657,20 @@ def quant_plan(
                                  f"{', '.join(planner.PRESETS)}", param_hint="--preset")
     shape = (planner.PRESETS[preset.lower()] if preset is not None
              else planner.ModelShape.from_hf_config(config))
+    if train:
+        serving_only = {"--weights": weights != "bf16", "--kv": kv != "fp16",
+                        "--versions": versions != 0, "--typical-len": typical_len is not None,
+                        "--gpu-memory-utilization": gpu_memory_utilization is not None}
+        if given := [name for name, set_ in serving_only.items() if set_]:
+            raise typer.BadParameter(f"{', '.join(given)} plan serving, not --train")
+        _plan_training(shape, planner.parse_gpu(gpu), lora_rank, seq_len or 1024,
+                       num_generations or 4, micro_batch or 1, engine_resident or "none",
+                       double_quant, kbit_upcast, not base_16bit, as_json)
+        return
+    if given := [name for name, value in (("--num-generations", num_generations),
+                                          ("--micro-batch", micro_batch),
+                                          ("--engine-resident", engine_resident)) if value]:
+        raise typer.BadParameter(f"{', '.join(given)} need --train")
     overrides = ({} if gpu_memory_utilization is None
                  else {"gpu_memory_utilization": gpu_memory_utilization})
     try:
@@ -627,6 +692,26 @@ def quant_plan(
     else:
         typer.echo(planner.render(result))
     if (reason := planner.misfit(result)) is not None:
+        raise UserError(reason)
+
+
+def _plan_training(shape: Any, gpu_bytes: int, lora_rank: int, seq_len: int,
+                   num_generations: int, micro_batch: int, engine_resident: str,
+                   double_quant: bool, kbit_upcast: bool, quantized: bool, as_json: bool) -> None:
+    """`quant plan --train`: print the training plan; exit 1 with one line if it does not fit."""
+    from clinicloop.quant import train_plan
+
+    try:
+        result = train_plan.plan_training(
+            shape, gpu_bytes, lora_rank=lora_rank, seq_len=seq_len,
+            num_generations=num_generations, micro_batch=micro_batch,
+            double_quant=double_quant, quantized=quantized, engine_resident=engine_resident,
+            kbit_upcast=kbit_upcast)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(json.dumps(result.model_dump()) if as_json
+               else train_plan.render_training(result))
+    if (reason := train_plan.training_misfit(result)) is not None:
         raise UserError(reason)
 
 

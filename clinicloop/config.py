@@ -142,6 +142,12 @@ class EngineSettings(BaseModel):
     vllm_extra_args: list[str] = Field(
         default_factory=list, description="Appended to the managed `vllm serve` command."
     )
+    vllm_sleep_mode: bool = Field(
+        False, description="`vllm` engine: launch with `--enable-sleep-mode` (GPU only; vLLM "
+        "refuses it on CPU), so a maintenance window frees the GPU by putting vLLM to sleep "
+        "(`POST /sleep?level=1`: weights offloaded to CPU RAM, KV cache dropped) and wakes it "
+        "after, instead of stopping and restarting the process."
+    )
 
 
 class StoreSettings(BaseModel):
@@ -176,6 +182,35 @@ class StoreSettings(BaseModel):
     retry_interval_s: float = Field(1.0, description="How often a down store is retried.")
 
 
+class MaintenanceSettings(BaseModel):
+    """A maintenance window (`POST /admin/v1/maintenance`, `rl refresh --window`): what clients
+    get while the engine is released for retraining on the serving GPU."""
+
+    treatment: Literal["queue", "fallback", "refuse"] = Field(
+        "queue", description="What a request arriving during a window gets: `queue` waits for "
+        "the window to close (at most `queue_max` at once, each within the request deadline); "
+        "`fallback` is served by `fallback_url`; `refuse` is answered 503 with `retry-after` "
+        "set to the window's expected end. A window's own request may override it."
+    )
+    queue_max: int = Field(64, ge=0, description="Requests waiting for a window to close; "
+                           "beyond that a request is answered 503 with `retry-after`.")
+    fallback_url: str | None = Field(
+        None, description="`fallback`: an OpenAI-compatible base URL ending in /v1 (for "
+        "instance a small GGUF served on the CPU) that answers during a window."
+    )
+    fallback_api_key: str | None = Field(None, description="Key for `fallback_url`.")
+    fallback_model: str | None = Field(
+        None, description="Model name at `fallback_url` (default: the first it lists).")
+    lease_s: float = Field(
+        120.0, gt=0, description="A window not renewed for this long closes by itself (the "
+        "engine resumed, the old version serving): a crashed refresh cannot leave it open."
+    )
+    drain_timeout_s: float = Field(
+        600.0, gt=0, description="How long requests in flight get to finish before the engine "
+        "is released; past it the window is not opened (409) and nothing changes."
+    )
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, description="Bind port.")
@@ -199,6 +234,7 @@ class ServerSettings(BaseModel):
     max_waiting: int = Field(32, description="Requests queued for a slot (429 above).")
     request_timeout_s: float = Field(300.0, description="Deadline for one request.")
     max_top_logprobs: int = Field(20, description="Largest `top_logprobs` accepted.")
+    maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
 
 
 class RegistrySettings(BaseModel):

@@ -17,6 +17,12 @@ and the RL refresh (`rl/refresh.py`) call these methods; neither asks which kind
 - `vllm`: the same, with the upstream launched and supervised by clinicloop with the flags the
   memory plan computed (`vllm_launch.py`); the gateway admits the sequences vLLM runs at once
   (`engine.n_parallel`, the planned `--max-num-seqs`) and queues the rest.
+
+A maintenance window frees what a backend holds on the accelerator as its `release_mode` says:
+`stop` (its owner closes the version engines, then `close`; `start` again after: llama.cpp frees
+its bases, a launched upstream's process group is stopped and launched again), `sleep` (a vLLM
+launched with `engine.vllm_sleep_mode` sleeps and wakes in place: `sleep`, `wake`), or `kept` (an
+upstream clinicloop did not launch: nothing here can be freed).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from clinicloop.backends.artifacts import check_gguf_file, check_peft_adapter, probe_llamacpp
 from clinicloop.backends.base import Engine
@@ -41,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: What a plain OpenAI-compatible upstream is sent at once; its own scheduler batches them.
 UPSTREAM_CONCURRENCY = 64
+
+#: How a maintenance window frees the accelerator (see the module docstring).
+ReleaseMode = Literal["sleep", "stop", "kept"]
 
 
 class Backend(abc.ABC):
@@ -98,6 +107,19 @@ class Backend(abc.ABC):
     def memory(self) -> dict[str, Any]:
         """What is shared by the loaded versions (each engine reports its own part)."""
         return {}
+
+    @property
+    def release_mode(self) -> ReleaseMode:
+        """How a maintenance window frees what this backend holds on the accelerator."""
+        return "stop"
+
+    async def sleep(self) -> None:
+        """`release_mode` sleep: free the accelerator; the version engines stay open."""
+        raise NotImplementedError(f"the {self.kind} backend has no sleep mode")
+
+    async def wake(self, engines: list[Engine]) -> None:
+        """After `sleep`: serve again, with `engines` (the versions left open) as they were."""
+        raise NotImplementedError(f"the {self.kind} backend has no sleep mode")
 
     def check_serves(self, version: Version) -> None:
         if version.backend not in self.serves:
@@ -265,6 +287,10 @@ class OpenAIBackend(Backend):
     async def close(self) -> None:
         await self.upstream.close()
 
+    @property
+    def release_mode(self) -> ReleaseMode:
+        return "kept" if self.upstream.supervisor is None else "stop"
+
 
 class VllmBackend(OpenAIBackend):
     kind = "vllm"
@@ -272,6 +298,19 @@ class VllmBackend(OpenAIBackend):
     @property
     def max_concurrency(self) -> int:
         return self.settings.n_parallel
+
+    @property
+    def release_mode(self) -> ReleaseMode:
+        return "sleep" if self.settings.vllm_sleep_mode else super().release_mode
+
+    async def sleep(self) -> None:
+        await self.upstream.sleep()
+
+    async def wake(self, engines: list[Engine]) -> None:
+        await self.upstream.wake_up()
+        # Each version loads its adapter again (`load_inplace`: harmless where it survived).
+        for engine in engines:
+            await engine.start()
 
 
 BACKENDS: dict[str, type[Backend]] = {

@@ -12,8 +12,11 @@ nobody asked for is `UpstreamFailed` (502); a broken or timed-out connection, or
 `[DONE]`, is `EngineUnavailable` (503). Finish reasons OpenAI knows pass through unchanged.
 
 With `upstream_command` set the upstream is launched and supervised (`supervisor.py`): started and
-waited for in `start()`, restarted if it dies, stopped in `close()`. Health is kept by a background
+waited for in `start()`, restarted if it dies, stopped in `close()`; `start()` after `close()`
+launches it again (a maintenance window's stop and restart). Health is kept by a background
 probe rather than a request per `healthy()` call, which the gateway makes on every /health hit.
+A vLLM launched with `--enable-sleep-mode` can instead `sleep()` and `wake_up()`: the process
+keeps running while its GPU memory is released.
 """
 
 from __future__ import annotations
@@ -178,6 +181,18 @@ class OpenAIUpstreamEngine(Engine):
 
     async def unload_adapter(self, name: str) -> None:
         await self._admin("/unload_lora_adapter", {"lora_name": name})
+
+    async def sleep(self) -> None:
+        """Put vLLM to sleep at level 1: weights offloaded to CPU RAM, KV cache dropped, the
+        process and its adapters' names kept (`--enable-sleep-mode`; the route is served only
+        with `VLLM_SERVER_DEV_MODE=1`). Requests in flight are aborted: drain first."""
+        await self._root_call("/sleep?level=1", {})
+
+    async def wake_up(self) -> None:
+        """Bring the weights back and reallocate the KV cache after `sleep`."""
+        answer = await self._root_call("/wake_up", {})
+        if isinstance(answer, dict) and answer.get("status") not in (None, "awake"):
+            raise UpstreamFailed(f"upstream did not wake fully: {answer}")
 
     async def _admin(self, path: str, body: dict[str, Any]) -> None:
         if self._client is None:
@@ -390,6 +405,7 @@ class UpstreamModel(Engine):
         self.model_version = upstream.model_version if adapter is None else f"lora:{adapter[0]}"
 
     async def start(self) -> None:
+        """Load the adapter; again after a wake it is harmless (`load_inplace`)."""
         if self.adapter is not None:
             await self.upstream.load_adapter(*self.adapter)
 

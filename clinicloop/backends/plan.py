@@ -178,6 +178,19 @@ PRESETS: dict[str, ModelShape] = {
         name="qwen2.5-32b", num_layers=64, hidden_size=5120, intermediate_size=27648,
         num_heads=40, num_kv_heads=8, head_dim=128, vocab_size=152064, tie_word_embeddings=False,
         attention_bias=True, max_position_embeddings=32768),
+    # Smaller Qwen2.5 sizes (their config.json), for what else fits a card (training plan).
+    "qwen2.5-14b": ModelShape(
+        name="qwen2.5-14b", num_layers=48, hidden_size=5120, intermediate_size=13824,
+        num_heads=40, num_kv_heads=8, head_dim=128, vocab_size=152064, tie_word_embeddings=False,
+        attention_bias=True, max_position_embeddings=32768),
+    "qwen2.5-7b": ModelShape(
+        name="qwen2.5-7b", num_layers=28, hidden_size=3584, intermediate_size=18944,
+        num_heads=28, num_kv_heads=4, head_dim=128, vocab_size=152064, tie_word_embeddings=False,
+        attention_bias=True, max_position_embeddings=32768),
+    "qwen2.5-3b": ModelShape(
+        name="qwen2.5-3b", num_layers=36, hidden_size=2048, intermediate_size=11008,
+        num_heads=16, num_kv_heads=2, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        attention_bias=True, max_position_embeddings=32768),
 }
 
 # Total memory as the driver reports it (nvidia-smi's MiB), which is what the engines divide.
@@ -325,11 +338,22 @@ def _linear_weights(shape: ModelShape, scheme: _Linear, group_size: int) -> tupl
     return [per_layer] * shape.num_layers, 2 * (embeddings + shape.hidden_size)
 
 
+def layer_activation_bytes(shape: ModelShape, tokens: int) -> int:
+    """The peak of one decoder layer's forward over `tokens` tokens in 16 bits: the larger of
+    the MLP phase and the attention phase (the module docstring has both)."""
+    h = shape.hidden_size
+    mlp = tokens * (2 * h + 3 * shape.intermediate_size)
+    attention = tokens * (2 * h + 2 * (shape.num_heads + shape.num_kv_heads) * shape.head_dim)
+    return 2 * max(mlp, attention)
+
+
+def sampler_bytes(shape: ModelShape, seqs: int) -> int:
+    """A sampling step's fp32 logits and probabilities for `seqs` sequences."""
+    return seqs * shape.vocab_size * 4 * 2
+
+
 def _activation_bytes(shape: ModelShape, a: Assumptions) -> int:
-    h, t = shape.hidden_size, a.prefill_tokens
-    mlp = t * (2 * h + 3 * shape.intermediate_size)
-    attention = t * (2 * h + 2 * (shape.num_heads + shape.num_kv_heads) * shape.head_dim)
-    return 2 * max(mlp, attention) + a.sampler_seqs * shape.vocab_size * 4 * 2
+    return layer_activation_bytes(shape, a.prefill_tokens) + sampler_bytes(shape, a.sampler_seqs)
 
 
 def lora_slot_bytes(shape: ModelShape, rank: int, slots: int) -> int:

@@ -88,6 +88,7 @@ class ProcessSupervisor:
         return self._proc is not None and self._proc.returncode is None
 
     async def start(self) -> None:
+        self._stopping = False  # started again after a deliberate `stop` (a maintenance window)
         await self._launch()
         self._monitor = asyncio.create_task(self._watch(), name="upstream-supervisor")
 
@@ -182,3 +183,22 @@ class ProcessSupervisor:
         # Also kills workers that outlived a leader which exited on SIGTERM.
         self._signal_group(signal.SIGKILL)
         await self._proc.wait()
+        # A worker's GPU memory is freed only once it has exited, and a maintenance window
+        # trains right after this returns: wait (bounded) until no member still runs.
+        deadline = time.monotonic() + self.grace_s
+        while _group_running(self._proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group `pgid` is still running (a zombie, which holds no memory
+    and waits for whoever reaps it, does not count). Linux's /proc; elsewhere, never."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # After the command name: state, ppid, pgrp.
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False

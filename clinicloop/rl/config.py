@@ -60,6 +60,16 @@ class PaperGRPOConfig:
         metadata={"help": "Modules that get LoRA adapters (peft)."})
     length_threshold: float = field(default=0.5, metadata={
         "help": "The length reward applies only when the group's P80 rubric score is above this."})
+    qlora: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base in 4 bits (bitsandbytes NF4 with double quantisation, "
+                "bfloat16 compute) and prepare it with peft's `prepare_model_for_kbit_training`, "
+                "so that a base too large to train in 16 bits trains on the card that serves it. "
+                "Needs a CUDA GPU and bitsandbytes for the 4 bits; without CUDA the same path "
+                "runs with the base unquantised, and train.json's `load` says which happened."})
+    gradient_checkpointing: bool = field(default=True, metadata={
+        "help": "Recompute each layer's activations in the backward pass instead of keeping "
+                "them (TRL's default; QLoRA needs it to fit). Non-reentrant, so the frozen "
+                "base's inputs need no gradient hooks."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate rollouts with vLLM (GPU)."})
     vllm_mode: str = field(default="colocate", metadata={
         "help": "With `use_vllm`: `colocate` runs vLLM in the training process on the same GPU; "
@@ -81,7 +91,8 @@ class PaperGRPOConfig:
             learning_rate=self.learning_rate, max_steps=self.max_steps,
             per_device_train_batch_size=self.per_device_train_batch_size,
             use_vllm=self.use_vllm, vllm_mode=self.vllm_mode, use_cpu=self.use_cpu,
-            bf16=self.bf16, seed=self.seed,
+            bf16=self.bf16, seed=self.seed, gradient_checkpointing=self.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
             logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         )
         options.update(overrides)

@@ -30,6 +30,14 @@ again (the step is retried: right for a server that was down), `fresh` (abandon 
 a new one) or `abandon` (give the run up and stop). Only the latest run is ever resumed: an
 abandoned run, or one a newer run superseded, never is.
 
+With a maintenance window (`Paths.window`, `rl refresh --window`; `window.py`) the steps from
+`train` to `swap` run inside a window on the serving gateway: opened (requests drained, the engine
+released) before `train`, the engine resumed before `candidate`, closed after `swap`; a step that
+raises closes it too, and a killed job's window closes when its lease runs out. The window's
+record (treatment, counts of queued, fallback and refused requests, times) goes in the run's
+state and report. A resumed run opens a new window; one resumed after `publish` does not release
+the engine.
+
 A candidate is the serving version's base plus the new adapter, so versions share one base in
 memory on both engines. Versions are opened for evaluation by their backend (`backends/kinds.py`,
 never asked which kind it is): in-process on llama.cpp; through the upstream for `vllm` and
@@ -65,6 +73,7 @@ from clinicloop.rl.publish import build_dir, publishable_adapter, publishable_gg
 from clinicloop.rl.report import write_report
 from clinicloop.rl.runfiles import read_rows, write_atomic
 from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
+from clinicloop.rl.window import MaintenanceWindow, WindowError, WindowOptions
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, rule_items
@@ -72,6 +81,8 @@ from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem
 
 STEPS = ("prompts", "baseline", "train", "publish", "candidate", "gate", "swap", "report")
+#: The steps a maintenance window spans; the engine is released for the first two.
+WINDOW_STEPS = ("train", "publish", "candidate", "gate", "swap")
 
 
 class RefreshBusy(RuntimeError):
@@ -128,6 +139,9 @@ class RunState(BaseModel):
     done: dict[str, float] = Field(default_factory=dict, description="step -> seconds it took")
     swapped: Literal["activated", "canary"] | None = None
     version_id: str | None = None
+    windows: list[dict[str, Any]] = Field(
+        default_factory=list, description="Maintenance windows the run held, as the gateway "
+        "summarised each when it closed.")
     server_memory: dict[str, Any] | None = Field(
         None, description="The server's memory account (`GET /admin/v1/versions`) right after "
         "a swap through its admin API.")
@@ -159,6 +173,10 @@ class Paths(BaseModel):
         "file is changed and the next server start serves the new version.")
     admin_key: str | None = None
     judge_api_key: str | None = None
+    window: WindowOptions | None = Field(
+        None, description="Train inside a maintenance window on `server_url`'s gateway (its "
+        "engine released, clients queued, sent to a fallback or refused), for retraining on the "
+        "GPU that serves.")
     engine: EngineSettings = Field(
         default_factory=EngineSettings, description="How versions are opened to evaluate them: "
         "for a `vllm` or `openai` version the upstream's `upstream_url` (and key), where the "
@@ -255,25 +273,73 @@ class Refresh:
         `refresh_lock`."""
         if until is not None and until not in STEPS:
             raise ValueError(f"until must be one of {', '.join(STEPS)}, not {until!r}")
-        while (step := self.next_step()) is not None:
-            self._say(f"{step} ...")
-            started = time.perf_counter()
-            try:
-                getattr(self, f"_step_{step}")()
-            except Exception as exc:
-                cause = f"{type(exc).__name__}: {exc}"
-                self.state.failed = StepFailure(step=step, error=cause)
-                self._save()
-                raise RefreshFailed(
-                    f"run {self.state.run_id} failed at step {step}: {cause}; run again to "
-                    "retry the step, with --fresh to start a new run, or with --abandon to give "
-                    "this one up") from exc
-            self.state.done[step] = round(time.perf_counter() - started, 3)
-            self.state.failed = None
-            self._save()
-            if step == until:
-                break
+        if self.paths.window is not None and self.paths.server_url is None:
+            raise ValueError("a maintenance window is opened on a running server: give its URL "
+                             "(--server-url)")
+        window: MaintenanceWindow | None = None
+        try:
+            while (step := self.next_step()) is not None:
+                if step in WINDOW_STEPS and self.paths.window is not None and window is None:
+                    window = self._open_window(step)
+                if step == "candidate" and window is not None:
+                    window.resume()
+                self._run_step(step)
+                if window is not None:
+                    window.check()
+                    if step == "swap":
+                        window, closing = None, window
+                        self._close_window(closing)
+                if step == until:
+                    break
+            if window is not None:  # stopped by `until` inside the window
+                window, closing = None, window
+                self._close_window(closing)
+        except WindowError as exc:
+            if window is not None:
+                self._close_window(window, failing=True)
+            raise RefreshFailed(f"run {self.state.run_id}: {exc}; run again to go on from "
+                                f"{self.next_step()}") from exc
+        except BaseException:
+            if window is not None:
+                self._close_window(window, failing=True)
+            raise
         return self.state
+
+    def _run_step(self, step: str) -> None:
+        self._say(f"{step} ...")
+        started = time.perf_counter()
+        try:
+            getattr(self, f"_step_{step}")()
+        except Exception as exc:
+            cause = f"{type(exc).__name__}: {exc}"
+            self.state.failed = StepFailure(step=step, error=cause)
+            self._save()
+            raise RefreshFailed(
+                f"run {self.state.run_id} failed at step {step}: {cause}; run again to "
+                "retry the step, with --fresh to start a new run, or with --abandon to give "
+                "this one up") from exc
+        self.state.done[step] = round(time.perf_counter() - started, 3)
+        self.state.failed = None
+        self._save()
+
+    def _open_window(self, step: str) -> MaintenanceWindow:
+        assert self.paths.window is not None and self.paths.server_url is not None
+        window = MaintenanceWindow(
+            self.paths.server_url, self.paths.admin_key, self.paths.window,
+            f"rl refresh {self.state.run_id}: {step}",
+            release_engine=step in ("train", "publish"))
+        window.open()
+        self._say(f"maintenance window open ({window.status and window.status['treatment']}, "
+                  f"engine {window.status and window.status['engine']})")
+        return window
+
+    def _close_window(self, window: MaintenanceWindow, failing: bool = False) -> None:
+        window.close(failing)
+        if window.summary is not None:
+            self.state.windows.append(window.summary)
+            self._save()
+        self._say("maintenance window closed" + ("" if window.summary is None else (
+            ": " + ", ".join(f"{k} {v}" for k, v in window.summary["counts"].items()))))
 
     def _say(self, text: str) -> None:
         if self.progress:

@@ -5,6 +5,7 @@ changed) and `reward_curve.png`."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ def write_report(run: Path, state: dict[str, Any], baseline: Evaluation, candida
         "baseline_metrics": baseline.metrics, "candidate_metrics": candidate.metrics,
         "decision": decision.model_dump(mode="json"), "swapped": state["swapped"],
         "version_id": state["version_id"], "server_memory": state.get("server_memory"),
+        "windows": state.get("windows", []),
         "reward_curve": train["reward_curve"], "train_wall_s": train["wall_s"],
         "step_seconds": state["done"],
         "changed_answers": _changed_answers(baseline.responses, candidate.responses, prompts),
@@ -77,6 +79,10 @@ def write_report(run: Path, state: dict[str, Any], baseline: Evaluation, candida
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _when(epoch: float | None) -> str:
+    return "n/a" if epoch is None else f"{datetime.fromtimestamp(epoch, UTC):%H:%M:%S}"
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -130,6 +136,18 @@ def _markdown(r: dict[str, Any]) -> str:
 
         lines += [f"| {vid} | {mib_of(v, 'kv_cache_bytes')} | {mib_of(v, 'adapter_bytes')} |"
                   for vid, v in sorted(m.get("versions", {}).items())]
+    if r["windows"]:
+        lines += ["", "## Maintenance windows", "",
+                  "| opened | closed by | treatment | engine released | queued | fallback | "
+                  "refused | drain (s) | release (s) | resume (s) |", "| --- " * 10 + "|"]
+        for w in r["windows"]:
+            c = w["counts"]
+            lines.append(
+                f"| {_when(w['opened_at'])} – {_when(w['closed_at'])} | {w['closed_by']} | "
+                f"{w['treatment']} | {w.get('released') or 'not released'} | {c['queued']} | "
+                f"{c['fallback']} | {c['refused'] + c.get('queue_full', 0)} | "
+                f"{_fmt(w.get('drain_s'))} | "
+                f"{_fmt(w.get('release_s'))} | {_fmt(w.get('resume_s'))} |")
     lines += ["", "Steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["step_seconds"].items()),
               ""]
     return "\n".join(lines)

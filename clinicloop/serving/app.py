@@ -4,7 +4,8 @@
 engine in the background (so /health answers 503 while a model loads), and on shutdown drains the
 writer after the engine stops. Nothing is global: each app owns its engine, writer and metrics.
 The model is served through the versioned engine (`versions.py`), whose registry and admin routes
-let a new version be swapped in while serving.
+let a new version be swapped in while serving, and which a maintenance window (`maintenance.py`)
+releases while the GPU retrains.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from clinicloop.backends.base import Engine
 from clinicloop.backends.registry import Registry
 from clinicloop.config import Settings
 from clinicloop.serving.admin.api_router import router as admin_router
+from clinicloop.serving.admin.maintenance_router import router as maintenance_router
 from clinicloop.serving.admission import Admission
 from clinicloop.serving.auth import KeyCheck, KeyRing
 from clinicloop.serving.chat_completion.api_router import router as chat_router
@@ -32,6 +34,7 @@ from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
 from clinicloop.serving.errors import ContainErrors, error_response, install_error_handlers
 from clinicloop.serving.generation import Services
+from clinicloop.serving.maintenance import HangUpWatch, Maintenance
 from clinicloop.serving.metrics import Metrics, kv_cache_usage
 from clinicloop.serving.models.api_router import router as models_router
 from clinicloop.serving.protocol import body_problem
@@ -112,8 +115,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     metrics = Metrics()
     admission = Admission(settings.server.max_running or engine.max_concurrency,
                           settings.server.max_waiting)
+    maintenance = Maintenance(settings.server.maintenance, admission=admission,
+                              versions=versions, metrics=metrics,
+                              model=lambda: engine.model_name,
+                              request_timeout_s=settings.server.request_timeout_s,
+                              max_waiting=settings.server.max_waiting)
     services = Services(engine=engine, admission=admission, metrics=metrics, writer=writer,
-                        request_timeout_s=settings.server.request_timeout_s)
+                        request_timeout_s=settings.server.request_timeout_s,
+                        maintenance=maintenance)
     load_error: list[str] = []
 
     async def load() -> None:
@@ -133,10 +142,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
                         settings.server.host)
         await writer.start()
         loading = asyncio.create_task(load())
+        maintenance.start()
         try:
             yield
         finally:
             await loading
+            await maintenance.shutdown()
             await engine.close()
             await writer.close()
 
@@ -144,6 +155,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.state.keys = keys
     app.state.services = services
     app.state.versions = versions
+    app.state.maintenance = maintenance
     app.state.chat = ChatCompletionHandler(services, settings.server.max_top_logprobs)
     app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
     app.state.tokenize = TokenizeHandler(engine)
@@ -151,6 +163,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     install_error_handlers(app)
     # Added innermost first: the key is checked before a body byte is read, and an exception
     # escaping any of it stops at ContainErrors.
+    app.add_middleware(HangUpWatch)
     app.add_middleware(RequestBody, limit=settings.server.max_body_bytes)
     app.add_middleware(KeyCheck, keys=keys)
     app.add_middleware(ContainErrors)
@@ -160,6 +173,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.include_router(tokenize_router)
     app.include_router(responses_router)
     app.include_router(admin_router)
+    app.include_router(maintenance_router)
 
     metrics.watch(lambda: {
         "vllm:num_requests_running": ("Requests generating.", admission.running),
@@ -182,14 +196,22 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
                                         writer.acks_waiting),
         "clinicloop:log_ack_timeouts": ("Responses sent before their log record was on disk "
                                         "(store.ack_timeout_s passed).", writer.ack_timeouts),
+        "clinicloop:maintenance_open": ("1 while a maintenance window is open.",
+                                        float(maintenance.window is not None)),
+        "clinicloop:maintenance_engine_released": ("1 while a maintenance window has released "
+                                                   "the engine.",
+                                                   float(maintenance.engine_released)),
     }, lambda: engine.model_name)
     metrics.watch_counters(engine.stats, lambda: engine.model_name)
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if (during_window := maintenance.health()) is not None:
+            return during_window
         if engine.healthy():
             return JSONResponse({"status": "ok", "model": engine.model_name})
-        state = "failed: " + load_error[0] if load_error else "loading"
+        failure = load_error[0] if load_error else maintenance.engine_failure
+        state = "loading" if failure is None else "failed: " + failure
         return error_response(503, f"engine not ready ({state})", code="engine_unavailable")
 
     @app.get("/metrics")
@@ -207,6 +229,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
                     "replayed": writer.replayed, "dead_lettered": writer.dead_lettered,
                     "dropped": writer.dropped, "acks_waiting": writer.acks_waiting,
                     "ack_timeouts": writer.ack_timeouts},
+            "maintenance": maintenance.stats(),
         }
 
     return app

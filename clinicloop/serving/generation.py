@@ -14,8 +14,8 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from clinicloop.backends.base import (
     Delta,
@@ -33,6 +33,9 @@ from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.metrics import Metrics
 from clinicloop.serving.protocol import UsageInfo, new_id, now
 from clinicloop.store.records import Endpoint, LoggedChoice, TurnRecord
+
+if TYPE_CHECKING:
+    from clinicloop.serving.maintenance import Maintenance
 
 CONVERSATION_HEADER = "x-conversation-id"
 # What each API calls its responses' ids.
@@ -96,6 +99,7 @@ class Services:
     metrics: Metrics
     writer: Any  # clinicloop.store.writer.LogWriter; typed loosely to keep the store optional
     request_timeout_s: float
+    maintenance: Maintenance | None = None
 
 
 class GenerationRun:
@@ -135,11 +139,18 @@ class GenerationRun:
         routed), start `start(engine)` on that version's engine and pull its first event, so
         that a bad request or a full server is an HTTP error rather than a broken stream.
         Choosing on admission means a request queued across a swap starts on the new version
-        (unless its conversation began on the old one)."""
+        (unless its conversation began on the old one). During a maintenance window the
+        request first gets the window's treatment: refused, queued until the window closes, or
+        served by the fallback (whatever it pinned; logged as the fallback's version)."""
         try:
             pinned = await self.s.engine.resolve(self.requested_model)
         except EngineError as exc:
             raise OpenAIError.from_engine(exc) from None
+        if self.s.maintenance is not None:
+            fallback = await self.s.maintenance.admit(self.started + self.s.request_timeout_s)
+            if fallback is not None:
+                self.s = replace(self.s, engine=fallback.engine, admission=fallback.admission)
+                pinned = None
         if pinned is not None:
             self.response_model = f"{self.model}@{pinned}"
         queued_s = await self.s.admission.acquire()

@@ -31,6 +31,14 @@ refused there too: the old version keeps serving and the file is set back.
 
 A start that fails closes whatever it had started (a launched upstream's process group included).
 Versions are registered only once their files pass `artifacts.py`'s checks.
+
+A maintenance window (its caller drains the requests first) `suspend`s the engine to free the
+accelerator for training, the backend's way (`Backend.release_mode`): `sleep` (vLLM sleeps in
+place; on wake every loaded adapter is loaded again), `stop` (every version engine and what the
+backend started are closed, as `close` does; `resume` starts them again as `start` does, and a
+conversation pinned to a version no longer loaded starts over), or `kept` (nothing to free).
+While released, requests are refused (503), changes are refused (`EngineReleased`), the
+registry file is not followed, and `resume` serves what it names then.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from clinicloop.backends.base import (
     SamplingParams,
     Tokens,
 )
-from clinicloop.backends.kinds import BACKENDS, open_backend
+from clinicloop.backends.kinds import BACKENDS, ReleaseMode, open_backend
 from clinicloop.backends.registry import (
     Canary,
     Registry,
@@ -74,6 +82,14 @@ log = logging.getLogger(__name__)
 
 class VersionLoadError(Exception):
     """A version's engine failed to load; nothing was changed."""
+
+
+class EngineReleased(Exception):
+    """A change refused while the engine is released for maintenance (`suspend`)."""
+
+
+#: Why a request is refused (503) while the engine is released.
+RELEASED = "the engine is released for maintenance"
 
 
 @dataclass
@@ -120,6 +136,7 @@ class VersionedEngine(Engine):
         self._staged: set[str] = set()
         self._follow_interval_s = follow_interval_s
         self._follower: asyncio.Task[None] | None = None
+        self._released: ReleaseMode | None = None
 
     @property  # type: ignore[override]
     def model_version(self) -> str:
@@ -132,6 +149,11 @@ class VersionedEngine(Engine):
     @property
     def canary(self) -> Canary | None:
         return self._canary
+
+    @property
+    def released(self) -> ReleaseMode | None:
+        """How the engine is released for maintenance; None while it serves."""
+        return self._released
 
     def loaded(self) -> dict[str, int]:
         """Loaded version ids and the requests each is serving now."""
@@ -184,8 +206,54 @@ class VersionedEngine(Engine):
 
     async def _close_engines(self) -> None:
         slots, self._slots = list(self._slots.values()), {}
+        for slot in slots:
+            self._closed_stats.update(slot.engine.stats())
         await asyncio.gather(*(s.engine.close() for s in slots), *self._closing)
         await self.backend.close()
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    async def suspend(self) -> ReleaseMode:
+        """Free what the served versions hold on the accelerator. The caller has drained
+        requests first (none in flight). Idempotent (returns the current mode if released)."""
+        async with self._changing:
+            if self._released is not None:
+                return self._released
+            mode = self.backend.release_mode
+            if mode == "sleep":
+                await self.backend.sleep()  # if it fails, nothing was released
+            # Before a stop, so that one which fails half-way can still be resumed.
+            self._released = mode
+            if mode == "stop":
+                await self._close_engines()
+        log.info("engine released for maintenance (%s)", mode)
+        return mode
+
+    async def resume(self) -> None:
+        """Wake or restart, then serve what the registry names now (active + canary, loaded
+        first), exactly as start does. Idempotent (no-op while serving)."""
+        async with self._changing:
+            mode = self._released
+            if mode is None:
+                return
+            try:
+                if mode == "stop":
+                    try:
+                        await self._start()
+                    except BaseException:
+                        await self._close_engines()  # released still: resume may be tried again
+                        raise
+                    for version in [v for v in self._pinned if v not in self._slots]:
+                        self._unpin(version)
+                else:
+                    if mode == "sleep":
+                        await self.backend.wake([s.engine for s in self._slots.values()])
+                    await self._apply_registry()
+            finally:
+                self._staged.clear()
+                self._retire()
+            self._released = None
+        log.info("engine resumed after maintenance (%s): %s active", mode, self._active)
 
     def memory(self) -> dict[str, Any]:
         """What the loaded versions take (the backend's account) and which are loaded."""
@@ -194,7 +262,7 @@ class VersionedEngine(Engine):
 
     def healthy(self) -> bool:
         slot = self._slots.get(self._active or "")
-        return slot is not None and slot.engine.healthy()
+        return self._released is None and slot is not None and slot.engine.healthy()
 
     def stats(self) -> dict[str, int]:
         total = Counter(self._closed_stats)
@@ -226,8 +294,12 @@ class VersionedEngine(Engine):
 
     @asynccontextmanager
     async def _change(self) -> AsyncIterator[None]:
-        """One change at a time; however it ends, engines nothing needs any more are closed."""
+        """One change at a time, refused while released; however it ends, engines nothing
+        needs any more are closed."""
         async with self._changing:
+            if self._released is not None:
+                raise EngineReleased(f"{RELEASED} ({self._released}); changes wait until it "
+                                     "resumes")
             try:
                 yield
             finally:
@@ -318,11 +390,13 @@ class VersionedEngine(Engine):
         while True:
             await asyncio.sleep(self._follow_interval_s)
             now = await asyncio.to_thread(self._stamp)
-            if now == stamp:
-                continue
+            if now == stamp or self._released is not None:
+                continue  # while released: `resume` serves the registry as it is then
             stamp = now
             try:
                 await self.follow_registry()
+            except EngineReleased:
+                pass  # released meanwhile: `resume` serves it
             except Exception as exc:  # the next change is tried again
                 log.error("registry change not applied: %s: %s", type(exc).__name__, exc)
 
@@ -331,22 +405,25 @@ class VersionedEngine(Engine):
         what is served: loaded first; an active version that does not load is refused and the
         file set back to the version serving."""
         async with self._change():
-            state = await asyncio.to_thread(self.registry.read)
-            if state.active is None or (state.active, state.canary) == (self._active,
-                                                                         self._canary):
-                return
-            try:
-                await self._load(state.version(state.active))
-            except (VersionLoadError, RegistryError) as exc:
-                log.error("registry names %s active, which is refused: %s; %s keeps serving",
-                          state.active, exc, self._active)
-                await asyncio.to_thread(self._set_back, state.active)
-                return
-            # An activation records the version it replaces just before it; anything else
-            # (a rollback) took this one out of service.
-            replaced = len(state.history) > 1 and state.history[-2].version == self._active
-            canary = await self._loaded_canary(state.canary)
-            self._point(state.active, canary, retired=None if replaced else self._active)
+            await self._apply_registry()
+
+    async def _apply_registry(self) -> None:
+        """`follow_registry`'s steps, under the change lock."""
+        state = await asyncio.to_thread(self.registry.read)
+        if state.active is None or (state.active, state.canary) == (self._active, self._canary):
+            return
+        try:
+            await self._load(state.version(state.active))
+        except (VersionLoadError, RegistryError) as exc:
+            log.error("registry names %s active, which is refused: %s; %s keeps serving",
+                      state.active, exc, self._active)
+            await asyncio.to_thread(self._set_back, state.active)
+            return
+        # An activation records the version it replaces just before it; anything else
+        # (a rollback) took this one out of service.
+        replaced = len(state.history) > 1 and state.history[-2].version == self._active
+        canary = await self._loaded_canary(state.canary)
+        self._point(state.active, canary, retired=None if replaced else self._active)
         log.info("registry followed: %s active, canary %s", state.active,
                  canary and canary.version)
 
@@ -387,6 +464,8 @@ class VersionedEngine(Engine):
         """The engine that serves this conversation's next request, or the pinned `version`
         (which leaves the conversation's own pin as it was), referenced until the lease is
         released."""
+        if self._released is not None:
+            raise EngineUnavailable(RELEASED)
         if version is not None:
             slot = await self._hold(version)
         else:
@@ -402,15 +481,18 @@ class VersionedEngine(Engine):
         the admin routes load (it is unloaded again once idle, unless it serves by then)."""
         slot = self._slots.get(version_id)
         if slot is None:
-            async with self._change():
-                try:
-                    slot = await self._load(await self._version(version_id))
-                except UnknownVersion:  # removed since it was resolved
-                    raise ModelNotFound(version_id) from None
-                except VersionLoadError as exc:
-                    raise EngineError(str(exc), status=422, code="version_load_failed",
-                                      param="model") from None
-                slot.in_flight += 1  # before the change ends, which retires what is idle
+            try:
+                async with self._change():
+                    try:
+                        slot = await self._load(await self._version(version_id))
+                    except UnknownVersion:  # removed since it was resolved
+                        raise ModelNotFound(version_id) from None
+                    except VersionLoadError as exc:
+                        raise EngineError(str(exc), status=422, code="version_load_failed",
+                                          param="model") from None
+                    slot.in_flight += 1  # before the change ends, which retires what is idle
+            except EngineReleased:  # released while this request waited for the change lock
+                raise EngineUnavailable(RELEASED) from None
         else:
             slot.in_flight += 1
         return slot

@@ -3,7 +3,9 @@
 through the gateway; peft adapters are loaded into the running vLLM at runtime
 (`/v1/load_lora_adapter`, then `load_inplace` under the same name) and hot-swapped in through the
 gateway's admin API; several streamed chats run at once (the gateway admits the profile's
-`--max-num-seqs`, vLLM batches them); stopping the gateway leaves no vLLM process behind.
+`--max-num-seqs`, vLLM batches them); a refresh in a maintenance window stops vLLM for training
+and starts it again, with requests meanwhile queued, refused or sent to a fallback, none lost
+from the log; stopping the gateway leaves no vLLM process behind.
 Startup time and memory go to var/vllm_cpu_e2e/ (JSON and a summary). Also: the rtx4090
 profile's command parses with vLLM's own `vllm serve` parser into the engine arguments it
 means."""
@@ -75,6 +77,9 @@ class Gateway:
     def log(self) -> str:
         return self.server.log()
 
+    def upstream_procs(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             # SIGTERM the gateway only: stopping vLLM is its supervisor's job.
@@ -86,13 +91,26 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, bench, vllm_cpu_python) -> Iterator[Gateway]:
+def fallback(tmp_path_factory, tiny_model) -> Iterator[Server]:
+    """What answers while a maintenance window has vLLM stopped: the tiny GGUF on the CPU."""
+    server = start_server(tmp_path_factory.mktemp("fallback"), {
+        "CLINICLOOP_ENGINE__MODEL_PATH": str(tiny_model.gguf_q8_0),
+        "CLINICLOOP_ENGINE__SERVED_MODEL_NAME": "tiny-fallback"})
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, bench, vllm_cpu_python, fallback) -> Iterator[Gateway]:
     work = tmp_path_factory.mktemp("vllm-gateway")
     vllm_port = free_port()
     started = time.monotonic()
     server = start_server(work, {
         "CLINICLOOP_SERVER__API_KEYS": json.dumps([CLIENT_KEY]),
         "CLINICLOOP_SERVER__ADMIN_KEYS": json.dumps([ADMIN_KEY]),
+        "CLINICLOOP_SERVER__MAINTENANCE__FALLBACK_URL": fallback.base_url + "/v1",
+        # A request queued by a maintenance window waits out training and a vLLM restart.
+        "CLINICLOOP_SERVER__REQUEST_TIMEOUT_S": "900",
         "CLINICLOOP_ENGINE__SERVED_MODEL_NAME": "bench",
         "CLINICLOOP_ENGINE__VLLM_PORT": str(vllm_port),
         "CLINICLOOP_ENGINE__VLLM_LAUNCHER": json.dumps(
@@ -101,7 +119,7 @@ def gateway(tmp_path_factory, bench, vllm_cpu_python) -> Iterator[Gateway]:
     }, args=("--engine", "vllm", "--profile", "cpu", "--model", str(bench.hf_dir)),
         deadline_s=900)
     gw = Gateway(server, f"http://127.0.0.1:{vllm_port}/v1")
-    gw.vllm_procs = psutil.Process(gw.proc.pid).children(recursive=True)
+    gw.vllm_procs = gw.upstream_procs()
     _record(time.monotonic() - started, gw.vllm_procs, vllm_cpu_python)
     yield gw
     gw.stop()
@@ -375,15 +393,9 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     from clinicloop.config import EngineSettings
     from clinicloop.rl.config import PaperGRPOConfig
     from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
-    from clinicloop.rl.stages import red_flag_rows
 
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
-    for i, row in enumerate(red_flag_rows(24)):
-        client.chat.completions.create(
-            model="bench", messages=row["prompt"], temperature=0, max_tokens=16,
-            extra_body=GATEWAY_NO_THINKING, extra_headers={"x-conversation-id": f"refresh-{i}"})
-    db = gateway.workdir / "clinicloop.db"
-    wait_until(lambda: _logged(db) >= 24, 30, "the consultations logged")
+    db = _consultations_logged(gateway)
 
     job = refresh(
         Paths(store_url=f"sqlite:///{db}", registry_dir=gateway.workdir / "var" / "registry",
@@ -409,6 +421,22 @@ def test_refresh_publishes_an_adapter_into_the_running_vllm(gateway, tmp_path):
     wait_until(lambda: _versions(db).get(stored) == vid, 30, "logged under it")
 
 
+def _consultations_logged(gateway: Gateway) -> Path:
+    """Red-flag consultations through the gateway, logged in its store (what a refresh trains
+    on; the same ones again are duplicates the refresh drops); the store's path."""
+    from clinicloop.rl.stages import red_flag_rows
+
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    db = gateway.workdir / "clinicloop.db"
+    logged = _logged(db)
+    for i, row in enumerate(red_flag_rows(24)):
+        client.chat.completions.create(
+            model="bench", messages=row["prompt"], temperature=0, max_tokens=16,
+            extra_body=GATEWAY_NO_THINKING, extra_headers={"x-conversation-id": f"refresh-{i}"})
+    wait_until(lambda: _logged(db) >= logged + 24, 30, "the consultations logged")
+    return db
+
+
 def _logged(db: Path) -> int:
     import sqlite3
 
@@ -421,6 +449,125 @@ def _versions(db: Path) -> dict[str, str]:
 
     with sqlite3.connect(db) as conn:
         return dict(conn.execute("select conversation_id, model_version from turns"))
+
+
+
+def _maintenance(gateway: Gateway, method: str = "GET", **body) -> dict:
+    response = httpx.request(method, gateway.url + "/admin/v1/maintenance", timeout=900,
+                             headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                             json=body or None)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _gateway_chat(gateway: Gateway, conversation: str) -> httpx.Response:
+    return httpx.post(gateway.url + "/v1/chat/completions", timeout=900, headers={
+        "authorization": f"Bearer {CLIENT_KEY}", "x-conversation-id": conversation}, json={
+        "model": "bench", "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+        **GATEWAY_NO_THINKING})
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    """The processes of `procs` still running (a zombie holds no memory: it only waits for a
+    parent, here possibly a container's init, to reap it)."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.pid} {p.name()} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_refresh_in_a_maintenance_window_stops_and_restarts_vllm(gateway, tmp_path):
+    """`rl refresh --window` on the managed vllm-cpu: vLLM is stopped for training (vllm-cpu has
+    no sleep mode) and started again for the candidate; a request sent meanwhile is queued,
+    then answered by the new adapter version and logged; the new adapter serves afterwards."""
+    from clinicloop.rl.config import PaperGRPOConfig
+    from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
+    from clinicloop.rl.window import WindowOptions
+
+    db = _consultations_logged(gateway)
+    before = gateway.upstream_procs()
+
+    def run():
+        return refresh(
+            Paths(store_url=f"sqlite:///{db}", registry_dir=gateway.workdir / "var" / "registry",
+                  runs_dir=tmp_path / "runs", models_dir=ROOT / "var" / "models",
+                  server_url=gateway.url, admin_key=ADMIN_KEY,
+                  engine=EngineSettings(upstream_url=gateway.vllm_url),
+                  window=WindowOptions(treatment="queue", expected_s=900, lease_s=60)),
+            RefreshOptions(stage="rule", margin=1.0, eval_max_tokens=16,
+                           grpo=PaperGRPOConfig(max_steps=2, max_completion_length=16)),
+            progress=False)
+
+    pool = ThreadPoolExecutor(2)
+    job_done = pool.submit(run)
+
+    def window_open() -> bool:
+        if job_done.done():
+            job_done.result()  # raises what ended the job early
+            raise AssertionError("the refresh finished without a window seen open")
+        return (_maintenance(gateway)["window"] or {}).get("engine") == "stop"
+
+    wait_until(window_open, 600, "the window open and vLLM stopped")
+    assert not _alive(before)  # the whole process group, engine core included
+    asked = pool.submit(_gateway_chat, gateway, "queued")
+    job = job_done.result(900)
+    reply = asked.result(300)
+    pool.shutdown()
+    assert job.state.finished and job.state.swapped == "activated", job.state
+    (window,) = job.state.windows
+    assert window["treatment"] == "queue" and window["closed_by"] == "admin"
+    assert window["released"] == "stop"  # vllm-cpu has no sleep mode
+    assert window["counts"]["queued"] == 1
+    assert reply.status_code == 200, reply.text
+    stored = stored_conversation_id(CLIENT_KEY, "queued")
+    wait_until(lambda: _versions(db).get(stored) == job.state.version_id, 30,
+               "the queued request logged under the new version")
+    vllm = openai.OpenAI(base_url=gateway.vllm_url, api_key="unused", max_retries=0)
+    assert job.state.version_id in {m.id for m in vllm.models.list().data}
+    gateway.vllm_procs = gateway.upstream_procs()
+    assert not {p.pid for p in before} & {p.pid for p in gateway.vllm_procs}  # a new vLLM
+
+
+def _treated(gateway: Gateway, treatment: str, opened: dict) -> None:
+    """A request during the window gets `treatment`, with vLLM stopped."""
+    db = gateway.workdir / "clinicloop.db"
+    assert opened["engine"] == "stop"
+    assert not _alive(gateway.vllm_procs)
+    reply = _gateway_chat(gateway, f"window-{treatment}")
+    stored = stored_conversation_id(CLIENT_KEY, f"window-{treatment}")
+    if treatment == "refuse":
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "maintenance"
+        assert 1 <= int(reply.headers["retry-after"]) <= 120
+    else:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model"] == "bench"
+        wait_until(lambda: _versions(db).get(stored, "").startswith("fallback:"), 30,
+                   "the fallback's answer logged")
+
+
+@pytest.mark.parametrize("treatment", ["refuse", "fallback"])
+def test_window_treatments_in_front_of_a_stopped_vllm(gateway, treatment):
+    """The other two treatments, each in a window that stops vLLM and starts it again: refused
+    with 503 and retry-after; or answered by the fallback (the tiny GGUF) and logged as such.
+    Afterwards the active version serves again."""
+    db = gateway.workdir / "clinicloop.db"
+    opened = _maintenance(gateway, "POST", treatment=treatment, expected_s=120, lease_s=300)
+    try:
+        _treated(gateway, treatment, opened)
+    finally:
+        closed = _maintenance(gateway, "DELETE")
+    assert closed["counts"]["refused" if treatment == "refuse" else "fallback"] == 1
+    gateway.vllm_procs = gateway.upstream_procs()
+    active = httpx.get(gateway.url + "/admin/v1/versions", timeout=30,
+                       headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()["active"]
+    after = _gateway_chat(gateway, f"after-{treatment}")
+    assert after.status_code == 200, after.text
+    stored = stored_conversation_id(CLIENT_KEY, f"after-{treatment}")
+    wait_until(lambda: _versions(db).get(stored) == active, 30, "served by the active version")
 
 
 def test_stopping_the_gateway_stops_vllm(gateway):
@@ -450,7 +597,8 @@ args.model = args.model_tag or args.model
 engine = AsyncEngineArgs.from_cli_args(args)
 fields = ["model", "quantization", "kv_cache_dtype", "max_model_len", "max_num_seqs",
           "gpu_memory_utilization", "enable_lora", "max_loras", "max_lora_rank",
-          "max_num_batched_tokens", "enable_prefix_caching", "speculative_config"]
+          "max_num_batched_tokens", "enable_prefix_caching", "speculative_config",
+          "enable_sleep_mode"]
 print(json.dumps({**{f: getattr(engine, f) for f in fields},
                   "reasoning_parser": args.reasoning_parser}, default=str))
 """
@@ -459,14 +607,16 @@ print(json.dumps({**{f: getattr(engine, f) for f in fields},
 def test_rtx4090_command_parses_with_vllms_own_parser(tmp_path, vllm_cpu_python):
     python = vllm_cpu_python
     model = _checkpoint(tmp_path / "Qwen2.5-32B-Instruct-AWQ", QWEN_32B_AWQ)
-    launch = build_launch(EngineSettings(), str(model), "rtx4090")
-    assert launch.command[:4] == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", "vllm", "serve"]
+    # With sleep mode, which a maintenance window uses on a GPU (vllm-cpu only parses it here).
+    launch = build_launch(EngineSettings(vllm_sleep_mode=True), str(model), "rtx4090")
+    assert launch.command[:5] == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                                  "VLLM_SERVER_DEV_MODE=1", "vllm", "serve"]
 
     def parse(argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(python), "-c", PARSE_SERVE, *argv], capture_output=True,
                               text=True, timeout=300)
 
-    done = parse(launch.command[3:])
+    done = parse(launch.command[4:])
     assert done.returncode == 0, done.stderr[-3000:]
     parsed = json.loads(done.stdout.strip().splitlines()[-1])
     assert parsed == {
@@ -474,7 +624,7 @@ def test_rtx4090_command_parses_with_vllms_own_parser(tmp_path, vllm_cpu_python)
         "max_model_len": int(_flag(launch.command, "--max-model-len")),
         "max_num_seqs": 7, "gpu_memory_utilization": 0.9, "enable_lora": True, "max_loras": 2,
         "max_lora_rank": 16, "max_num_batched_tokens": 2048, "enable_prefix_caching": True,
-        "speculative_config": None, "reasoning_parser": "qwen3"}
+        "speculative_config": None, "enable_sleep_mode": True, "reasoning_parser": "qwen3"}
     # The check has teeth: a value vLLM does not know is refused.
-    bad = parse([*launch.command[3:], "--kv-cache-dtype", "fp9"])
+    bad = parse([*launch.command[4:], "--kv-cache-dtype", "fp9"])
     assert bad.returncode != 0 and "fp9" in bad.stderr

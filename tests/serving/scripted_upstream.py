@@ -24,6 +24,11 @@ reaches the gateway's log. Scenarios:
 - `think_call` (chat): reasoning_content holding a whole `<tool_call>` block (what vLLM's
   reasoning parser passes on when a model calls inside `<think>`), then content, finish `stop`
 - `bad_tool_call` (chat): a tool call piece whose index is not an integer
+
+Beside generation it serves vLLM's runtime LoRA routes (`POST /v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`: the adapter names are recorded in order, `GET /lora_calls` lists them)
+and its sleep-mode routes (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`): while asleep,
+generation is answered 503, where a sleeping vLLM would not serve it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "scripted"
+
+
+class _State:
+    """What the process remembers between requests (one process per upstream)."""
+
+    def __init__(self) -> None:
+        self.asleep = False
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+
+
+STATE = _State()
 _SCENARIO = re.compile(r"@@([a-z0-9_]+(?::[a-z0-9_]+)?)@@")
 
 
@@ -51,14 +68,33 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") != "/v1/models":
+        path = self.path.rstrip("/")
+        if path == "/is_sleeping":
+            self._json(200, {"is_sleeping": STATE.asleep})
+        elif path == "/lora_calls":
+            self._json(200, {"load": STATE.loads, "unload": STATE.unloads})
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        else:
             self._json(404, {"error": {"message": "not found"}})
-            return
-        self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     def do_POST(self) -> None:
         raw = self.rfile.read(int(self.headers.get("content-length") or 0))
         text = raw.decode("utf-8", "replace")
+        path = self.path.split("?")[0]
+        if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            name = json.loads(raw)["lora_name"]
+            (STATE.loads if path.endswith("/load_lora_adapter") else STATE.unloads).append(name)
+            self._json(200, {"status": "Success"})
+            return
+        if path in ("/sleep", "/wake_up"):
+            STATE.asleep = path == "/sleep"
+            self._json(200, {"status": "sleeping" if STATE.asleep else "awake"})
+            return
+        if STATE.asleep:
+            self._json(503, {"error": {"message": "the engine is sleeping",
+                                       "type": "ServiceUnavailableError", "code": 503}})
+            return
         found = _SCENARIO.search(text)
         scenario = found.group(1) if found else "ok"
         chat = self.path.endswith("/chat/completions")

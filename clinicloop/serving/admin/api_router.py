@@ -4,7 +4,7 @@ Every change answers with the full version list, so a caller sees what it did. F
 OpenAI-shaped errors: 404 unknown version, 409 id taken by other files or a version in use (which
 cannot be removed), 400 a change the registry refuses, 422 a version whose files are not a
 loadable model or adapter, refused at registration or when it is first loaded (and the old
-version keeps serving).
+version keeps serving), 409 a change while the engine is released for a maintenance window.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from clinicloop.serving.admin.protocol import (
     VersionList,
 )
 from clinicloop.serving.errors import OpenAIError
-from clinicloop.serving.versions import VersionedEngine, VersionLoadError
+from clinicloop.serving.versions import EngineReleased, VersionedEngine, VersionLoadError
 
 
-def _admin(request: Request) -> None:
+def admin_only(request: Request) -> None:
     # A dependency runs before the body is validated: a non-admin caller gets 403, not a 400.
     request.app.state.keys.caller(request, admin=True)
 
 
-router = APIRouter(prefix="/admin/v1", dependencies=[Depends(_admin)])
+router = APIRouter(prefix="/admin/v1", dependencies=[Depends(admin_only)])
 
 
 def _versions(request: Request) -> VersionedEngine:
@@ -65,6 +65,8 @@ def _errors() -> Iterator[None]:
         raise OpenAIError(400, str(exc), code="invalid_version") from None
     except VersionLoadError as exc:
         raise OpenAIError(422, str(exc), code="version_load_failed") from None
+    except EngineReleased as exc:
+        raise OpenAIError(409, str(exc), code="engine_released") from None
 
 
 async def _listing(versions: VersionedEngine) -> VersionList:
@@ -119,7 +121,8 @@ async def set_canary(body: CanaryRequest, request: Request) -> VersionList:
 @router.delete("/canary")
 async def clear_canary(request: Request) -> VersionList:
     versions = _versions(request)
-    await versions.clear_canary()
+    with _errors():
+        await versions.clear_canary()
     return await _listing(versions)
 
 
