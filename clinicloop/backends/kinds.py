@@ -21,8 +21,8 @@ and the RL refresh (`rl/refresh.py`) call these methods; neither asks which kind
 A maintenance window frees what a backend holds on the accelerator as its `release_mode` says:
 `stop` (its owner closes the version engines, then `close`; `start` again after: llama.cpp frees
 its bases, a launched upstream's process group is stopped and launched again), `sleep` (a vLLM
-launched with `engine.vllm_sleep_mode` sleeps and wakes in place: `sleep`, `wake`), or `kept` (an
-upstream clinicloop did not launch: nothing here can be freed).
+launched with `engine.vllm_sleep_mode` sleeps and wakes in place: `release`, `restore`), or
+`kept` (an upstream clinicloop did not launch: nothing here can be freed).
 """
 
 from __future__ import annotations
@@ -113,13 +113,16 @@ class Backend(abc.ABC):
         """How a maintenance window frees what this backend holds on the accelerator."""
         return "stop"
 
-    async def sleep(self) -> None:
-        """`release_mode` sleep: free the accelerator; the version engines stay open."""
-        raise NotImplementedError(f"the {self.kind} backend has no sleep mode")
+    async def release(self) -> None:
+        """Free in place what `release_mode` frees without closing anything (a vLLM's sleep).
+        Nothing here otherwise: under `stop` the owner closes the version engines and then
+        this backend; under `kept` nothing can be freed."""
+        return None
 
-    async def wake(self, engines: list[Engine]) -> None:
-        """After `sleep`: serve again, with `engines` (the versions left open) as they were."""
-        raise NotImplementedError(f"the {self.kind} backend has no sleep mode")
+    async def restore(self, engines: list[Engine]) -> None:
+        """Undo `release` when the version engines were left open (`sleep`, `kept`), so that
+        `engines` serve as they did."""
+        return None
 
     def check_serves(self, version: Version) -> None:
         if version.backend not in self.serves:
@@ -303,10 +306,13 @@ class VllmBackend(OpenAIBackend):
     def release_mode(self) -> ReleaseMode:
         return "sleep" if self.settings.vllm_sleep_mode else super().release_mode
 
-    async def sleep(self) -> None:
-        await self.upstream.sleep()
+    async def release(self) -> None:
+        if self.release_mode == "sleep":
+            await self.upstream.sleep()
 
-    async def wake(self, engines: list[Engine]) -> None:
+    async def restore(self, engines: list[Engine]) -> None:
+        if self.release_mode != "sleep":
+            return
         await self.upstream.wake_up()
         # Each version loads its adapter again (`load_inplace`: harmless where it survived).
         for engine in engines:

@@ -220,8 +220,7 @@ class VersionedEngine(Engine):
             if self._released is not None:
                 return self._released
             mode = self.backend.release_mode
-            if mode == "sleep":
-                await self.backend.sleep()  # if it fails, nothing was released
+            await self.backend.release()  # if a sleep fails, nothing was released
             # Before a stop, so that one which fails half-way can still be resumed.
             self._released = mode
             if mode == "stop":
@@ -246,8 +245,7 @@ class VersionedEngine(Engine):
                     for version in [v for v in self._pinned if v not in self._slots]:
                         self._unpin(version)
                 else:
-                    if mode == "sleep":
-                        await self.backend.wake([s.engine for s in self._slots.values()])
+                    await self.backend.restore([s.engine for s in self._slots.values()])
                     await self._apply_registry()
             finally:
                 self._staged.clear()

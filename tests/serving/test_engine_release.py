@@ -127,15 +127,25 @@ async def _with_adapter_version(versions: VersionedEngine, tmp_path: Path, vid: 
     await versions.activate(vid)
 
 
+async def _upstream_with_v1(settings: Settings, tmp_path: Path) -> VersionedEngine:
+    """A started VersionedEngine on the scripted upstream, serving the adapter version v1."""
+    versions = VersionedEngine(settings, Registry(tmp_path / "registry"))
+    await versions.start()
+    try:
+        await _with_adapter_version(versions, tmp_path, "v1")
+    except BaseException:
+        await versions.close()
+        raise
+    return versions
+
+
 def test_supervised_upstream_is_stopped_and_launched_again(tmp_path, caplog):
     settings, url = _upstream_settings(tmp_path, kind="openai")
 
     async def main() -> None:
-        versions = VersionedEngine(settings, Registry(tmp_path / "registry"))
-        await versions.start()
+        versions = await _upstream_with_v1(settings, tmp_path)
+        supervisor = versions.backend.upstream.supervisor  # type: ignore[attr-defined]
         try:
-            supervisor = versions.backend.upstream.supervisor  # type: ignore[attr-defined]
-            await _with_adapter_version(versions, tmp_path, "v1")
             assert _lora_loads(url) == ["v1"]
             pid, launches = supervisor.pid, supervisor.launches
             children = psutil.Process(pid).children(recursive=True)
@@ -172,11 +182,9 @@ def test_vllm_sleep_mode_sleeps_in_place_and_serves_the_registry_after(tmp_path)
     root = url.removesuffix("/v1")
 
     async def main() -> None:
-        versions = VersionedEngine(settings, Registry(tmp_path / "registry"))
-        await versions.start()
+        versions = await _upstream_with_v1(settings, tmp_path)
+        supervisor = versions.backend.upstream.supervisor  # type: ignore[attr-defined]
         try:
-            supervisor = versions.backend.upstream.supervisor  # type: ignore[attr-defined]
-            await _with_adapter_version(versions, tmp_path, "v1")
             pid = supervisor.pid
 
             assert await versions.suspend() == "sleep"
