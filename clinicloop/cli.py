@@ -158,10 +158,13 @@ def serve(
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings, on_load_failure=stop), host=settings.server.host,
         port=settings.server.port, log_level="info", log_config=log_config))
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit on a failed start-up; `failure` says why in one line
+        if not failure:
+            raise
     if failure:
-        typer.echo(f"clinicloop serve: the engine could not start: "
-                   f"{failure[0].splitlines()[0]}", err=True)
+        typer.echo(f"clinicloop serve: {failure[0].splitlines()[0]}", err=True)
         raise typer.Exit(1)
     if not server.started:
         raise typer.Exit(3)  # uvicorn's own exit code for a server that could not start
@@ -231,17 +234,34 @@ def verify_score(
     store_url: Annotated[str | None, typer.Option(
         help="The store (default: store.url from the settings).")] = None,
     judge_key: Annotated[str | None, _key_option("--judge-key", "--judge-url")] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: only turns whose id hashes to shard I of N (an Indexed Job: "
+             "$(JOB_COMPLETION_INDEX)/N).")] = None,
+    worker: Annotated[str | None, typer.Option(
+        help="This scorer's name on its claims (default: <hostname>-<pid>).")] = None,
+    lease_s: Annotated[float, typer.Option(
+        min=1, help="How long a claim keeps other scorers off a turn; a killed scorer's turns "
+                    "go to the next scorer after it. Must outlast grading one page.")] = 900.0,
+    page: Annotated[int, typer.Option(
+        min=1, help="Turns claimed and graded at a time; smaller pages spread turns more "
+                    "evenly over scorers.")] = 64,
 ) -> None:
     """Score logged conversations not yet scored: generate or reuse rubrics, judge every item,
     write verdicts and scores back to the store. Resumable: finished verdicts are never redone.
     Only client traffic is scored: turns a service key or `X-Clinicloop-Origin: service` marked
-    (the judge's own calls, the simulator's, benchmarks') are left out."""
+    (the judge's own calls, the simulator's, benchmarks') are left out. Several scorers may run
+    at once on one store: each claims the turns it grades, so no turn is graded twice."""
     from datetime import datetime
     from typing import get_args
 
+    from clinicloop.store.claims import Shard
     from clinicloop.verifier.judge import Template
     from clinicloop.verifier.score_logs import format_summary, score_store
 
+    try:
+        slice_ = None if shard is None else Shard.parse(shard)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard") from None
     templates = get_args(Template)
     if template not in templates:
         raise UserError(f"--template must be one of {', '.join(templates)}, not {template!r}")
@@ -254,7 +274,8 @@ def verify_score(
     summary = score_store(store_url or settings.store.url, judge_url,
                           models_dir=settings.models_dir, judge_key=judge_key,
                           template=cast(Template, template), since=start,
-                          model_version=model_version, limit=limit, out=out)
+                          model_version=model_version, limit=limit, worker=worker,
+                          lease_s=lease_s, shard=slice_, page_size=page, out=out)
     typer.echo(format_summary(summary))
 
 
@@ -469,6 +490,10 @@ def rl_refresh(
         "--qlora", help="Train QLoRA: the base in 4 bits (bitsandbytes NF4, double quantisation) "
                         "on the CUDA GPU, so a base too large for 16 bits trains on the card "
                         "that serves it; without CUDA the base trains unquantised.")] = False,
+    train_processes: Annotated[int, typer.Option(
+        "--train-processes", min=1,
+        help="Run the training step in N data-parallel processes through `accelerate launch` "
+             "(one per GPU of a multi-GPU node); the other steps stay in this process.")] = 1,
 ) -> None:
     """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
     serving version -> publish and hot-swap. Resumable: re-run after a crash to continue. With
@@ -487,7 +512,7 @@ def rl_refresh(
 
     if abandon:
         try:
-            with refresh_lock(runs_dir):
+            with refresh_lock(runs_dir, Settings().store.url):
                 gone = abandon_run(runs_dir, run_id)
         except (RefreshBusy, ValueError, FileNotFoundError) as exc:
             typer.echo(f"rl refresh: {exc}", err=True)
@@ -501,7 +526,7 @@ def rl_refresh(
     try:
         options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
                                  canary_share=canary_share, judge_url=judge_url,
-                                 publish=publish,
+                                 publish=publish, train_processes=train_processes,
                                  grpo=PaperGRPOConfig(max_steps=steps, qlora=qlora))
         window_options = WindowOptions(
             treatment=window_treatment, expected_s=window_minutes * 60,
@@ -515,6 +540,7 @@ def rl_refresh(
     engine = settings.engine.model_copy(update={
         "upstream_url": upstream_url or settings.engine.upstream_url})
     paths = Paths(store_url=settings.store.url, registry_dir=settings.registry.dir,
+                  registry_storage=settings.registry.storage,
                   runs_dir=runs_dir, models_dir=settings.models_dir, server_url=server_url,
                   admin_key=os.environ.get("CLINICLOOP_ADMIN_KEY"), judge_api_key=judge_key,
                   engine=engine, window=window_options)

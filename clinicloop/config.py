@@ -148,6 +148,13 @@ class EngineSettings(BaseModel):
         "(`POST /sleep?level=1`: weights offloaded to CPU RAM, KV cache dropped) and wakes it "
         "after, instead of stopping and restarting the process."
     )
+    lora_resolver_dir: Path | None = Field(
+        None, description="`openai`/`vllm`: a directory shared with every vLLM replica, mounted "
+        "at the same path in each. Before an adapter version is loaded it is copied there as "
+        "`<dir>/<version id>/` and loaded from that copy, so vLLM's `lora_filesystem_resolver` "
+        "plugin (`VLLM_PLUGINS=lora_filesystem_resolver`, `VLLM_LORA_RESOLVER_CACHE_DIR=<dir>`) "
+        "loads it by name on a replica that did not get the load call."
+    )
 
 
 class StoreSettings(BaseModel):
@@ -180,6 +187,13 @@ class StoreSettings(BaseModel):
     flush_interval_s: float = Field(
         0.2, description="Longest a record waits for a batch (`async`; `ack` never waits).")
     retry_interval_s: float = Field(1.0, description="How often a down store is retried.")
+    adopt_spools: bool = Field(
+        False,
+        description="Also replay the other spools in `spool_path`'s directory that no running "
+        "process holds (a replica that is gone, e.g. a deleted pod on a shared volume). Each "
+        "replica needs a `spool_path` of its own (named by pod); one held by another process is "
+        "refused at start.",
+    )
 
 
 class MaintenanceSettings(BaseModel):
@@ -240,9 +254,22 @@ class ServerSettings(BaseModel):
 class RegistrySettings(BaseModel):
     dir: Path = Field(
         Path("var/registry"),
-        description="Where the model registry (`registry.json`) lives. On first start the "
-        "configured model is registered there as version `base`; afterwards the registry's "
-        "active version is served.",
+        description="Where the model registry (`registry.json`) lives with `storage` `file`. On "
+        "first start the configured model is registered as version `base`; afterwards the "
+        "registry's active version is served.",
+    )
+    storage: Literal["auto", "file", "store"] = Field(
+        "auto",
+        description="Where the registry state (versions, active, canary, history) and the sticky "
+        "conversation pins live: `file` (`dir`, pins in process memory: one machine), `store` "
+        "(tables in the conversation store, shared by every replica on it), `auto` (`store` "
+        "when `store.url` is Postgres, else `file`).",
+    )
+    follow_interval_s: float = Field(
+        1.0, gt=0,
+        description="How often each replica checks the registry for a change made elsewhere (an "
+        "admin call to another replica, `rl refresh`); a change is served within this plus the "
+        "time to load the version.",
     )
     sticky_conversations: int = Field(
         10_000, ge=1,

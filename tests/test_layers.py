@@ -33,8 +33,9 @@ LEVEL = {part: n for n, parts in enumerate(LAYERS) for part in parts}
 
 #: Entry points: the command line, the one place that reads the settings.
 SETTINGS_BUILDERS = {"clinicloop.cli"}
-#: `python -m` targets: the command line, and the child process that probes a GGUF load.
-MAIN_MODULES = {"clinicloop.cli", "clinicloop.backends.artifacts"}
+#: `python -m` targets: the command line, the child process that probes a GGUF load, and the
+#: ranks `accelerate launch` starts for the refresh's training step.
+MAIN_MODULES = {"clinicloop.cli", "clinicloop.backends.artifacts", "clinicloop.rl.train_job"}
 
 
 def module_name(path: Path) -> str:

@@ -153,7 +153,7 @@ class LlamaCppBackend(Backend):
             if configured is not None and configured.resolve() != root.model_path:
                 log.warning("engine.model_path differs from the registry's base (%s): serving "
                             "the registry's versions; move %s away to start from the configured "
-                            "model", root.model_path, registry.path.parent)
+                            "model", root.model_path, registry.location)
             return state
         # First start: the configured model (possibly the tiny one, built now) becomes `base`.
         first = await self._started(self.settings, None)
@@ -261,7 +261,7 @@ class OpenAIBackend(Backend):
         root = next(v for v in state.versions.values() if v.parent is None)
         if root.backend not in self.serves or str(root.model_path) != upstream.upstream_model:
             raise RegistryError(
-                f"the registry in {registry.path.parent} is for {root.backend} model "
+                f"the registry in {registry.location} is for {root.backend} model "
                 f"{root.model_path}, the upstream serves {upstream.upstream_model}: move the "
                 "registry away to start over")
         return state

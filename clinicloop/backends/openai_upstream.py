@@ -17,14 +17,24 @@ launches it again (a maintenance window's stop and restart). Health is kept by a
 probe rather than a request per `healthy()` call, which the gateway makes on every /health hit.
 A vLLM launched with `--enable-sleep-mode` can instead `sleep()` and `wake_up()`: the process
 keeps running while its GPU memory is released.
+
+With `lora_resolver_dir` set, an adapter is copied to `<dir>/<name>/` before it is loaded, and
+loaded from there: several vLLM replicas behind one Service share that directory, and the ones
+the load call did not reach find the adapter by name through vLLM's `lora_filesystem_resolver`
+plugin, which takes `<dir>/<name>/` only when its `adapter_config.json` is a LoRA whose
+`base_model_name_or_path` is vLLM's `--model` (what `/v1/models` reports as the base's `root`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import filecmp
 import json
 import logging
+import os
+import shutil
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +87,7 @@ class OpenAIUpstreamEngine(Engine):
         self.model_name = settings.served_model_name or "loading"
         self.model_version = "loading"
         self.upstream_model = settings.upstream_model
+        self.upstream_root: str | None = None  # the base's `root` in /v1/models: vLLM's --model
         self.headers = (
             {"Authorization": f"Bearer {settings.upstream_api_key}"}
             if settings.upstream_api_key else {}
@@ -120,7 +131,8 @@ class OpenAIUpstreamEngine(Engine):
         assert self._client is not None
         resp = await self._client.get(f"{self.url}/models")
         resp.raise_for_status()
-        ids = [m["id"] for m in resp.json().get("data", [])]
+        models = resp.json().get("data", [])
+        ids = [m["id"] for m in models]
         if self.upstream_model is None:
             if not ids:
                 raise RuntimeError(f"{self.url}/models lists no model")
@@ -130,6 +142,8 @@ class OpenAIUpstreamEngine(Engine):
                         self.upstream_model, ids)
         self.model_name = self.settings.served_model_name or self.upstream_model
         self.model_version = f"upstream:{self.upstream_model}"
+        self.upstream_root = next(
+            (m.get("root") for m in models if m["id"] == self.upstream_model), None)
         log.info("upstream %s serves %s", self.url, self.upstream_model)
 
     async def close(self) -> None:
@@ -176,7 +190,14 @@ class OpenAIUpstreamEngine(Engine):
         """Load a peft LoRA adapter into the upstream under model id `name` (vLLM's runtime
         loading; it needs `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING`).
         `load_inplace` replaces the weights of a name already loaded instead of failing, so
-        loading the same version again (a retried publish, a restart) is harmless."""
+        loading the same version again (a retried publish, a restart) is harmless. With
+        `lora_resolver_dir`, the adapter is loaded from its copy there (see the module's doc)."""
+        if self.settings.lora_resolver_dir is not None:
+            if name.startswith(".") or Path(name).name != name:
+                raise ValueError(f"adapter name {name!r} cannot name a directory")
+            path = await asyncio.to_thread(_place_for_resolver, path,
+                                           self.settings.lora_resolver_dir / name,
+                                           self.upstream_root)
         await self._admin("/load_lora_adapter", _load_body(name, path))
 
     async def unload_adapter(self, name: str) -> None:
@@ -378,6 +399,51 @@ def _with_enable_thinking(kwargs: dict[str, Any]) -> dict[str, Any]:
     if mode not in ("on", "off") or "enable_thinking" in kwargs:
         return kwargs
     return {**kwargs, "enable_thinking": mode == "on"}
+
+
+def _place_for_resolver(source: Path, target: Path, base_model: str | None) -> Path:
+    """Copy the peft adapter `source` to `target` (returned) as vLLM's filesystem resolver reads
+    it: its `base_model_name_or_path` set to `base_model` (the upstream's `--model`; left as it is
+    when the upstream does not say), and whole before it appears (copied beside it, then renamed
+    into place). An identical copy already there is kept: another gateway placed it."""
+    config = (source / "adapter_config.json").read_bytes()
+    if base_model is not None:
+        config = json.dumps(json.loads(config) | {"base_model_name_or_path": base_model},
+                            indent=2).encode()
+    if _same_adapter(source, target, config):
+        return target
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    try:
+        shutil.copytree(source, staging)
+        (staging / "adapter_config.json").write_bytes(config)
+        os.chmod(staging, 0o755)  # vLLM may run as another user
+        try:
+            os.rename(staging, target)
+        except OSError:  # a copy is there already: another gateway's, or a stale one
+            if _same_adapter(source, target, config):
+                return target
+            # No rename swaps two directories at once: a resolve in between finds none, and
+            # vLLM answers that request 404.
+            stale = staging.with_name(staging.name + ".stale")
+            os.rename(target, stale)
+            os.rename(staging, target)
+            shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _same_adapter(source: Path, target: Path, config: bytes) -> bool:
+    """Whether `target` holds the files of `source`, byte for byte, with `config` as its
+    adapter_config.json."""
+    if not target.is_dir():
+        return False
+    names = {p.relative_to(source) for p in source.rglob("*") if p.is_file()}
+    if names != {p.relative_to(target) for p in target.rglob("*") if p.is_file()}:
+        return False
+    return (target / "adapter_config.json").read_bytes() == config and all(
+        filecmp.cmp(source / name, target / name, shallow=False)
+        for name in names if name != Path("adapter_config.json"))
 
 
 def _load_body(name: str, path: Path) -> dict[str, Any]:

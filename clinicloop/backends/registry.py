@@ -1,27 +1,42 @@
 """The model registry: which model versions exist, which one is active, the canary and the history.
 
-One JSON file (`registry.json` under the configured directory) holds it all. The RL refresh job
-publishes versions into it from its own process while the server changes what is served, so every
-change is a read-modify-write under an exclusive `fcntl` lock on a sibling lock file, and the file
-is replaced atomically (temp file, fsync, rename, fsync of the directory): a reader without the
-lock always sees one whole state, and a crash leaves either the old state or the new one.
+`Registry` holds the rules (what may be registered, activated, rolled back, removed); where the
+state lives is its storage, chosen by `registry.storage` (`open_registry`):
+
+- `FileStorage`: one JSON file (`registry.json` under the configured directory), for one machine.
+  The RL refresh job publishes versions into it from its own process while the server changes
+  what is served, so every change is a read-modify-write under an exclusive `fcntl` lock on a
+  sibling lock file, and the file is replaced atomically (temp file, fsync, rename, fsync of the
+  directory): a reader without the lock always sees one whole state, and a crash leaves either
+  the old state or the new one. The sticky conversation pins stay in each process's memory.
+- `StoreStorage`: one row of the conversation store (`store/registry_state.py`), shared by every
+  gateway replica and job on that store, changed in one transaction with the row locked; the
+  sticky pins live in the store too, so every replica routes a conversation alike.
+
+Each storage has a cheap `stamp` that changes with every write, which a replica polls to follow
+changes made elsewhere.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from clinicloop.config import BackendKind
+from clinicloop.config import BackendKind, RegistrySettings
+from clinicloop.store.db import Store
+from clinicloop.store.registry_state import RegistryStateTable, StickyPins
+
+log = logging.getLogger(__name__)
 
 BASE_ID = "base"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -158,15 +173,45 @@ class RegistryState(BaseModel):
         return self.versions[self.history[-2].version] if len(self.history) > 1 else None
 
 
+class RegistryStorage(Protocol):
+    """Where a registry's state lives."""
+
+    #: Where that is, for messages.
+    location: str
+    #: The shared sticky pins, when the state is shared (None: each process keeps its own).
+    pins: StickyPins | None
+
+    def read(self) -> RegistryState: ...
+
+    def update(self, change: Callable[[RegistryState], T]) -> T:
+        """Apply `change` to the state and write it, atomically with respect to other writers;
+        nothing is written if `change` raises."""
+        ...
+
+    def stamp(self) -> Hashable:
+        """Changes with every write: cheap enough to poll."""
+        ...
+
+
 class Registry:
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / "registry.json"
-        self._lock_path = directory / "registry.lock"
+    """The registry's rules over a storage; a directory means `FileStorage` there."""
+
+    def __init__(self, storage: RegistryStorage | Path) -> None:
+        self.storage = FileStorage(storage) if isinstance(storage, Path) else storage
+
+    @property
+    def location(self) -> str:
+        return self.storage.location
+
+    @property
+    def pins(self) -> StickyPins | None:
+        return self.storage.pins
 
     def read(self) -> RegistryState:
-        if not self.path.exists():
-            return RegistryState()
-        return RegistryState.model_validate_json(self.path.read_bytes())
+        return self.storage.read()
+
+    def stamp(self) -> Hashable:
+        return self.storage.stamp()
 
     def get(self, version_id: str) -> Version:
         return self.read().version(version_id)
@@ -289,6 +334,32 @@ class Registry:
         return self._update(change)
 
     def _update(self, change: Callable[[RegistryState], T]) -> T:
+        return self.storage.update(change)
+
+
+class FileStorage:
+    """`registry.json` in `directory` (see the module docstring)."""
+
+    pins = None
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "registry.json"
+        self._lock_path = directory / "registry.lock"
+        self.location = str(directory)
+
+    def read(self) -> RegistryState:
+        if not self.path.exists():
+            return RegistryState()
+        return RegistryState.model_validate_json(self.path.read_bytes())
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size  # every write is a new file (a rename)
+
+    def update(self, change: Callable[[RegistryState], T]) -> T:
         with self._locked():
             state = self.read()
             result = change(state)
@@ -322,6 +393,66 @@ class Registry:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class StoreStorage:
+    """The `registry_state` row named "default" in `store`, and the store's sticky pins.
+
+    On first use it brings the store's schema up to date (the tables may not exist yet when a
+    replica or job starts), and if there is no row yet but `directory` holds a `registry.json`
+    (a single-machine registry), that state is imported as the row's first revision, so an
+    existing registry moves into the store unchanged."""
+
+    def __init__(self, store: Store, directory: Path) -> None:
+        self.table = RegistryStateTable(store)
+        self.pins = StickyPins(store)
+        self._directory = directory
+        self._ready = False
+        self.location = f"the store's registry_state ({store.dialect})"
+
+    def read(self) -> RegistryState:
+        self._prepare()
+        return _parse(self.table.read())
+
+    def stamp(self) -> int | None:
+        self._prepare()
+        return self.table.revision()
+
+    def update(self, change: Callable[[RegistryState], T]) -> T:
+        self._prepare()
+
+        def apply(text: str) -> tuple[str, T]:
+            state = _parse(text)
+            result = change(state)
+            return state.model_dump_json(), result
+
+        return self.table.update(apply)
+
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        self.table.store.migrate()
+        if self.table.revision() is None:
+            legacy = FileStorage(self._directory)
+            if self.table.create(legacy.read().model_dump_json()) and legacy.path.exists():
+                log.info("registry imported into the store from %s", legacy.path)
+        self._ready = True
+
+
+def _parse(text: str | None) -> RegistryState:
+    return RegistryState() if text is None else RegistryState.model_validate_json(text)
+
+
+def open_registry(settings: RegistrySettings, store_url: str) -> Registry:
+    """The registry where `settings.storage` says: `file` (`settings.dir`), `store` (the store at
+    `store_url`), or `auto`: the store when it is Postgres (several replicas), else the file."""
+    storage = settings.storage
+    if storage == "auto":
+        storage = "store" if store_url.startswith("postgresql") else "file"
+    if storage == "file":
+        return Registry(settings.dir)
+    # Registry writes are rare and must survive power loss, as the file's fsyncs ensure.
+    return Registry(StoreStorage(Store(store_url, sqlite_synchronous="FULL"), settings.dir))
 
 
 def _with_checked_files(version: Version) -> Version:

@@ -1,8 +1,9 @@
 """Train a LoRA on the HF policy with `trl.GRPOTrainer`, configured by `PaperGRPOConfig`.
 
 Nothing of ours runs in TRL's loop but the reward functions and a progress bar (which replaces
-TRL's printing of every step's log dict). Writes the adapter and `train.json` (reward curve, wall
-time, how the base was loaded, peak GPU memory) to `output_dir`.
+TRL's printing of every step's log dict). Writes the adapter, `train.json` (reward curve, wall
+time, processes, how the base was loaded, peak GPU memory) and the rows (`dataset.jsonl`) to
+`output_dir`, from the main process only when `accelerate launch` runs it in several.
 
 `load_policy` loads the base for training, for a fresh LoRA and for going on from an adapter alike.
 With `qlora` on a CUDA GPU it is QLoRA's recipe: the base in 4 bits (bitsandbytes NF4, double
@@ -163,23 +164,33 @@ def train_grpo(config: PaperGRPOConfig, model_dir: Path, rows: list[dict[str, An
         model=model,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
         reward_funcs=reward_funcs,
-        args=config.to_trl(output_dir, **on_gpu),
+        # Under `accelerate launch` every LoRA weight takes part in each forward, so DDP need not
+        # search the graph for unused ones (transformers assumes it must for a peft model).
+        args=config.to_trl(output_dir, ddp_find_unused_parameters=False, **on_gpu),
         train_dataset=Dataset.from_list(rows),
         peft_config=None if init_adapter is not None else config.lora(),
     )
+    # Under `accelerate launch` every rank runs this; only the main one writes files or a bar.
+    main = trainer.accelerator.is_main_process
+    if main:
+        with (output_dir / "dataset.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_reward_bar(config.max_steps, progress))
+    trainer.add_callback(_reward_bar(config.max_steps, progress and main))
     probe = _checkpointing_probe()
     trainer.add_callback(probe)
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
     curve = [float(e["reward"]) for e in trainer.state.log_history if "reward" in e]
-    (output_dir / "train.json").write_text(json.dumps({
-        "reward_curve": curve, "wall_s": wall, "steps": config.max_steps,
-        "load": {**asdict(load), "gradient_checkpointing": probe.seen},
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-    }, indent=2))
+    if main:
+        trainer.model.save_pretrained(adapter_dir)
+        (output_dir / "train.json").write_text(json.dumps({
+            "reward_curve": curve, "wall_s": wall, "steps": config.max_steps,
+            "world_size": trainer.accelerator.num_processes,
+            "load": {**asdict(load), "gradient_checkpointing": probe.seen},
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else None,
+        }, indent=2))
     return TrainResult(adapter_dir, curve, wall)

@@ -7,7 +7,8 @@ then being recorded as done in `state.json`:
   prompts    logged prompts (`prompts.py`) with their rubrics -> train.jsonl, heldout.jsonl
   baseline   the serving version answers the held-out prompts; the judge grades -> baseline.json
   train      GRPO (TRL) trains a LoRA on the serving version's base HF weights, starting from
-             its adapter if it has one -> train/
+             its adapter if it has one, in this process or in `train_processes` through
+             `accelerate launch` (`train_job.py`) -> train/
   publish    what the serving backend loads as an adapter (`publish=lora`, the default): a
              llama.cpp LoRA GGUF beside the peft directory, or the peft directory a vLLM loads;
              or (`publish=merged`, llama.cpp) the adapter merged, written as GGUF and
@@ -22,8 +23,9 @@ killed midway starts over, and since every output is built under a `.part` name 
 directory and renamed into place, nothing half-written is ever read and a kill leaves nothing
 outside the run. Nothing touches serving before `swap`, which is idempotent (a fixed version id;
 activating the active version changes nothing), so a crash anywhere leaves the old version
-serving. A lock file stops two jobs at once. The run's options are stored with it, so a resumed
-run trains and grades exactly as it began.
+serving. A lock file, and on a Postgres store an advisory lock (refresh pods on several nodes),
+stop two jobs at once. The run's options are stored with it, so a resumed run trains and grades
+exactly as it began.
 
 A step that raises is recorded in the run (`failed`), and the error says the three ways on: run
 again (the step is retried: right for a server that was down), `fresh` (abandon the run and start
@@ -64,16 +66,24 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from clinicloop.backends.kinds import Backend, open_backend
-from clinicloop.backends.registry import Registry, RegistryState, Version, VersionSpec
-from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
+from clinicloop.backends.registry import (
+    Registry,
+    RegistryState,
+    Version,
+    VersionSpec,
+    open_registry,
+)
+from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings, RegistrySettings
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
 from clinicloop.rl.publish import build_dir, publishable_adapter, publishable_gguf
 from clinicloop.rl.report import write_report
 from clinicloop.rl.runfiles import read_rows, write_atomic
-from clinicloop.rl.stages import Endpoint, Row, rubric_stage, rule_stage
+from clinicloop.rl.stages import Endpoint, Row
+from clinicloop.rl.train_job import TrainSpec, train
 from clinicloop.rl.window import MaintenanceWindow, WindowError, WindowOptions
+from clinicloop.store.claims import REFRESH_LOCK_KEY, try_advisory_lock
 from clinicloop.store.db import Store
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, rule_items
@@ -122,6 +132,11 @@ class RefreshOptions(BaseModel):
         "/v1 (default: the tiny model in-process).")
     judge_model: str | None = Field(None, description="Model name at `judge_url`.")
     grpo: PaperGRPOConfig = Field(default_factory=PaperGRPOConfig)
+    train_processes: int = Field(
+        1, ge=1, description="Processes the `train` step runs in: 1 trains in this process; "
+        "N > 1 runs only that step through `accelerate launch` in N data-parallel processes "
+        "(one per GPU of a multi-GPU node; ranks on the CPU where training is on the CPU), "
+        "every other step staying in this one.")
 
 
 class StepFailure(BaseModel):
@@ -165,12 +180,14 @@ class Paths(BaseModel):
 
     store_url: str
     registry_dir: Path
+    registry_storage: Literal["auto", "file", "store"] = Field(
+        "auto", description="Where the registry lives: `registry.storage` of the settings.")
     runs_dir: Path = Path("var/rl/refresh")
     models_dir: Path = DEFAULT_MODELS_DIR
     server_url: str | None = Field(
         None, description="A running clinicloop server: the swap goes through its admin API "
         "(which loads the version first and refuses one that fails). Without it the registry "
-        "file is changed and the next server start serves the new version.")
+        "is changed and the servers following it serve the new version.")
     admin_key: str | None = None
     judge_api_key: str | None = None
     window: WindowOptions | None = Field(
@@ -182,9 +199,16 @@ class Paths(BaseModel):
         "for a `vllm` or `openai` version the upstream's `upstream_url` (and key), where the "
         "candidate adapter is loaded under its version id; `llamacpp` versions run in-process.")
 
+    def open_registry(self) -> Registry:
+        return open_registry(RegistrySettings(dir=self.registry_dir,
+                                              storage=self.registry_storage), self.store_url)
+
 
 @contextmanager
-def refresh_lock(runs_dir: Path) -> Iterator[None]:
+def refresh_lock(runs_dir: Path, store_url: str | None = None) -> Iterator[None]:
+    """One refresh at a time: a lock file in `runs_dir` (one machine, or pods sharing the
+    volume), and with a Postgres `store_url` also the store's advisory lock, held until the job
+    ends (refresh pods anywhere). Either one held elsewhere raises `RefreshBusy`."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     with (runs_dir / "refresh.lock").open("a+") as lock:
         try:
@@ -197,10 +221,27 @@ def refresh_lock(runs_dir: Path) -> Iterator[None]:
         lock.write(str(os.getpid()))
         lock.flush()
         try:
-            yield
+            with _store_lock(store_url):
+                yield
         finally:
             lock.truncate(0)
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _store_lock(store_url: str | None) -> Iterator[None]:
+    store = None if store_url is None else Store(store_url)
+    if store is None or store.dialect != "postgresql":
+        yield  # SQLite: one machine, where the lock file is enough
+        return
+    try:
+        with try_advisory_lock(store, REFRESH_LOCK_KEY) as taken:
+            if not taken:
+                raise RefreshBusy("another refresh is running (it holds the store's advisory "
+                                  "lock)")
+            yield
+    finally:
+        store.dispose()
 
 
 def _row(prompt: LoggedPrompt, rubric: list[RubricItem]) -> Row:
@@ -237,7 +278,7 @@ class Refresh:
             job = cls(latest, paths.runs_dir / latest.run_id, paths, progress)
             job._resumed()
             return job
-        registry = Registry(paths.registry_dir).read()
+        registry = paths.open_registry().read()
         serving = _serving(registry)
         hf = policy_hf or serving.hf_dir
         if hf is None:
@@ -384,18 +425,15 @@ class Refresh:
 
     def _step_train(self) -> None:
         o = self.options
-        rows = read_rows(self.run_dir / "train.jsonl")
-        # A version is its base plus at most one adapter: go on training the serving one.
-        init = self.serving.adapter_dir
 
-        def train(out: Path) -> None:
-            if o.stage == "rule":
-                rule_stage(self.state.policy_hf, out, o.grpo, rows=rows, init_adapter=init)
-            else:
-                rubric_stage(self.state.policy_hf, out, self._judge_endpoint(), o.grpo,
-                             rows=rows, models_dir=self.paths.models_dir, init_adapter=init)
+        def build(out: Path) -> None:
+            # A version is its base plus at most one adapter: go on training the serving one.
+            train(TrainSpec(stage=o.stage, policy_hf=self.state.policy_hf, output_dir=out,
+                            grpo=o.grpo, rows=self.run_dir / "train.jsonl",
+                            init_adapter=self.serving.adapter_dir, judge=self._judge_endpoint(),
+                            models_dir=self.paths.models_dir), o.train_processes)
 
-        build_dir(self.run_dir / "train", train)
+        build_dir(self.run_dir / "train", build)
 
     def _step_publish(self) -> None:
         # Every file publishing writes appears under its final name only when complete.
@@ -474,7 +512,7 @@ class Refresh:
     def serving(self) -> Version:
         """The version this run trains from and compares against (registered versions never
         change, so one read serves the whole run)."""
-        return Registry(self.paths.registry_dir).get(self.state.serving_version)
+        return self.paths.open_registry().get(self.state.serving_version)
 
     def _backend(self, version: Version) -> Backend:
         """What opens `version` for evaluation: its backend kind, reached through the paths'
@@ -513,7 +551,7 @@ class Refresh:
         self._say(f"{out.removesuffix('.json')} score {evaluation.score}")
 
     def _swap_in_registry(self, version: VersionSpec, share: float | None) -> str:
-        registry = Registry(self.paths.registry_dir)
+        registry = self.paths.open_registry()
         assert version.id is not None
         _check_serving(registry.read().active, self.state.serving_version, version.id)
         version.register_in(registry, self.serving.backend)
@@ -589,7 +627,7 @@ def refresh(paths: Paths, options: RefreshOptions | None = None, *, run_id: str 
             progress: bool = True) -> Refresh:
     """Run (or resume) a refresh to its end, or to the step `until`; the `Refresh` holds its
     state and outputs. `fresh`: start a new run, abandoning an unfinished latest one."""
-    with refresh_lock(paths.runs_dir):
+    with refresh_lock(paths.runs_dir, paths.store_url):
         job = Refresh.open(paths, options or RefreshOptions(), run_id=run_id,
                            policy_hf=policy_hf, fresh=fresh, progress=progress)
         job.run(until)

@@ -16,12 +16,12 @@ Models are `Endpoint`s: an OpenAI-compatible URL (a vLLM server on a GPU, a host
 loaded in-process (the tiny model on CPU). The rubric-based and multi-turn stages consult a
 verifier (judge, rubric generator, patient); the multi-turn stage also needs the policy as a chat
 model to hold the consultations (its GGUF on CPU, or a `vllm serve` of `model_dir`). Each stage
-writes the dataset it trained on (`dataset.jsonl`) beside the adapter and `train.json`.
+writes the dataset it trained on (`dataset.jsonl`, by `train_grpo`) beside the adapter and
+`train.json`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
@@ -120,12 +120,6 @@ async def dialogue_slices(scripts: list[PatientScript], policy: ChatClient, pati
     return slices
 
 
-def _write_rows(rows: list[Row], output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "dataset.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
 def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
                       judge_client: ChatClient, loop: BackgroundLoop,
                       output_dir: Path, init_adapter: Path | None = None) -> TrainResult:
@@ -133,7 +127,6 @@ def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
 
     reward = RubricPlusLength(RubricReward(Judge(judge_client), loop), config.num_generations,
                               config.length_threshold, AutoTokenizer.from_pretrained(model_dir))
-    _write_rows(rows, output_dir)
     return train_grpo(config, model_dir, rows, [reward], output_dir, init_adapter=init_adapter)
 
 
@@ -144,7 +137,6 @@ def rule_stage(model_dir: Path, output_dir: Path, config: PaperGRPOConfig | None
     prompts of the corpus; `init_adapter` as in `train_grpo`."""
     config = config or PaperGRPOConfig()
     rows = red_flag_rows(n_prompts, config.seed) if rows is None else rows
-    _write_rows(rows, output_dir)
     return train_grpo(config, model_dir, rows, [rule_reward], output_dir,
                       init_adapter=init_adapter)
 

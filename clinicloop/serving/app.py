@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clinicloop.backends.base import Engine
-from clinicloop.backends.registry import Registry
+from clinicloop.backends.registry import open_registry
 from clinicloop.config import Settings
 from clinicloop.serving.admin.api_router import router as admin_router
 from clinicloop.serving.admin.maintenance_router import router as maintenance_router
@@ -44,7 +44,7 @@ from clinicloop.serving.tokenize.api_router import router as tokenize_router
 from clinicloop.serving.tokenize.serving import TokenizeHandler
 from clinicloop.serving.versions import VersionedEngine
 from clinicloop.store.db import Store
-from clinicloop.store.writer import LogWriter
+from clinicloop.store.writer import LogWriter, SpoolInUse
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,15 @@ def _open_store(settings: Settings) -> Store:
 
 def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any = None,
                on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
-    """`on_load_failure(message)`: called when the engine fails to start (after its failed start
-    stopped whatever it launched); `serve` passes one that shuts the server down and exits
-    non-zero. Without it the app stays up answering 503."""
+    """`on_load_failure(message)`: called with one line when the engine fails to start (after
+    its failed start stopped whatever it launched) or the log writer cannot (its spool is another
+    process's); `serve` passes one that shuts the server down and exits non-zero. Without it an
+    engine failure leaves the app up answering 503."""
     versions: VersionedEngine | None = None
     if engine is None:
         # Models are served as registry versions, so they can be swapped while serving.
-        engine = versions = VersionedEngine(settings, Registry(settings.registry.dir))
+        engine = versions = VersionedEngine(
+            settings, open_registry(settings.registry, settings.store.url))
     # One store: the log writer writes it, the Responses API reads stored responses from it.
     store = _open_store(settings)
     writer = writer or LogWriter(store, settings.store)
@@ -133,14 +135,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
             load_error.append(f"{type(exc).__name__}: {exc}")
             log.error("engine failed to load: %s", load_error[0])
             if on_load_failure is not None:
-                on_load_failure(load_error[0])
+                on_load_failure(f"the engine could not start: {load_error[0]}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if keys.open:
             log.warning("no API keys configured: serving without authentication on %s",
                         settings.server.host)
-        await writer.start()
+        try:
+            await writer.start()
+        except SpoolInUse as exc:  # two replicas on one spool would replay each other's records
+            if on_load_failure is not None:
+                on_load_failure(f"the log writer could not start: {exc}")
+            raise
         loading = asyncio.create_task(load())
         maintenance.start()
         try:

@@ -10,6 +10,12 @@ A request is routed when it is admitted (`lease`, called by the gateway once the
 slot): a conversation seen before stays on the version it began on (a bounded, expiring LRU
 map); a new one goes to the canary with probability `share`, decided by a hash of its id so the
 split is deterministic, else to the active version. The chosen version's engine then serves it.
+When the registry lives in the store (several replicas), the pins do too (`registry.pins`): the
+LRU map is then a cache, a conversation new to this replica claims its pin in the store (the
+first replica's choice wins, so a conversation whose next turn lands on another replica stays on
+its version, which is loaded there if need be), pins in use are marked used every ttl/10, and
+unused ones are deleted now and then. A store that is down fails no request: the conversation
+is routed by the rule above and the failure logged.
 A request whose `model` names a version (`<served>@<version>` as /v1/models lists it, or the bare
 version id; `resolve`) is served by that version instead, loaded first if it is not (as a change
 loads it), without touching its conversation's pin.
@@ -23,11 +29,13 @@ once its last request ends.
 Conversations pinned to a version that a rollback or a cleared canary retires are unpinned: a
 version taken out of service for cause should not keep serving the conversations it began.
 
-The registry file is the source of truth even when another process writes it (`rl refresh`
-without `--server-url`, a second replica's admin API): the engine checks the file every
-`follow_interval_s` (1 s) and, when it changed, serves what it names through the same steps as
-the admin routes (load first, then move routing). A version the file names that fails to load is
-refused there too: the old version keeps serving and the file is set back.
+The registry is the source of truth even when another process writes it (`rl refresh` without
+`--server-url`, another replica's admin API): the engine checks its stamp (the file's, or the
+store row's revision) every `registry.follow_interval_s` and, when it changed, serves what it
+names through the same steps as the admin routes (load first, then move routing), so a change
+made anywhere is served here within that interval plus the time to load the version. A version
+the registry names that fails to load is refused there too: the old version keeps serving and
+the registry is set back.
 
 A start that fails closes whatever it had started (a launched upstream's process group included).
 Versions are registered only once their files pass `artifacts.py`'s checks.
@@ -47,12 +55,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +84,7 @@ from clinicloop.backends.registry import (
     Version,
 )
 from clinicloop.config import BackendKind, Settings
+from clinicloop.store.registry_state import StickyPins
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,9 @@ class EngineReleased(Exception):
 #: Why a request is refused (503) while the engine is released.
 RELEASED = "the engine is released for maintenance"
 
+#: How long sticky pins stay local after the store failed.
+_SHARED_RETRY_S = 5.0
+
 
 @dataclass
 class _Slot:
@@ -103,6 +115,8 @@ class _Slot:
 class _Pin:
     version: str
     last_used: float
+    #: When the shared pin was last marked used (monotonic).
+    shared_at: float = 0.0
 
 
 def canary_bucket(conversation: str) -> float:
@@ -111,8 +125,7 @@ def canary_bucket(conversation: str) -> float:
 
 
 class VersionedEngine(Engine):
-    def __init__(self, settings: Settings, registry: Registry, *,
-                 follow_interval_s: float = 1.0) -> None:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings.engine
         self.backend = open_backend(settings.engine, settings.models_dir)
         # The gateway admits this many requests over all versions: during a swap or a canary two
@@ -128,13 +141,19 @@ class VersionedEngine(Engine):
         self._pinned: Counter[str] = Counter()
         self._max_pins = settings.registry.sticky_conversations
         self._pin_ttl_s = settings.registry.sticky_ttl_s
+        self._shared = registry.pins
+        #: Conversations whose shared pins are due to be marked used (by the follower).
+        self._to_touch: set[str] = set()
+        self._expired_at = time.monotonic()
+        self._shared_retry_at = 0.0
+        self._background: set[asyncio.Task[None]] = set()
         self._changing = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         #: Counters of engines already closed, so the exported totals never go down.
         self._closed_stats: Counter[str] = Counter()
         #: The versions a change is loading: kept even though nothing routes to them yet.
         self._staged: set[str] = set()
-        self._follow_interval_s = follow_interval_s
+        self._follow_interval_s = settings.registry.follow_interval_s
         self._follower: asyncio.Task[None] | None = None
         self._released: ReleaseMode | None = None
 
@@ -202,6 +221,7 @@ class VersionedEngine(Engine):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
             self._follower = None
+        await asyncio.gather(*self._background)
         await self._close_engines()
 
     async def _close_engines(self) -> None:
@@ -310,9 +330,9 @@ class VersionedEngine(Engine):
         old = self._canary
         if old is not None and old.version != active and (canary is None
                                                           or canary.version != old.version):
-            self._unpin(old.version)
+            self._unpin(old.version, shared=True)
         if retired is not None and retired != active:
-            self._unpin(retired)
+            self._unpin(retired, shared=True)
         self._active, self._canary = active, canary
 
     def _canary_unless(self, version_id: str) -> Canary | None:
@@ -370,25 +390,19 @@ class VersionedEngine(Engine):
         out of memory: its pinned conversations start over, its engine closes once idle."""
         async with self._change():
             version = await asyncio.to_thread(self.registry.remove, version_id)
-            self._unpin(version_id)
+            self._unpin(version_id, shared=True)
         log.info("version %s removed", version_id)
         return version
 
-    # -- following the registry file ----------------------------------------------------------
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.registry.path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size  # every write is a new file (a rename)
+    # -- following the registry ---------------------------------------------------------------
 
     async def _follow(self) -> None:
-        stamp = await asyncio.to_thread(self._stamp)
+        stamp = await self._stamp()
         while True:
             await asyncio.sleep(self._follow_interval_s)
-            now = await asyncio.to_thread(self._stamp)
-            if now == stamp or self._released is not None:
+            await self._keep_pins()
+            now = await self._stamp()
+            if now is None or now == stamp or self._released is not None:
                 continue  # while released: `resume` serves the registry as it is then
             stamp = now
             try:
@@ -398,10 +412,18 @@ class VersionedEngine(Engine):
             except Exception as exc:  # the next change is tried again
                 log.error("registry change not applied: %s: %s", type(exc).__name__, exc)
 
+    async def _stamp(self) -> Any:
+        """The registry's stamp; None if it cannot be read now (tried again next time)."""
+        try:
+            return await asyncio.to_thread(self.registry.stamp)
+        except Exception as exc:  # e.g. the store is down
+            log.error("registry not readable: %s", type(exc).__name__)
+            return None
+
     async def follow_registry(self) -> None:
-        """Serve the active version and canary the registry file names now, if they differ from
+        """Serve the active version and canary the registry names now, if they differ from
         what is served: loaded first; an active version that does not load is refused and the
-        file set back to the version serving."""
+        registry set back to the version serving."""
         async with self._change():
             await self._apply_registry()
 
@@ -464,15 +486,40 @@ class VersionedEngine(Engine):
         released."""
         if self._released is not None:
             raise EngineUnavailable(RELEASED)
-        if version is not None:
-            slot = await self._hold(version)
-        else:
-            found = self._slots.get(self._route(conversation) or "")
-            if found is None:
-                raise EngineUnavailable("the model is not loaded")
-            slot = found
-            slot.in_flight += 1
+        slot = await (self._hold(version) if version is not None else self._routed(conversation))
         return Lease(slot.engine, slot.version.id, lambda: self.release(slot))
+
+    async def _routed(self, conversation: str | None) -> _Slot:
+        """The engine of the version routing picks for `conversation`, with one more request
+        on it."""
+        if self._active is None:
+            raise EngineUnavailable("the model is not loaded")
+        version = self._active
+        if conversation is not None:
+            now = time.monotonic()
+            pinned = self._local_pin(conversation, now)
+            if pinned is not None:
+                version = pinned
+            else:
+                version = self._rule(conversation)
+                claimed = await self._claim(conversation, version)
+                self._pin(conversation, claimed or version, now, now if claimed else 0.0)
+                version = claimed or version
+        slot = self._slots.get(version)
+        if slot is not None:
+            slot.in_flight += 1
+            return slot
+        assert conversation is not None  # the active version is always loaded
+        try:
+            return await self._hold(version)  # pinned by another replica: served here too
+        except EngineUnavailable:
+            raise
+        except EngineError as exc:  # removed meanwhile, or it fails to load here
+            log.error("conversation pinned to version %s, which does not serve here (%s): "
+                      "routed anew", version, type(exc).__name__)
+            version = self._rule(conversation)
+            self._pin(conversation, version, time.monotonic())
+            return await self._hold(version)
 
     async def _hold(self, version_id: str) -> _Slot:
         """`version_id`'s engine with one more request on it; loaded first if it is not, as
@@ -499,25 +546,69 @@ class VersionedEngine(Engine):
         slot.in_flight -= 1
         self._retire()
 
-    def _route(self, conversation: str | None) -> str | None:
-        if self._active is None or conversation is None:
-            return self._active
-        now = time.monotonic()
+    def _rule(self, conversation: str) -> str:
+        """The version a conversation not pinned yet goes to: the canary for its share of
+        conversations, else the active version."""
+        assert self._active is not None
+        canary = self._canary
+        return (canary.version if canary is not None
+                and canary_bucket(conversation) < canary.share else self._active)
+
+    def _local_pin(self, conversation: str, now: float) -> str | None:
+        """The version this process has `conversation` pinned to, marked used (expired pins
+        are dropped first)."""
         while self._pins and next(iter(self._pins.values())).last_used < now - self._pin_ttl_s:
             self._drop_pin(next(iter(self._pins)))
         pin = self._pins.get(conversation)
-        if pin is not None:
-            pin.last_used = now
-            self._pins.move_to_end(conversation)
-            return pin.version
-        canary = self._canary
-        version = (canary.version if canary is not None
-                   and canary_bucket(conversation) < canary.share else self._active)
+        if pin is None:
+            return None
+        pin.last_used = now
+        self._pins.move_to_end(conversation)
+        if self._shared is not None and now - pin.shared_at >= self._pin_ttl_s / 10:
+            pin.shared_at = now  # the follower marks the shared pin used: not on the hot path
+            self._to_touch.add(conversation)
+        return pin.version
+
+    def _pin(self, conversation: str, version: str, now: float, shared_at: float = 0.0) -> None:
+        if conversation in self._pins:  # pinned by a request of the same conversation meanwhile
+            self._drop_pin(conversation)
         while len(self._pins) >= self._max_pins:
             self._drop_pin(next(iter(self._pins)))
-        self._pins[conversation] = _Pin(version, now)
+        self._pins[conversation] = _Pin(version, now, shared_at)
         self._pinned[version] += 1
-        return version
+
+    async def _claim(self, conversation: str, version: str) -> str | None:
+        """With shared pins: the version the store pins `conversation` to (`version` unless
+        another replica pinned it first); None without them or while the store fails (the
+        conversation is then pinned here only)."""
+        if self._shared is None or time.monotonic() < self._shared_retry_at:
+            return None
+        try:
+            return await asyncio.to_thread(self._shared.claim, conversation, version,
+                                           datetime.now(UTC), self._pin_ttl_s)
+        except Exception as exc:
+            # Not again for a while: a hung store would otherwise delay every new conversation.
+            self._shared_retry_at = time.monotonic() + _SHARED_RETRY_S
+            log.error("sticky pins not shared for %.0f s: the store failed (%s)",
+                      _SHARED_RETRY_S, type(exc).__name__)
+            return None
+
+    async def _keep_pins(self) -> None:
+        """Mark the shared pins this process used as used, and every ttl/10 delete the expired
+        ones (the follower calls it)."""
+        if self._shared is None:
+            return
+        touch, self._to_touch = self._to_touch, set()
+        now = time.monotonic()
+        try:
+            if touch:
+                await asyncio.to_thread(self._shared.touch, touch, datetime.now(UTC))
+            if now - self._expired_at >= self._pin_ttl_s / 10:
+                self._expired_at = now
+                await asyncio.to_thread(self._shared.expire, datetime.now(UTC),
+                                        self._pin_ttl_s)
+        except Exception as exc:  # tried again next time
+            log.error("sticky pins not kept up: the store failed (%s)", type(exc).__name__)
 
     def _drop_pin(self, conversation: str) -> None:
         version = self._pins.pop(conversation).version
@@ -525,9 +616,23 @@ class VersionedEngine(Engine):
         if not self._pinned[version]:
             del self._pinned[version]
 
-    def _unpin(self, version_id: str) -> None:
+    def _unpin(self, version_id: str, *, shared: bool = False) -> None:
+        """Drop the pins to `version_id`; `shared`: in the store too (the version was taken out
+        of service, which every replica does alike)."""
         for conversation in [c for c, p in self._pins.items() if p.version == version_id]:
             self._drop_pin(conversation)
+        if shared and self._shared is not None:
+            task = asyncio.create_task(self._unpin_shared(self._shared, version_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _unpin_shared(pins: StickyPins, version_id: str) -> None:
+        try:
+            await asyncio.to_thread(pins.unpin, version_id)
+        except Exception as exc:  # its pins expire in time; until then they are routed anew here
+            log.error("pins to version %s not dropped from the store (%s)", version_id,
+                      type(exc).__name__)
 
     def _retire(self) -> None:
         """Close every engine nothing needs: not active, not canary, not pinned, not serving."""

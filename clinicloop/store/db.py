@@ -17,6 +17,7 @@ migration; autogenerate against a database at head writes most of it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from alembic.config import Config
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -55,6 +57,8 @@ _URL_HINT = "e.g. sqlite:///var/clinicloop.db or postgresql+psycopg://user@host/
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant works; it only has to be the same for every replica that migrates.
 _MIGRATE_LOCK_KEY = 0x636C696E  # "clin"
+# Alembic runs migrations through module-level proxies: one migration at a time per process.
+_MIGRATING = threading.Lock()
 
 
 class Base(DeclarativeBase):
@@ -143,7 +147,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is there already)."""
-        with self.engine.begin() as connection:
+        with _MIGRATING, self.engine.begin() as connection:
             if self.dialect == "postgresql":
                 # Replicas starting together must not race to create the same tables.
                 connection.execute(
@@ -275,17 +279,7 @@ class Store:
         """Answered client turns (status ok, origin client) oldest first, from `since`, of one
         model version, without a score; `after` is the (created_at, id) of the last turn of the
         previous page."""
-        query = _scorable(since, model_version, only_unscored).order_by(
-            TurnRow.created_at, TurnRow.id
-        )
-        if after is not None:
-            moment = _utc(after[0])
-            query = query.where(
-                or_(
-                    TurnRow.created_at > moment,
-                    and_(TurnRow.created_at == moment, TurnRow.id > after[1]),
-                )
-            )
+        query = _scorable_page(since, model_version, only_unscored, after)
         with Session(self.engine) as session:
             return [_to_record(row) for row in session.scalars(query.limit(limit))]
 
@@ -403,6 +397,45 @@ class TurnScoreRow(Base):
     scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+# Shared state of several replicas and workers (migration 0004): the model registry, sticky
+# conversation pins, and which scorer is grading which turn.
+
+
+class RegistryStateRow(Base):
+    """The model registry's whole state as one JSON document (`backends.registry`), with a
+    revision that every write increments, so a replica notices a change by reading one number."""
+
+    __tablename__ = "registry_state"
+
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StickyPinRow(Base):
+    """A conversation's version: every replica routes the conversation's next turn there."""
+
+    __tablename__ = "sticky_pins"
+
+    conversation: Mapped[str] = mapped_column(String, primary_key=True)
+    version: Mapped[str] = mapped_column(String, index=True)
+    last_used: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class ScoreClaimRow(Base):
+    """A turn a scorer (`verify score`) is grading, until `expires_at`: no other scorer takes
+    it meanwhile; a scorer that died leaves it to the next once the claim expires."""
+
+    __tablename__ = "score_claims"
+
+    turn_id: Mapped[str] = mapped_column(
+        ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True
+    )
+    worker: Mapped[str] = mapped_column(String)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class StoredVerdict(BaseModel):
     turn_id: str
     verdict_key: str
@@ -445,5 +478,20 @@ def _scorable(since: datetime | None, model_version: str | None, only_unscored: 
     if only_unscored:
         query = query.outerjoin(TurnScoreRow, TurnScoreRow.turn_id == TurnRow.id).where(
             TurnScoreRow.turn_id.is_(None)
+        )
+    return query
+
+
+def _scorable_page(since: datetime | None, model_version: str | None, only_unscored: bool,
+                   after: tuple[datetime, str] | None) -> Any:
+    """`turns_to_score`'s query without its limit (`store.claims` adds to it)."""
+    query = _scorable(since, model_version, only_unscored).order_by(TurnRow.created_at, TurnRow.id)
+    if after is not None:
+        moment = _utc(after[0])
+        query = query.where(
+            or_(
+                TurnRow.created_at > moment,
+                and_(TurnRow.created_at == moment, TurnRow.id > after[1]),
+            )
         )
     return query

@@ -16,6 +16,14 @@ transaction from a worker thread. A failure is either the store's or one record'
   back; when the in-memory queue is full, records are spooled too. Every `retry_interval_s` a replay
   task renames the spool to `<spool>.replaying`, inserts its records in batches and deletes it.
   Inserts skip ids already stored, so a replay cut short is redone and every record lands once.
+
+Each spool has one owner: `start` takes an exclusive `flock` on `<spool>.lock` (held until
+`close`, released by the kernel when the process dies) and refuses a spool another process holds
+(`SpoolInUse`), since two writers would replay each other's records from under their appends.
+With `adopt_spools`, each replay round also takes, without waiting, the lock of every other spool
+in the directory (`*.jsonl`, or the `.replaying` it left; never a dead-letter file): one it gets
+belongs to a replica that is gone, and is replayed the same way. Lock files are removed on release;
+a lock is held only once it is checked to still be the file at its path, so removal is safe.
 - A bad record (redaction or serialisation raised, nesting too deep for JSON, a value JSON cannot
   encode such as NaN, a value the database refuses): only that record is set aside. A batch the
   store refuses is retried one record at a time, and each record that still fails goes to the
@@ -37,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -59,6 +68,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from clinicloop.config import StoreSettings
+from clinicloop.errors import UserError
 from clinicloop.store.db import Store
 from clinicloop.store.records import TurnRecord
 from clinicloop.store.redact import redact_record
@@ -76,6 +86,13 @@ _METADATA = ("id", "conversation_id", "created_at", "endpoint", "model", "model_
 # SQLSTATE classes that blame the data, not the server: data exception (e.g. a number out of
 # range), integrity violation, program limit exceeded (e.g. JSON nested deeper than the stack).
 _RECORD_SQLSTATES = frozenset({"22", "23", "54"})
+# Spools `adopt_spools` looks for beside its own; a dead-letter file ends in `.dead.jsonl`.
+_SPOOL_SUFFIX = ".jsonl"
+_DEAD_SUFFIX = ".dead.jsonl"
+
+
+class SpoolInUse(UserError):
+    """Another process (or writer) holds the spool this writer was given."""
 
 
 @dataclass(eq=False)
@@ -103,7 +120,7 @@ class LogWriter:
         self._store = store
         self._settings = settings
         self._spool = Path(settings.spool_path)
-        self._replaying = self._spool.with_name(self._spool.name + ".replaying")
+        self._lock: int | None = None  # the descriptor holding `<spool>.lock`, from start to close
         self.dead_letter_path = self._spool.with_name(
             f"{self._spool.stem}.dead{self._spool.suffix}")
         # Unbounded, so `close` can always queue its stop signal (None); `queue_size` is enforced
@@ -131,7 +148,14 @@ class LogWriter:
         return self._queue.qsize() + len(self._overflow)
 
     async def start(self) -> None:
-        """Migrate the store if it answers, then start writing; a down store is retried later."""
+        """Take the spool's lock, migrate the store if it answers, then start writing; a down
+        store is retried later. Raises `SpoolInUse` if another process holds the spool."""
+        if self._lock is None:
+            self._lock = _try_lock(_lock_path(self._spool))
+            if self._lock is None:
+                raise SpoolInUse(
+                    f"store.spool_path {self._spool} is in use by another process: give each "
+                    "replica its own (e.g. named by pod)")
         await self._migrate()
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="log-writer-flush"),
@@ -193,6 +217,9 @@ class LogWriter:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await _blocking(self._store.dispose)
+        if self._lock is not None:
+            _unlock(_lock_path(self._spool), self._lock)
+            self._lock = None
 
     def _enqueue(self, pending: _Pending) -> None:
         if self._closed:
@@ -413,36 +440,67 @@ class LogWriter:
             log.error("spool replay failed (%s)", _cause(exc))
 
     async def _replay(self) -> None:
-        """Replay the spool into the store; with no spool, probe a store that is down."""
+        """Replay the spool into the store, then (with `adopt_spools`) the spools no process
+        holds; with nothing replayed, probe a store that is down."""
         if not self._migrated and not await self._migrate():
             return
-        async with self._append_lock:
-            claimed = await _blocking(_claim, self._spool, self._replaying)
-        if not claimed:
-            if not self.store_up and await _blocking(self._store.ping):
-                self._mark_up()
+        replayed = await self._replay_spool(self._spool)
+        if replayed is None:
             return
-        offset = replayed = 0
-        while True:
-            batch, offset, unreadable = await _blocking(
-                _read_batch, self._replaying, offset, self._settings.batch_size
-            )
-            # Lines torn by a crash mid-append, or not a record: kept aside, never retried.
-            await self._dead_letter([_unreadable_entry(line) for line in unreadable], [])
-            if not batch:
-                break
-            inserted, left = await self._insert(batch)
-            replayed += inserted
-            self.replayed += inserted
-            if left:
-                return  # the file stays; the next attempt starts it over, idempotently
-        await _blocking(_remove, self._replaying)
         if replayed:
             log.info("replayed %d spooled log records", replayed)
             self._mark_up()
         elif not self.store_up and await _blocking(self._store.ping):
             # An empty spool (an append that failed and was undone) proves nothing about the store.
             self._mark_up()
+        if self._settings.adopt_spools and self.store_up:
+            await self._adopt()
+
+    async def _adopt(self) -> None:
+        """Replay each other spool in the directory whose lock no process holds."""
+        for spool in await _blocking(_other_spools, self._spool):
+            lock_path = _lock_path(spool)
+            lock = await _blocking(_try_lock, lock_path)
+            if lock is None:
+                continue  # its replica is alive and replays it itself
+            try:
+                replayed = await self._replay_spool(spool)
+            finally:
+                _unlock(lock_path, lock)
+            if replayed:
+                log.info("adopted %d log records from %s, a spool no process held", replayed,
+                         spool.name)
+            if replayed is None:
+                return  # the store went down; the next round goes on
+
+    async def _replay_spool(self, spool: Path) -> int | None:
+        """Replay one spool (the `.replaying` it left first) and delete it: the records inserted,
+        or None when the store failed part way (the file stays; the next round starts it over,
+        idempotently)."""
+        replaying = _replaying(spool)
+        async with self._append_lock:
+            claimed = await _blocking(_claim, spool, replaying)
+        if not claimed:
+            return 0
+        offset = replayed = 0
+        while True:
+            batch, offset, unreadable = await _blocking(
+                _read_batch, replaying, offset, self._settings.batch_size
+            )
+            # Lines torn by a crash mid-append, or not a record: kept aside, never retried.
+            await self._dead_letter([_unreadable_entry(line) for line in unreadable], [])
+            if not batch:
+                break
+            # Rows in id order: two writers replaying spools that share records then wait on
+            # each other's inserts in one order, never in a cycle (a deadlock).
+            batch.sort(key=lambda pending: pending.record.id)
+            inserted, left = await self._insert(batch)
+            replayed += inserted
+            self.replayed += inserted
+            if left:
+                return None
+        await _blocking(_remove, replaying)
+        return replayed
 
     def _mark_down(self, exc: Exception) -> None:
         if self.store_up:
@@ -585,6 +643,52 @@ def _append(path: Path, lines: list[str]) -> None:
         os.close(fd)
     if created:
         _fsync_dir(path.parent)
+
+
+def _replaying(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".replaying")
+
+
+def _lock_path(spool: Path) -> Path:
+    return spool.with_name(spool.name + ".lock")
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor holding an exclusive `flock` on `path` (created if missing), or None when
+    another open file holds it. The lock counts only if `path` is still the file locked: a holder
+    may have removed it meanwhile (`_unlock`), and then the new file at `path` is tried."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it, then release it."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(fd)
+
+
+def _other_spools(spool: Path) -> list[Path]:
+    """The other spools in `spool`'s directory, named as spools even where only the
+    `.replaying` file of one is left."""
+    names = {path.name.removesuffix(".replaying") for path in spool.parent.iterdir()}
+    return [spool.parent / name for name in sorted(names)
+            if name.endswith(_SPOOL_SUFFIX) and not name.endswith(_DEAD_SUFFIX)
+            and name != spool.name]
 
 
 def _claim(spool: Path, replaying: Path) -> bool:

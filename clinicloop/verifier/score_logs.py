@@ -16,6 +16,10 @@ so two turns with identical text share one verdict row: the second is graded fro
 verdicts (or, graded at the same time, writes the same row). Only client turns are scored: the
 store leaves out service traffic (the judge's, the simulator's, benchmarks'). One turn failing
 stops the run at once, with the others cancelled, instead of leaving them running.
+
+Several scorers can run at once on one store: each page of turns is claimed first
+(`store.claims`: a turn another scorer holds is skipped, one whose claim expired is taken over)
+and released once graded, and `shard` limits a scorer to one slice of the turns (an Indexed Job).
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
+from clinicloop.store.claims import (
+    Shard,
+    claim_turns,
+    count_claimable,
+    default_worker,
+    release_claims,
+)
 from clinicloop.store.db import Store, TurnScore
 from clinicloop.store.records import TurnRecord
 from clinicloop.verifier.client import open_client
@@ -39,13 +50,16 @@ from clinicloop.verifier.judge import Judge, StoreVerdictCache, Template, Verdic
 from clinicloop.verifier.rubrics import RubricItem
 from clinicloop.verifier.scoring import ExampleGrades, aggregate, example_metrics, score_example
 
-_PAGE = 64  # turns read from the store, and graded concurrently, at a time
+PAGE = 64  # turns claimed from the store, and graded concurrently, at a time
+LEASE_S = 900.0  # how long a claim keeps other scorers off a turn
 T = TypeVar("T")
 
 
 class ScoreSummary(BaseModel):
     judge_model: str
     template: str
+    worker: str = Field(description="This scorer's name, on its claims.")
+    shard: str | None = Field(None, description="I/N: the run took only shard I of N.")
     n_turns: int = Field(description="Turns graded in this run.")
     n_scored: int = Field(description="Of them, turns with a score (a positive item was graded).")
     n_verdicts: int
@@ -97,14 +111,21 @@ async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
 async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
                      since: datetime | None = None, model_version: str | None = None,
                      only_unscored: bool = True, limit: int | None = None,
+                     worker: str | None = None, lease_s: float = LEASE_S,
+                     shard: Shard | None = None, page_size: int = PAGE,
                      progress: bool = True) -> ScoreSummary:
-    """Score the store's turns with `judge`, whose cache must be a `StoreVerdictCache(store)`."""
+    """Score the store's turns with `judge`, whose cache must be a `StoreVerdictCache(store)`.
+
+    Pages of `page_size` turns are claimed as `worker` (default `<hostname>-<pid>`) for
+    `lease_s`, from `shard` only if given; smaller pages spread turns more evenly over scorers.
+    """
     cache = judge.cache
     if not isinstance(cache, StoreVerdictCache) or cache.store is not store:
         raise ValueError("score_logs needs a Judge built with cache=StoreVerdictCache(store)")
+    worker = worker or default_worker()
     filters: dict[str, Any] = {"since": since, "model_version": model_version,
-                               "only_unscored": only_unscored}
-    total = await asyncio.to_thread(store.count_turns_to_score, **filters)
+                               "only_unscored": only_unscored, "shard": shard}
+    total = await asyncio.to_thread(count_claimable, store, **filters)
     total = total if limit is None else min(total, limit)
     started = time.perf_counter()
     grades: list[ExampleGrades] = []
@@ -114,17 +135,21 @@ async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
     with tqdm(total=total, disable=not progress, unit="turn", desc="scoring") as bar:
 
         while len(grades) < total:
-            page = await asyncio.to_thread(store.turns_to_score, **filters, after=after,
-                                           limit=min(_PAGE, total - len(grades)))
+            page = await asyncio.to_thread(
+                claim_turns, store, worker, lease_s=lease_s, after=after,
+                limit=min(page_size, total - len(grades)), **filters)
             if not page:
                 break
             after = (page[-1].created_at, page[-1].id)
-            # All of a page's rubrics first: on a one-sequence engine, a rubric request between
-            # two verdicts of one conversation would evict the prefix those verdicts share.
-            rubrics = await _all(generator.for_conversation(t.messages) for t in page)
-            rubric_errors += sum(r.error is not None for r in rubrics)
-            graded = await _all(_score_turn(t, r.items, store, judge, cache, bar)
-                                for t, r in zip(page, rubrics, strict=True))
+            try:
+                # All of a page's rubrics first: on a one-sequence engine, a rubric request
+                # between two verdicts of one conversation would evict the prefix they share.
+                rubrics = await _all(generator.for_conversation(t.messages) for t in page)
+                rubric_errors += sum(r.error is not None for r in rubrics)
+                graded = await _all(_score_turn(t, r.items, store, judge, cache, bar)
+                                    for t, r in zip(page, rubrics, strict=True))
+            finally:
+                await asyncio.to_thread(release_claims, store, worker, [t.id for t in page])
             for turn_grades, turn_verdicts in graded:
                 grades.append(turn_grades)
                 verdicts.extend(turn_verdicts)
@@ -132,7 +157,8 @@ async def score_logs(store: Store, judge: Judge, generator: RubricGenerator, *,
     metrics = aggregate(grades) if grades else {}
     judged = sum(v.source in ("llm", "unparseable", "error") for v in verdicts)
     return ScoreSummary(
-        judge_model=judge.client.model, template=judge.template, n_turns=len(grades),
+        judge_model=judge.client.model, template=judge.template, worker=worker,
+        shard=None if shard is None else str(shard), n_turns=len(grades),
         n_scored=sum(score_example(g.items, g.met) is not None for g in grades),
         n_verdicts=len(verdicts), n_judged=judged,
         n_cached=sum(v.source == "cache" for v in verdicts),
@@ -149,6 +175,7 @@ def format_summary(summary: ScoreSummary) -> str:
         f"{summary.score:.3f} ± {summary.metrics['overall_score:bootstrap_std']:.3f}")
     lines = [
         f"judge {summary.judge_model} ({summary.template} template)",
+        f"worker {summary.worker}" + (f", shard {summary.shard}" if summary.shard else ""),
         f"turns scored: {summary.n_turns} ({summary.n_scored} with a score)",
         f"score: {score}",
         f"verdicts: {summary.n_verdicts} ({summary.n_judged} judged, {summary.n_cached} cached, "
@@ -181,18 +208,23 @@ async def _score(store: Store, judge_url: str | None, judge_key: str | None,
 def score_store(store_url: str, judge_url: str | None, *, models_dir: Path,
                 judge_key: str | None = None, template: Template = "split",
                 since: datetime | None = None, model_version: str | None = None,
-                limit: int | None = None, out: Path | None = None) -> ScoreSummary:
+                limit: int | None = None, worker: str | None = None, lease_s: float = LEASE_S,
+                shard: Shard | None = None, page_size: int = PAGE,
+                out: Path | None = None) -> ScoreSummary:
     """Score the unscored turns of the store at `store_url` (its schema upgraded first).
 
     `judge_url` is an OpenAI-compatible base URL ending in /v1 (None: the tiny model in-process,
     from `models_dir`), `judge_key` its API key (None: from the environment, see
-    `client.resolve_key`). `out`: where the summary is written as JSON.
+    `client.resolve_key`). `worker`, `lease_s`, `shard`, `page_size`: as in `score_logs`.
+    `out`: where the summary is written as JSON.
     """
     store = Store(store_url)
     try:
         store.migrate()
         summary = asyncio.run(_score(store, judge_url, judge_key, template, models_dir,
-                                     since=since, model_version=model_version, limit=limit))
+                                     since=since, model_version=model_version, limit=limit,
+                                     worker=worker, lease_s=lease_s, shard=shard,
+                                     page_size=page_size))
     finally:
         store.dispose()
     if out is not None:

@@ -2,7 +2,7 @@
 and through a running server's admin API; the gate's refusal leaving serving untouched; a kill
 mid-training resumed without redoing finished steps; a SIGKILL at every step boundary, each
 re-run completing with serving untouched until the swap; a failed run that names its way out
-(--fresh, --abandon); the lock."""
+(--fresh, --abandon); the lock, and on a Postgres store the advisory lock."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 
 import httpx
 import pytest
+from sqlalchemy import text as sql_text
 from typer.testing import CliRunner
 
 from clinicloop.backends.registry import BASE_ID, Registry
@@ -31,10 +32,12 @@ from clinicloop.rl.refresh import (
     refresh_lock,
 )
 from clinicloop.rl.stages import corpus_prompts
+from clinicloop.store.claims import REFRESH_LOCK_KEY
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from clinicloop.verifier.generator import rule_items
 from tests.conftest import ROOT, wait_until
+from tests.postgres import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests.rl.killed import run_killed_after
 
 CLIENT_KEY, ADMIN_KEY = "sk-refresh-client", "sk-refresh-admin"
@@ -107,6 +110,29 @@ def test_a_refused_candidate_leaves_serving_untouched(setup):
 def test_a_second_job_is_refused_while_one_holds_the_lock(setup):
     with refresh_lock(setup.runs_dir), pytest.raises(RefreshBusy, match=f"pid {os.getpid()}"):
         refresh(setup, RefreshOptions(stage="rule", grpo=FAST), progress=False)
+
+
+def test_on_postgres_a_job_is_refused_while_another_host_holds_the_advisory_lock(
+        pg_url, tmp_path):  # noqa: F811
+    store = Store(pg_url)
+
+    def lock(function: str) -> bool:
+        return connection.execute(sql_text(f"SELECT {function}(:key)"),
+                                  {"key": REFRESH_LOCK_KEY}).scalar_one()
+
+    paths = Paths(store_url=pg_url, registry_dir=tmp_path / "registry", runs_dir=tmp_path / "a")
+    with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        assert lock("pg_try_advisory_lock")  # another refresh pod, its runs on another volume
+        with pytest.raises(RefreshBusy, match="another refresh is running"):
+            refresh(paths, progress=False)
+        assert lock("pg_advisory_unlock")
+        # Free: the job takes it and holds it to its end, which a failing step is too.
+        with pytest.raises(RuntimeError, match="step failed"), refresh_lock(paths.runs_dir,
+                                                                             pg_url):
+            assert not lock("pg_try_advisory_lock")
+            raise RuntimeError("step failed")
+        assert lock("pg_try_advisory_lock") and lock("pg_advisory_unlock")
+    store.dispose()
 
 
 def _env(paths: Paths) -> dict[str, str]:

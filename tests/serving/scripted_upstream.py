@@ -26,7 +26,8 @@ reaches the gateway's log. Scenarios:
 - `bad_tool_call` (chat): a tool call piece whose index is not an integer
 
 Beside generation it serves vLLM's runtime LoRA routes (`POST /v1/load_lora_adapter`,
-`/v1/unload_lora_adapter`: the adapter names are recorded in order, `GET /lora_calls` lists them)
+`/v1/unload_lora_adapter`: the adapter names, and the paths loads name, are recorded in order,
+`GET /lora_calls` lists them; `/v1/models` reports the base's `root` as vLLM does, `MODEL_ROOT`)
 and its sleep-mode routes (`POST /sleep`, `POST /wake_up`, `GET /is_sleeping`): while asleep,
 generation is answered 503, where a sleeping vLLM would not serve it.
 """
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "scripted"
+MODEL_ROOT = "/srv/models/scripted"
 
 
 class _State:
@@ -54,6 +56,7 @@ class _State:
     def __init__(self) -> None:
         self.asleep = False
         self.loads: list[str] = []
+        self.load_paths: list[str] = []
         self.unloads: list[str] = []
 
 
@@ -72,9 +75,11 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/is_sleeping":
             self._json(200, {"is_sleeping": STATE.asleep})
         elif path == "/lora_calls":
-            self._json(200, {"load": STATE.loads, "unload": STATE.unloads})
+            self._json(200, {"load": STATE.loads, "unload": STATE.unloads,
+                             "load_paths": STATE.load_paths})
         elif path == "/v1/models":
-            self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+            self._json(200, {"object": "list",
+                             "data": [{"id": MODEL, "object": "model", "root": MODEL_ROOT}]})
         else:
             self._json(404, {"error": {"message": "not found"}})
 
@@ -83,8 +88,12 @@ class Handler(BaseHTTPRequestHandler):
         text = raw.decode("utf-8", "replace")
         path = self.path.split("?")[0]
         if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-            name = json.loads(raw)["lora_name"]
-            (STATE.loads if path.endswith("/load_lora_adapter") else STATE.unloads).append(name)
+            body = json.loads(raw)
+            if path.endswith("/load_lora_adapter"):
+                STATE.loads.append(body["lora_name"])
+                STATE.load_paths.append(body["lora_path"])
+            else:
+                STATE.unloads.append(body["lora_name"])
             self._json(200, {"status": "Success"})
             return
         if path in ("/sleep", "/wake_up"):
