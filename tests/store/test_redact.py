@@ -203,8 +203,10 @@ def _hostile_parts(rule_index: int):
     return st.lists(st.tuples(piece, st.booleans()), min_size=1, max_size=8)
 
 
+# Five drawn texts a rule (each timed at two sizes, three times): the fixed hostile shapes above
+# are the main guard; these look for combinations of them, and `make harden` runs them too.
 @pytest.mark.parametrize("rule_index", range(len(RULES)))
-@settings(max_examples=10, deadline=None, derandomize=True,
+@settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_property_redaction_time_is_linear(rule_index, data):
