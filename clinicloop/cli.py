@@ -448,7 +448,8 @@ def rl_refresh(
     judge_key: Annotated[str | None, _key_option("--judge-key", "--judge-url")] = None,
     server_url: Annotated[str | None, typer.Option(
         help="The running server, e.g. http://127.0.0.1:8000: the swap goes through its admin "
-             "API (key from CLINICLOOP_ADMIN_KEY). Without it only the registry file changes.")
+             "API (key from CLINICLOOP_ADMIN_KEY). Without it only the registry changes, and "
+             "running servers follow it.")
     ] = None,
     model_dir: Annotated[Path | None, typer.Option(
         "--model-dir", help="HF weights of the serving version (default: what the registry "
