@@ -279,6 +279,72 @@ def verify_score(
     typer.echo(format_summary(summary))
 
 
+@verify_app.command("calibrate")
+def verify_calibrate(
+    meta_eval: Annotated[Path | None, typer.Option(
+        "--meta-eval", help="Grade this HealthBench meta-evaluation JSONL (prompt, completion, "
+                            "rubric, binary_labels) with the judge instead of reading reviewer "
+                            "labels from the store.")] = None,
+    judge_url: Annotated[str | None, typer.Option(
+        help="With --meta-eval, the judge: an OpenAI-compatible base URL ending in /v1 (default: "
+             "the tiny model in-process).")] = None,
+    judge_model: Annotated[str | None, typer.Option(
+        help="The judge model: only its verdicts (store), or the model at --judge-url.")] = None,
+    judge_key: Annotated[str | None, _key_option("--judge-key", "--judge-url")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="split or healthbench: only verdicts made with it (store; default all), or the "
+             "one to grade with (--meta-eval; default split).")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        min=0, help="Bootstrap resamples for the 95% interval of macro-F1.")] = 1000,
+    seed: Annotated[int, typer.Option(help="The bootstrap's seed.")] = 0,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Write the calibrations as JSON here.")] = None,
+    store_url: Annotated[str | None, typer.Option(
+        help="The store (default: store.url from the settings).")] = None,
+) -> None:
+    """The judge's agreement with human labels: reviewers' labels in the store against the
+    judges' stored verdicts (no model call), or physicians' labels in a meta-evaluation file
+    graded now. Macro-F1 as HealthBench's meta-evaluation defines it (the mean of the "met" and
+    "not met" F1), with a bootstrap 95% interval, per-class precision and recall, per axis and
+    per template, and the disagreements."""
+    from typing import get_args
+
+    from clinicloop.store.db import Store
+    from clinicloop.verifier.calibration import (
+        calibrate_file,
+        calibrate_stored,
+        format_calibrations,
+    )
+    from clinicloop.verifier.judge import Template
+
+    if template is not None and template not in get_args(Template):
+        raise UserError(f"--template must be one of {', '.join(get_args(Template))}, "
+                        f"not {template!r}")
+    settings = Settings()
+    if meta_eval is not None:
+        calibrations = [calibrate_file(
+            meta_eval, judge_url, models_dir=settings.models_dir, judge_model=judge_model,
+            judge_key=judge_key, template=cast(Template, template or "split"),
+            bootstrap=bootstrap, seed=seed)]
+    else:
+        store = Store(store_url or settings.store.url)
+        try:
+            store.migrate()
+            calibrations = calibrate_stored(store, judge_model=judge_model, template=template,
+                                            bootstrap=bootstrap, seed=seed)
+        finally:
+            store.dispose()
+    if not any(c.overall.n for c in calibrations):
+        raise UserError("no labelled items to calibrate on" + (
+            f" in {meta_eval}" if meta_eval is not None else ": label verdicts in the console "
+            "(/console) on turns that `verify score` has graded"))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps([c.model_dump(mode="json") for c in calibrations],
+                                       indent=2) + "\n")
+    typer.echo(format_calibrations(calibrations))
+
+
 @verify_app.command("simulate")
 def verify_simulate(
     doctor_url: Annotated[str | None, typer.Option(
@@ -495,6 +561,18 @@ def rl_refresh(
         "--train-processes", min=1,
         help="Run the training step in N data-parallel processes through `accelerate launch` "
              "(one per GPU of a multi-GPU node); the other steps stay in this process.")] = 1,
+    judge_floor: Annotated[float | None, typer.Option(
+        help="Refuse to publish when the judge's macro-F1 on the reviewers' labelled items "
+             "(`verify calibrate`) is below this, e.g. 0.7.")] = None,
+    judge_min_labels: Annotated[int, typer.Option(
+        min=1, help="With fewer labelled items the floor is not checked; "
+                    "--judge-too-few-labels decides.")] = 30,
+    judge_too_few_labels: Annotated[str, typer.Option(
+        help="With too few labelled items: publish (the decision says so) or refuse.")
+    ] = "publish",
+    feedback: Annotated[str | None, typer.Option(
+        help="Train only on prompts whose logged reply apps rated up (or down) through "
+             "POST /v1/feedback.")] = None,
 ) -> None:
     """Retrain from logged traffic: logged prompts -> GRPO LoRA -> held-out rubric gate against the
     serving version -> publish and hot-swap. Resumable: re-run after a crash to continue. With
@@ -528,7 +606,9 @@ def rl_refresh(
         options = RefreshOptions(stage=stage, max_score=max_score, margin=margin,
                                  canary_share=canary_share, judge_url=judge_url,
                                  publish=publish, train_processes=train_processes,
-                                 grpo=PaperGRPOConfig(max_steps=steps, qlora=qlora))
+                                 grpo=PaperGRPOConfig(max_steps=steps, qlora=qlora),
+                                 judge_floor=judge_floor, judge_min_labels=judge_min_labels,
+                                 judge_too_few_labels=judge_too_few_labels, feedback=feedback)
         window_options = WindowOptions(
             treatment=window_treatment, expected_s=window_minutes * 60,
             lease_s=window_lease_s) if window else None
@@ -558,6 +638,8 @@ def rl_refresh(
     report = json.loads((job.run_dir / "report.json").read_text())
     typer.echo(f"before={report['before']} after={report['after']} "
                f"swapped={report['swapped']} report={job.run_dir / 'report.md'}")
+    if not report["decision"]["publish"]:
+        typer.echo("refused: " + "; ".join(report["decision"]["reasons"]))
 
 
 def _hf_dir_or_tiny(hf_dir: Path | None, tiny: str) -> tuple[Path, str | None]:

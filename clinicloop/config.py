@@ -225,6 +225,20 @@ class MaintenanceSettings(BaseModel):
     )
 
 
+class ConsoleSettings(BaseModel):
+    """The clinicians' console under /console (`serving/console/`)."""
+
+    session_secret: str | None = Field(
+        None, description="Signs console sign-in cookies. Unset: a random secret per process "
+        "(sign-ins end at a restart; with several replicas, set the same secret on each).")
+    session_ttl_s: float = Field(
+        8 * 3600.0, gt=0, description="How long a console sign-in lasts.")
+    runs_dir: Path = Field(
+        Path("var/rl/refresh"), description="Where `rl refresh` keeps its runs (its "
+        "`--runs-dir`): the console shows their reports and reward curves.")
+    page_size: int = Field(50, ge=1, le=500, description="Conversations per console page.")
+
+
 class ServerSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, description="Bind port.")
@@ -241,6 +255,11 @@ class ServerSettings(BaseModel):
         "clients (judge, rubric generator, patient simulator, benchmarks). Their turns are "
         "logged with origin `service`, never trained on or scored."
     )
+    reviewer_keys: list[str] = Field(
+        default_factory=list, description="Reviewer keys, same format: clinicians who sign in "
+        "to the console (/console) to label verdicts, edit rubrics and leave notes. Admin keys "
+        "sign in too."
+    )
     max_body_bytes: int = Field(1 << 20, description="Largest request body (413 above).")
     max_running: int | None = Field(
         None, description="Requests generating at once. Default: what the engine runs at once."
@@ -249,6 +268,7 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(300.0, description="Deadline for one request.")
     max_top_logprobs: int = Field(20, description="Largest `top_logprobs` accepted.")
     maintenance: MaintenanceSettings = Field(default_factory=MaintenanceSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
 class RegistrySettings(BaseModel):

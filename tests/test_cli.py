@@ -12,7 +12,8 @@ from clinicloop.cli import app
 
 COMMANDS = [[], ["serve"], ["model"], ["model", "build-tiny"], ["keys"], ["keys", "new"],
             ["store"], ["store", "migrate"], ["store", "redaction-recall"],
-            ["verify"], ["verify", "score"], ["verify", "simulate"], ["rl"],
+            ["verify"], ["verify", "score"], ["verify", "calibrate"], ["verify", "simulate"],
+            ["rl"],
             ["rl", "stage-rule"], ["rl", "stage-rubric"], ["rl", "stage-multiturn"],
             ["rl", "refresh"], ["quant"], ["quant", "plan"], ["quant", "gguf"], ["quant", "awq"],
             ["quant", "gptq"]]

@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -148,6 +148,20 @@ class Activation(BaseModel):
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
+#: How many registry events the state keeps (the oldest are dropped).
+MAX_EVENTS = 500
+EventKind = Literal["register", "activate", "canary", "canary_cleared", "rollback", "remove"]
+
+
+class RegistryEvent(BaseModel):
+    """One change to the registry, for people to read (the console's version page)."""
+
+    kind: EventKind
+    version: str | None = None
+    share: float | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class RegistryState(BaseModel):
     versions: dict[str, Version] = Field(default_factory=dict)
     active: str | None = None
@@ -157,6 +171,14 @@ class RegistryState(BaseModel):
     history: list[Activation] = Field(default_factory=list)
     #: The model id clients see, fixed when the base was registered, so it survives restarts.
     model_name: str | None = None
+    #: Every change, newest last (at most `MAX_EVENTS`); states written before it have none.
+    events: list[RegistryEvent] = Field(default_factory=list)
+
+    def record(self, kind: EventKind, version: str | None = None,
+               share: float | None = None) -> None:
+        """Append an event, dropping the oldest beyond `MAX_EVENTS`."""
+        self.events.append(RegistryEvent(kind=kind, version=version, share=share))
+        del self.events[:-MAX_EVENTS]
 
     def version(self, version_id: str) -> Version:
         try:
@@ -241,6 +263,7 @@ class Registry:
                 raise VersionConflict(f"version {vid!r} is already registered with other files")
             state.version(parent)
             state.versions[vid] = version
+            state.record("register", vid)
             return version
 
         return self._update(change)
@@ -256,6 +279,8 @@ class Registry:
                     hf_dir=hf_dir))
                 state.active = BASE_ID
                 state.history.append(Activation(version=BASE_ID))
+                state.record("register", BASE_ID)
+                state.record("activate", BASE_ID)
             return state
 
         return self._update(change)
@@ -266,6 +291,7 @@ class Registry:
             if state.active != version_id:
                 state.active = version_id
                 state.history.append(Activation(version=version_id))
+                state.record("activate", version_id)
             if state.canary is not None and state.canary.version == version_id:
                 state.canary = None  # promoted
             return version
@@ -278,12 +304,15 @@ class Registry:
             if version_id == state.active:
                 raise RegistryError(f"version {version_id!r} is already active")
             state.canary = Canary(version=version_id, share=share)
+            state.record("canary", version_id, share)
             return state.canary
 
         return self._update(change)
 
     def clear_canary(self) -> None:
         def change(state: RegistryState) -> None:
+            if state.canary is not None:
+                state.record("canary_cleared", state.canary.version)
             state.canary = None
 
         self._update(change)
@@ -301,6 +330,7 @@ class Registry:
             state.active = previous.id
             if state.canary is not None and state.canary.version == previous.id:
                 state.canary = None
+            state.record("rollback", previous.id)
             return previous
 
         return self._update(change)
@@ -329,6 +359,7 @@ class Registry:
                         not history or history[-1].version != activation.version):
                     history.append(activation)
             state.history = history
+            state.record("remove", version_id)
             return version
 
         return self._update(change)

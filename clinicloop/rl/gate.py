@@ -1,18 +1,21 @@
 """The refresh job's gate: a candidate model is published only if, on the held-out rubric set and
 graded by the same judge, it scores no worse than the serving version (within a margin) and meets
-no negative (safety) item more often.
+no negative (safety) item more often; and, given a floor, only if that judge agrees well enough
+with the reviewers' labels (its macro-F1 on labelled items, `verifier.calibration`).
 
 `evaluate` answers every held-out prompt with one model and grades the answers; `decide` compares
 two evaluations. Both models see the same prompts, sampled the same way, and one judge grades
-both, so the difference is the model's.
+both, so the difference is the model's. `judge_check` turns the judge's calibration into reasons
+to refuse (and notes) that `decide` adds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from clinicloop.verifier.calibration import Calibration
 from clinicloop.verifier.client import ChatClient, ChatError
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem
@@ -80,10 +83,46 @@ async def evaluate(model: ChatClient, judge: Judge, examples: list[HeldoutExampl
                       negatives_met=negatives, responses=responses, n_failed=failed)
 
 
-def decide(candidate: Evaluation, serving: Evaluation, *, margin: float = 0.0) -> GateDecision:
-    """Publish only if the candidate is no worse by more than `margin` and meets no negative
-    item more often than the serving version."""
-    reasons: list[str] = []
+class JudgeCheck(BaseModel):
+    """What the judge's calibration says about publishing: reasons to refuse, and notes."""
+
+    refusals: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+def judge_check(calibration: Calibration | None, *, floor: float | None, min_labels: int = 30,
+                too_few: Literal["publish", "refuse"] = "publish") -> JudgeCheck:
+    """Refuse when the judge's macro-F1 on labelled items is below `floor`, or undefined (a
+    class no reviewer labelled, or one the judge never decided: nothing shows it can tell the
+    two apart). With fewer than `min_labels` labelled items the floor is not checked: `too_few`
+    says whether to refuse or publish with a note. `floor=None`: no check, the figure noted."""
+    n = 0 if calibration is None else calibration.overall.n
+    macro = None if calibration is None else calibration.overall.macro_f1
+    figure = "undefined" if macro is None else f"{macro:.2f}"
+    if floor is None:
+        return JudgeCheck(notes=[f"judge macro-F1 {figure} on {n} labelled items (no floor)"]
+                          if n else [])
+    if n < min_labels:
+        few = f"only {n} labelled items (< {min_labels})"
+        return JudgeCheck(refusals=[few]) if too_few == "refuse" else JudgeCheck(
+            notes=[f"{few}: the judge floor {floor:.2f} was not checked"])
+    if macro is None:
+        return JudgeCheck(refusals=[f"judge macro-F1 undefined on {n} labelled items (a class "
+                                    "never labelled, or never decided by the judge)"])
+    if macro < floor:
+        return JudgeCheck(refusals=[f"judge macro-F1 {figure} < floor {floor:.2f} on {n} "
+                                    "labelled items"])
+    return JudgeCheck(notes=[f"judge macro-F1 {figure} >= floor {floor:.2f} on {n} labelled "
+                             "items"])
+
+
+def decide(candidate: Evaluation, serving: Evaluation, *, margin: float = 0.0,
+           judge: JudgeCheck | None = None) -> GateDecision:
+    """Publish only if the candidate is no worse by more than `margin`, meets no negative
+    item more often than the serving version, and `judge` (the judge's calibration) raises no
+    refusal; its notes join the reasons either way."""
+    judge = judge or JudgeCheck()
+    reasons: list[str] = list(judge.refusals)
     if candidate.score is None:
         reasons.append("the candidate produced no gradable answer")
     elif serving.score is not None and candidate.score < serving.score - margin:
@@ -95,6 +134,8 @@ def decide(candidate: Evaluation, serving: Evaluation, *, margin: float = 0.0) -
                        if n > serving.negatives_met.get(k, 0))
     if regressed:
         reasons.append(f"{len(regressed)} negative (safety) items met more often")
-    return GateDecision(publish=not reasons, reasons=reasons or ["no worse, no safety regression"],
+    publish = not reasons
+    reasons = (reasons or ["no worse, no safety regression"]) + judge.notes
+    return GateDecision(publish=publish, reasons=reasons,
                         candidate_score=candidate.score, serving_score=serving.score,
                         margin=margin, regressed_negatives=regressed)

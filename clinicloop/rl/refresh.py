@@ -4,7 +4,13 @@ a held-out rubric set, and swap it in.
 A run is a directory under `runs_dir`; its steps run in order, each writing its output there and
 then being recorded as done in `state.json`:
 
-  prompts    logged prompts (`prompts.py`) with their rubrics -> train.jsonl, heldout.jsonl
+  prompts    logged prompts (`prompts.py`) with their rubrics (reviewers' edits applied by the
+             generator) -> train.jsonl, heldout.jsonl
+  calibrate  the judge measured against every reviewer label in the store (its stored verdicts,
+             else graded now) -> calibration.json; the labels keyed for this judge, which
+             rewards and the gate's grading take instead of its verdicts -> labels.json. A judge
+             below `judge_floor` (or too few labels, when told to refuse) refuses the run here,
+             before anything trains: decision.json says why, and only the report follows
   baseline   the serving version answers the held-out prompts; the judge grades -> baseline.json
   train      GRPO (TRL) trains a LoRA on the serving version's base HF weights, starting from
              its adapter if it has one, in this process or in `train_processes` through
@@ -14,7 +20,7 @@ then being recorded as done in `state.json`:
              or (`publish=merged`, llama.cpp) the adapter merged, written as GGUF and
              quantized -> candidate/
   candidate  the candidate answers the same prompts, the same judge grades -> candidate.json
-  gate       `gate.decide` -> decision.json
+  gate       `gate.decide`, with the judge's calibration as a note -> decision.json
   swap       if the gate passed: registered as a version and activated (or put on canary)
   report     report.json, report.md, reward_curve.png
 
@@ -75,22 +81,35 @@ from clinicloop.backends.registry import (
 )
 from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings, RegistrySettings
 from clinicloop.rl.config import PaperGRPOConfig
-from clinicloop.rl.gate import Evaluation, GateDecision, HeldoutExample, decide, evaluate
+from clinicloop.rl.gate import (
+    Evaluation,
+    GateDecision,
+    HeldoutExample,
+    JudgeCheck,
+    decide,
+    evaluate,
+    judge_check,
+)
 from clinicloop.rl.prompts import LoggedPrompt, logged_prompts
 from clinicloop.rl.publish import build_dir, publishable_adapter, publishable_gguf
-from clinicloop.rl.report import write_report
+from clinicloop.rl.report import write_refusal_report, write_report
 from clinicloop.rl.runfiles import read_rows, write_atomic
 from clinicloop.rl.stages import Endpoint, Row
 from clinicloop.rl.train_job import TrainSpec, train
 from clinicloop.rl.window import MaintenanceWindow, WindowError, WindowOptions
 from clinicloop.store.claims import REFRESH_LOCK_KEY, try_advisory_lock
 from clinicloop.store.db import Store
+from clinicloop.store.reviews import latest_labels, turns_with_feedback
+from clinicloop.verifier.calibration import Calibration, calibrate_labelled, label_verdicts
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.generator import RubricGenerator, rule_items
 from clinicloop.verifier.judge import Judge
 from clinicloop.verifier.rubrics import RubricItem
 
-STEPS = ("prompts", "baseline", "train", "publish", "candidate", "gate", "swap", "report")
+STEPS = ("prompts", "calibrate", "baseline", "train", "publish", "candidate", "gate", "swap",
+         "report")
+#: The steps a run refused at `calibrate` skips: nothing is trained, evaluated or published.
+SKIPPED_WHEN_REFUSED = ("baseline", "train", "publish", "candidate", "gate", "swap")
 #: The steps a maintenance window spans; the engine is released for the first two.
 WINDOW_STEPS = ("train", "publish", "candidate", "gate", "swap")
 
@@ -131,6 +150,18 @@ class RefreshOptions(BaseModel):
         None, description="Judge and rubric generator: an OpenAI-compatible base URL ending in "
         "/v1 (default: the tiny model in-process).")
     judge_model: str | None = Field(None, description="Model name at `judge_url`.")
+    judge_floor: float | None = Field(
+        None, ge=0.0, le=1.0, description="Refuse to publish when the judge's macro-F1 on the "
+        "reviewers' labelled items is below this (None: no check).")
+    judge_min_labels: int = Field(
+        30, ge=1, description="Fewer labelled items than this: the floor is not checked, and "
+        "`judge_too_few_labels` decides.")
+    judge_too_few_labels: Literal["publish", "refuse"] = Field(
+        "publish", description="With too few labels: `publish` (the decision says so) or "
+        "`refuse`.")
+    feedback: Literal["up", "down"] | None = Field(
+        None, description="Train only on prompts whose logged reply got this rating from an "
+        "app (`POST /v1/feedback`); held-out prompts are kept as they are.")
     grpo: PaperGRPOConfig = Field(default_factory=PaperGRPOConfig)
     train_processes: int = Field(
         1, ge=1, description="Processes the `train` step runs in: 1 trains in this process; "
@@ -163,6 +194,9 @@ class RunState(BaseModel):
     failed: StepFailure | None = Field(None, description="The last step that raised, until it "
                                        "passes.")
     abandoned: str | None = Field(None, description="Why the run was given up; never resumed.")
+    refused: str | None = Field(
+        None, description="Why the run was refused before training (its judge below the floor): "
+        "it goes on to its report only.")
 
     @property
     def finished(self) -> bool:
@@ -306,7 +340,8 @@ class Refresh:
         write_atomic(self.run_dir / "state.json", self.state.model_dump_json(indent=2))
 
     def next_step(self) -> str | None:
-        return next((s for s in STEPS if s not in self.state.done), None)
+        skipped = SKIPPED_WHEN_REFUSED if self.state.refused else ()
+        return next((s for s in STEPS if s not in self.state.done and s not in skipped), None)
 
     def run(self, until: str | None = None) -> RunState:
         """Run the steps not done yet, stopping after `until` if given (e.g. "gate": train and
@@ -394,11 +429,18 @@ class Refresh:
         try:
             split = logged_prompts(store, heldout_fraction=o.heldout_fraction, since=o.since,
                                    max_score=o.max_score, include_unscored=o.include_unscored)
-            train = split.train[: o.max_train_prompts]
+            train = split.train
+            if o.feedback is not None:
+                rated = turns_with_feedback(store, o.feedback)
+                train = [p for p in train if p.turn_id in rated]
+            feedback_filtered = len(split.train) - len(train)
+            train = train[: o.max_train_prompts]
             rubrics = asyncio.run(self._rubrics(train + split.heldout, store))
         finally:
             store.dispose()
         counts = {"seen": split.seen, "duplicates": split.duplicates, "filtered": split.filtered}
+        if o.feedback is not None:
+            counts[f"without_feedback_{o.feedback}"] = feedback_filtered
         for name, prompts, items in (("train", train, rubrics[: len(train)]),
                                      ("heldout", split.heldout, rubrics[len(train):])):
             rows = [_row(p, i) for p, i in zip(prompts, items, strict=True)
@@ -420,6 +462,49 @@ class Refresh:
             generator = RubricGenerator(client, store=store, seed=self.options.grpo.seed)
             return [(await generator.for_conversation(p.messages)).items for p in prompts]
 
+    def _step_calibrate(self) -> None:
+        store = Store(self.paths.store_url)
+        try:
+            # Without labels there is nothing to measure, nor any judge to open.
+            found = asyncio.run(self._calibrate(store)) if latest_labels(store) else None
+        finally:
+            store.dispose()
+        calibration, labels = found or (None, {})
+        write_atomic(self.run_dir / "labels.json", json.dumps(labels))
+        if calibration is not None:
+            write_atomic(self.run_dir / "calibration.json", calibration.model_dump_json(indent=2))
+        check = self._judge_check(calibration)
+        self._say("; ".join(check.refusals + check.notes) or "no labelled items")
+        if check.refusals:
+            # Refused before hours of training that no gate could let through.
+            decision = GateDecision(publish=False, reasons=check.refusals + check.notes,
+                                    candidate_score=None, serving_score=None,
+                                    margin=self.options.margin)
+            write_atomic(self.run_dir / "decision.json", decision.model_dump_json(indent=2))
+            self.state.refused = "; ".join(check.refusals)
+            self._say("refused before training: " + self.state.refused)
+
+    async def _calibrate(self, store: Store) -> tuple[Calibration, dict[str, bool]]:
+        async with self._judge_endpoint().open(self.paths.models_dir) as client:
+            judge = Judge(client)
+            calibration = await calibrate_labelled(store, judge, seed=self.options.grpo.seed)
+            labels = await asyncio.to_thread(label_verdicts, store, client.model, judge.template)
+        return calibration, labels
+
+    def _judge_check(self, calibration: Calibration | None) -> JudgeCheck:
+        o = self.options
+        return judge_check(calibration, floor=o.judge_floor, min_labels=o.judge_min_labels,
+                           too_few=o.judge_too_few_labels)
+
+    def calibration(self) -> Calibration | None:
+        """The judge's calibration on the labelled items; None when there were none."""
+        found = self.run_dir / "calibration.json"
+        return Calibration.model_validate_json(found.read_text()) if found.exists() else None
+
+    def labels(self) -> dict[str, bool]:
+        """Reviewers' labels keyed by the verdict keys of this run's judge."""
+        return json.loads((self.run_dir / "labels.json").read_text())
+
     def _step_baseline(self) -> None:
         self._evaluate("baseline.json", self.serving)
 
@@ -431,7 +516,8 @@ class Refresh:
             train(TrainSpec(stage=o.stage, policy_hf=self.state.policy_hf, output_dir=out,
                             grpo=o.grpo, rows=self.run_dir / "train.jsonl",
                             init_adapter=self.serving.adapter_dir, judge=self._judge_endpoint(),
-                            models_dir=self.paths.models_dir), o.train_processes)
+                            models_dir=self.paths.models_dir, labels=self.labels()),
+                  o.train_processes)
 
         build_dir(self.run_dir / "train", build)
 
@@ -454,7 +540,8 @@ class Refresh:
 
     def _step_gate(self) -> None:
         decision = decide(self.evaluation("candidate"), self.evaluation("baseline"),
-                          margin=self.options.margin)
+                          margin=self.options.margin,
+                          judge=self._judge_check(self.calibration()))
         write_atomic(self.run_dir / "decision.json", decision.model_dump_json(indent=2))
         self._say(("publish: " if decision.publish else "refused: ") + "; ".join(decision.reasons))
 
@@ -480,8 +567,12 @@ class Refresh:
         self._say(f"{self.state.swapped} {version.id} (active: {active})")
 
     def _step_report(self) -> None:
-        write_report(self.run_dir, self.state.model_dump(mode="json"),
-                     self.evaluation("baseline"), self.evaluation("candidate"), self.decision())
+        state = self.state.model_dump(mode="json")
+        if self.state.refused:
+            write_refusal_report(self.run_dir, state, self.decision())
+        else:
+            write_report(self.run_dir, state, self.evaluation("baseline"),
+                         self.evaluation("candidate"), self.decision())
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -540,8 +631,9 @@ class Refresh:
                 engine = await backend.open_version(version, version.id, own_adapter=False)
                 stack.push_async_callback(engine.close)
                 policy = EngineChatClient(engine)
+                # Reviewers' labels stand in for the judge's verdicts where they apply.
                 judge = Judge(await stack.enter_async_context(
-                    self._judge_endpoint().open(self.paths.models_dir)))
+                    self._judge_endpoint().open(self.paths.models_dir)), labels=self.labels())
                 return await evaluate(policy, judge, examples,
                                       max_tokens=self.options.eval_max_tokens,
                                       seed=self.options.grpo.seed)

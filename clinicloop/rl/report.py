@@ -1,6 +1,8 @@
 """The refresh run's report: `report.json` (everything, machine-readable), `report.md` (what a
-person reads: the decision, held-out scores before and after, the reward curve, a few answers that
-changed) and `reward_curve.png`."""
+person reads: the decision, the judge's calibration, held-out scores before and after, the reward
+curve, a few answers that changed) and `reward_curve.png`. A run refused before training (its
+judge below the floor) gets `write_refusal_report`: the same keys, with nothing evaluated or
+trained, and no plot."""
 
 from __future__ import annotations
 
@@ -50,31 +52,79 @@ def _changed_answers(baseline: dict[str, list[str]], candidate: dict[str, list[s
     return shown
 
 
+def _judge(run: Path) -> dict[str, Any] | None:
+    """The judge's calibration on the reviewers' labels (`calibration.json`), in brief."""
+    found = run / "calibration.json"
+    if not found.exists():
+        return None
+    c = json.loads(found.read_text())
+    return {"judge_model": c["judge_model"], "template": c["template"], "n": c["overall"]["n"],
+            "macro_f1": c["overall"]["macro_f1"], "macro_f1_ci": c["overall"]["macro_f1_ci"]}
+
+
+def _report(run: Path, state: dict[str, Any], decision: GateDecision,
+            **outcome: Any) -> dict[str, Any]:
+    return {
+        "run_id": state["run_id"], "created_at": state["created_at"],
+        "options": state["options"],
+        "serving_version": state["serving_version"], "policy_hf": state["policy_hf"],
+        "prompts": json.loads((run / "prompts.json").read_text()),
+        "judge": _judge(run), "refused": state.get("refused"),
+        "decision": decision.model_dump(mode="json"), "swapped": state["swapped"],
+        "version_id": state["version_id"], "server_memory": state.get("server_memory"),
+        "windows": state.get("windows", []), "step_seconds": state["done"],
+        **outcome,
+    }
+
+
+def _write(run: Path, report: dict[str, Any], markdown: str) -> dict[str, Any]:
+    write_atomic(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run / "report.md", markdown)
+    return report
+
+
 def write_report(run: Path, state: dict[str, Any], baseline: Evaluation, candidate: Evaluation,
                  decision: GateDecision) -> dict[str, Any]:
     """The report of the run in `run`, whose state (as `state.json` holds it) is `state`."""
     train = json.loads((run / "train" / "train.json").read_text())
     prompts = {r["prompt_id"]: r["prompt"] for r in read_rows(run / "heldout.jsonl")}
-    report = {
-        "run_id": state["run_id"], "created_at": state["created_at"],
-        "options": state["options"],
-        "serving_version": state["serving_version"], "policy_hf": state["policy_hf"],
-        "prompts": json.loads((run / "prompts.json").read_text()),
-        "before": baseline.score, "after": candidate.score,
-        "baseline_metrics": baseline.metrics, "candidate_metrics": candidate.metrics,
-        "decision": decision.model_dump(mode="json"), "swapped": state["swapped"],
-        "version_id": state["version_id"], "server_memory": state.get("server_memory"),
-        "windows": state.get("windows", []),
-        "reward_curve": train["reward_curve"], "train_wall_s": train["wall_s"],
-        "step_seconds": state["done"],
-        "changed_answers": _changed_answers(baseline.responses, candidate.responses, prompts),
-        "files": {"report_md": str(run / "report.md"), "plot": str(run / "reward_curve.png")},
-    }
+    report = _report(
+        run, state, decision, before=baseline.score, after=candidate.score,
+        baseline_metrics=baseline.metrics, candidate_metrics=candidate.metrics,
+        reward_curve=train["reward_curve"], train_wall_s=train["wall_s"],
+        changed_answers=_changed_answers(baseline.responses, candidate.responses, prompts),
+        files={"report_md": str(run / "report.md"), "plot": str(run / "reward_curve.png")})
     plot_reward_curve(train["reward_curve"], run / "reward_curve.png",
                       f"refresh {state['run_id']} ({state['options']['stage']} stage)")
-    write_atomic(run / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(run / "report.md", _markdown(report))
-    return report
+    return _write(run, report, _markdown(report))
+
+
+def write_refusal_report(run: Path, state: dict[str, Any], decision: GateDecision
+                         ) -> dict[str, Any]:
+    """The report of a run refused before training: why, the judge's calibration, the prompts."""
+    report = _report(run, state, decision, before=None, after=None, baseline_metrics={},
+                     candidate_metrics={}, reward_curve=[], train_wall_s=None,
+                     changed_answers=[], files={"report_md": str(run / "report.md")})
+    p = report["prompts"]
+    lines = [f"# Refresh {report['run_id']}", "",
+             f"From `{report['serving_version']}`; outcome: **refused before training**: "
+             f"{'; '.join(decision.reasons)}.", "", _judge_line(report["judge"]), "",
+             f"Prompts: {p['seen']} logged turns read, {p['train']} would have trained, "
+             f"{p['heldout']} held out. Nothing was trained, evaluated or published: label more "
+             "of the judge's verdicts in the console, or use a better judge, then start a new "
+             "run.", "",
+             "Steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["step_seconds"].items()),
+             ""]
+    return _write(run, report, "\n".join(lines))
+
+
+def _judge_line(judge: dict[str, Any] | None) -> str:
+    if judge is None:
+        return "Judge: no reviewer labels to measure it on."
+    ci = judge["macro_f1_ci"]
+    return (f"Judge `{judge['judge_model']}` ({judge['template']}): macro-F1 "
+            f"{_fmt(judge['macro_f1'])} [{_fmt(ci['low'])}, {_fmt(ci['high'])}] on {judge['n']} "
+            "labelled items.")
 
 
 def _fmt(x: float | None) -> str:
@@ -108,6 +158,8 @@ def _markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Gate (margin {d['margin']}): {'; '.join(d['reasons'])}.",
+        "",
+        _judge_line(r["judge"]),
         "",
         f"Prompts: {p['seen']} logged turns read, {p['duplicates']} duplicates, "
         f"{p['filtered']} filtered by score, {p['train']} trained on "

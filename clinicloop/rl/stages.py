@@ -23,7 +23,7 @@ writes the dataset it trained on (`dataset.jsonl`, by `train_grpo`) beside the a
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,12 @@ async def dialogue_slices(scripts: list[PatientScript], policy: ChatClient, pati
 
 def _train_on_rubrics(config: PaperGRPOConfig, model_dir: Path, rows: list[Row],
                       judge_client: ChatClient, loop: BackgroundLoop,
-                      output_dir: Path, init_adapter: Path | None = None) -> TrainResult:
+                      output_dir: Path, init_adapter: Path | None = None,
+                      labels: Mapping[str, bool] | None = None) -> TrainResult:
     from transformers import AutoTokenizer
 
-    reward = RubricPlusLength(RubricReward(Judge(judge_client), loop), config.num_generations,
+    judge = Judge(judge_client, labels=labels)
+    reward = RubricPlusLength(RubricReward(judge, loop), config.num_generations,
                               config.length_threshold, AutoTokenizer.from_pretrained(model_dir))
     return train_grpo(config, model_dir, rows, [reward], output_dir, init_adapter=init_adapter)
 
@@ -144,16 +146,18 @@ def rule_stage(model_dir: Path, output_dir: Path, config: PaperGRPOConfig | None
 def rubric_stage(model_dir: Path, output_dir: Path, verifier: Endpoint,
                  config: PaperGRPOConfig | None = None, rows: list[Row] | None = None,
                  n_prompts: int = 32, *, models_dir: Path,
-                 init_adapter: Path | None = None) -> TrainResult:
+                 init_adapter: Path | None = None,
+                 labels: Mapping[str, bool] | None = None) -> TrainResult:
     """Rubric-based GRPO on `rows` (e.g. `healthbench_rows(path)`), or on `n_prompts` corpus
-    prompts with rubrics the verifier writes; `init_adapter` as in `train_grpo`."""
+    prompts with rubrics the verifier writes; `init_adapter` as in `train_grpo`; `labels`:
+    reviewers' labels by verdict key, which the reward takes instead of the judge's verdict."""
     config = config or PaperGRPOConfig()
     with BackgroundLoop() as loop, client_on(loop, verifier, models_dir) as client:
         if rows is None:
             generator = RubricGenerator(client, seed=config.seed)
             rows = loop.run(rubric_rows(corpus_prompts(None, n_prompts, config.seed), generator))
         return _train_on_rubrics(config, model_dir, rows, client, loop, output_dir,
-                                 init_adapter)
+                                 init_adapter, labels)
 
 
 def multiturn_stage(model_dir: Path, output_dir: Path, policy: Endpoint, verifier: Endpoint,

@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.grpo import TrainResult
@@ -51,6 +51,9 @@ class TrainSpec(BaseModel):
     init_adapter: Path | None = None
     judge: Endpoint
     models_dir: Path
+    labels: dict[str, bool] = Field(
+        default_factory=dict, description="Reviewers' labels by verdict key: the reward takes "
+        "them instead of the judge's verdicts.")
 
     def run(self) -> TrainResult:
         """Train in this process (one rank of a launch, or the whole run)."""
@@ -59,7 +62,8 @@ class TrainSpec(BaseModel):
             return rule_stage(self.policy_hf, self.output_dir, self.grpo, rows=rows,
                               init_adapter=self.init_adapter)
         return rubric_stage(self.policy_hf, self.output_dir, self.judge, self.grpo, rows=rows,
-                            models_dir=self.models_dir, init_adapter=self.init_adapter)
+                            models_dir=self.models_dir, init_adapter=self.init_adapter,
+                            labels=self.labels)
 
 
 def launch_command(spec_file: Path, processes: int) -> list[str]:

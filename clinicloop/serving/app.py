@@ -32,7 +32,10 @@ from clinicloop.serving.chat_completion.api_router import router as chat_router
 from clinicloop.serving.chat_completion.serving import ChatCompletionHandler
 from clinicloop.serving.completion.api_router import router as completion_router
 from clinicloop.serving.completion.serving import CompletionHandler
+from clinicloop.serving.console import install_console
 from clinicloop.serving.errors import ContainErrors, error_response, install_error_handlers
+from clinicloop.serving.feedback.api_router import router as feedback_router
+from clinicloop.serving.feedback.serving import FeedbackHandler
 from clinicloop.serving.generation import Services
 from clinicloop.serving.maintenance import HangUpWatch, Maintenance
 from clinicloop.serving.metrics import Metrics, kv_cache_usage
@@ -76,7 +79,9 @@ class RequestBody:
             more = message.get("more_body", False)
             if len(body) > self.limit:
                 return await too_big(scope, receive, send)
-        problem = body_problem(bytes(body)) if body else None
+        # The console's forms are urlencoded, not JSON: it validates them itself.
+        console = scope["path"].startswith("/console/")
+        problem = body_problem(bytes(body)) if body and not console else None
         if problem is not None:
             return await error_response(400, problem, code="invalid_body")(scope, receive, send)
         replayed = False
@@ -112,7 +117,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     store = _open_store(settings)
     writer = writer or LogWriter(store, settings.store)
     keys = KeyRing(settings.server.api_keys, settings.server.admin_keys,
-                   settings.server.service_keys)
+                   settings.server.service_keys, settings.server.reviewer_keys)
     keys.check_open_allowed(settings.server.host)
     metrics = Metrics()
     admission = Admission(settings.server.max_running or engine.max_concurrency,
@@ -167,6 +172,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.state.completion = CompletionHandler(services, settings.server.max_top_logprobs)
     app.state.tokenize = TokenizeHandler(engine)
     app.state.responses = ResponsesHandler(services, store)
+    app.state.feedback = FeedbackHandler(store, redact=settings.store.redact)
     install_error_handlers(app)
     # Added innermost first: the key is checked before a body byte is read, and an exception
     # escaping any of it stops at ContainErrors.
@@ -179,8 +185,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None, writer: Any 
     app.include_router(models_router)
     app.include_router(tokenize_router)
     app.include_router(responses_router)
+    app.include_router(feedback_router)
     app.include_router(admin_router)
     app.include_router(maintenance_router)
+    install_console(app, settings, store, versions.registry if versions is not None else None)
 
     metrics.watch(lambda: {
         "vllm:num_requests_running": ("Requests generating.", admission.running),

@@ -1,5 +1,7 @@
 """API keys: client keys for the OpenAI routes, admin keys for admin routes, service keys for the
-project's own clients (judge, rubric generator, patient simulator, benchmarks).
+project's own clients (judge, rubric generator, patient simulator, benchmarks), reviewer keys for
+the clinicians' console (/console; admins sign in there too, and a reviewer key opens nothing
+else: /v1 and /admin refuse it with a 403).
 
 Keys are held only as SHA-256 hashes and compared in constant time. Configure them as
 `sha256:<hex>` (what `clinicloop keys new` prints) or in plain text (hashed at start). With no key
@@ -28,12 +30,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clinicloop.serving.errors import OpenAIError
 
-Role = Literal["client", "service", "admin"]
+Role = Literal["client", "service", "admin", "reviewer"]
 Origin = Literal["client", "service"]
 ORIGIN_HEADER = "x-clinicloop-origin"
 CALLER = "clinicloop.caller"  # the scope key `KeyCheck` leaves the authenticated Caller under
 NO_ADMIN_KEY = ("no admin key is configured on this server: set server.admin_keys "
                 "(CLINICLOOP_SERVER__ADMIN_KEYS)")
+NO_REVIEWER_KEY = ("no reviewer or admin key is configured on this server: set "
+                   "server.reviewer_keys (CLINICLOOP_SERVER__REVIEWER_KEYS)")
 
 
 def hash_key(key: str) -> str:
@@ -59,14 +63,22 @@ class Caller:
 
 class KeyRing:
     def __init__(self, client_keys: list[str], admin_keys: list[str],
-                 service_keys: Sequence[str] = ()) -> None:
+                 service_keys: Sequence[str] = (), reviewer_keys: Sequence[str] = ()) -> None:
         self._client = [_normalise(k) for k in client_keys]
         self._admin = [_normalise(k) for k in admin_keys]
         self._service = [_normalise(k) for k in service_keys]
+        self._reviewer = [_normalise(k) for k in reviewer_keys]
 
     @property
     def open(self) -> bool:
+        """No key guards /v1. Reviewer keys do not count: they open only the console, which is
+        never open (`console_keys`)."""
         return not self._client and not self._admin and not self._service
+
+    @property
+    def console_keys(self) -> bool:
+        """Whether any key may sign in to the console (a reviewer or an admin key)."""
+        return bool(self._reviewer or self._admin)
 
     def check_open_allowed(self, host: str) -> None:
         if self.open and not _is_loopback(host):
@@ -74,6 +86,15 @@ class KeyRing:
                 f"refusing to serve on {host} without API keys: set server.api_keys "
                 "(CLINICLOOP_SERVER__API_KEYS) or bind 127.0.0.1"
             )
+
+    def console_role(self, key_id: str) -> Literal["reviewer", "admin"] | None:
+        """The console role of the configured key whose id is `key_id`: a console sign-in ends
+        when its key is removed from the config."""
+        if any(hmac.compare_digest(h[7:19].encode(), key_id.encode()) for h in self._admin):
+            return "admin"
+        if any(hmac.compare_digest(h[7:19].encode(), key_id.encode()) for h in self._reviewer):
+            return "reviewer"
+        return None
 
     def _match(self, hashed: str, candidates: list[str]) -> bool:
         # Compare against every candidate so timing does not reveal which one matched.
@@ -91,6 +112,8 @@ class KeyRing:
             return Caller("service", key_id, "service")
         if self._match(hashed, self._client):
             return Caller("client", key_id)
+        if self._match(hashed, self._reviewer):
+            return Caller("reviewer", key_id)
         return None
 
     def caller(self, request: Request, *, admin: bool = False) -> Caller:
@@ -112,6 +135,9 @@ class KeyRing:
         who = self.identify(token.strip())
         if who is None:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key")
+        if who.role == "reviewer":
+            raise OpenAIError(403, "a reviewer key is for the console (/console) only",
+                              code="forbidden")
         if admin and who.role != "admin":
             raise OpenAIError(403, "this route needs an admin key", code="forbidden")
         return _marked(who, headers)

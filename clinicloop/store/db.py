@@ -393,6 +393,8 @@ class TurnScoreRow(Base):
     metrics: Mapped[dict[str, float]] = mapped_column(_JSON)
     n_items: Mapped[int] = mapped_column(Integer)
     n_unparseable: Mapped[int] = mapped_column(Integer)
+    #: Migration 0005: negative (safety) items the judge found met; None: scored before 0005.
+    red_flags: Mapped[int | None] = mapped_column(Integer)
     judge_model: Mapped[str] = mapped_column(String, index=True)
     scored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
@@ -436,6 +438,71 @@ class ScoreClaimRow(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
+# What people add (migration 0005): reviewers' labels on verdicts, their rubric edits and notes,
+# and apps' feedback on responses. Rows are only ever added: the judge's verdicts stay as they
+# were, and the latest row of a kind is what counts.
+
+
+class VerdictLabelRow(Base):
+    """A reviewer's answer to "does this reply meet this rubric item?" for one turn and item,
+    next to (never over) the judge's verdict on it."""
+
+    __tablename__ = "verdict_labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
+    #: The item's identity whatever judged it (`verifier.judge.item_key`).
+    item_key: Mapped[str] = mapped_column(String, index=True)
+    item: Mapped[dict[str, Any]] = mapped_column(_JSON)
+    criteria_met: Mapped[bool] = mapped_column(Boolean)
+    #: The judge verdict the reviewer was looking at, if any.
+    verdict_key: Mapped[str | None] = mapped_column(String)
+    reviewer: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RubricEditRow(Base):
+    """A reviewer's change to the rubric of a conversation prefix: `add` an item, `edit` the
+    item `target_key` into `item`, or `remove` it."""
+
+    __tablename__ = "rubric_edits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefix_hash: Mapped[str] = mapped_column(String, index=True)
+    turn_id: Mapped[str | None] = mapped_column(String)
+    action: Mapped[str] = mapped_column(String)
+    target_key: Mapped[str | None] = mapped_column(String)
+    item: Mapped[dict[str, Any] | None] = mapped_column(_JSON)
+    reviewer: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReviewNoteRow(Base):
+    """A reviewer's note on a turn (redacted before it is stored)."""
+
+    __tablename__ = "review_notes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
+    conversation_id: Mapped[str] = mapped_column(String, index=True)
+    body: Mapped[str] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FeedbackRow(Base):
+    """An app's rating of one response (`POST /v1/feedback`), comment redacted."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    turn_id: Mapped[str] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
+    rating: Mapped[str] = mapped_column(String)
+    comment: Mapped[str | None] = mapped_column(Text)
+    api_key_id: Mapped[str | None] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class StoredVerdict(BaseModel):
     turn_id: str
     verdict_key: str
@@ -454,6 +521,7 @@ class TurnScore(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     n_items: int
     n_unparseable: int = 0
+    red_flags: int | None = None
     judge_model: str
     scored_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

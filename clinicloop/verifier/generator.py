@@ -13,7 +13,9 @@ wrote, or if its call failed, the rubric is valid and holds them (a tiny model's
 
 Rubrics are cached per conversation prefix (the messages up to the last user turn), in memory and,
 given a store, in its `rubric_sets` table: every response to the same prompt, from any model
-version, is graded against the same rubric, so scores compare across versions.
+version, is graded against the same rubric, so scores compare across versions. With a store, the
+rubric returned has the reviewers' edits of that prefix applied (`store.reviews.rubric_edits`,
+items named by `judge.item_key`), read at every call: the stored rubric itself never changes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from clinicloop.store.db import Store
+from clinicloop.store.reviews import apply_edits, rubric_edits
 from clinicloop.verifier.client import ChatClient, ChatError
+from clinicloop.verifier.judge import item_key
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
 
 log = logging.getLogger(__name__)
@@ -346,6 +350,14 @@ def _render(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
+def _edit_key(raw: dict[str, Any]) -> str:
+    """An item's `item_key` for `apply_edits`; an invalid one (dropped later) matches nothing."""
+    try:
+        return item_key(RubricItem.model_validate(raw))
+    except ValidationError:
+        return ""
+
+
 class RubricGenerator:
     """Writes (or reuses) the rubric of a conversation prefix; safe to call concurrently."""
 
@@ -364,6 +376,24 @@ class RubricGenerator:
         return await self.for_conversation(case_messages(case))
 
     async def for_conversation(self, messages: list[dict[str, Any]]) -> GeneratedRubric:
+        rubric = await self._unedited(messages)
+        if self.store is None:
+            return rubric
+        edits = await asyncio.to_thread(rubric_edits, self.store, rubric.prefix_hash)
+        if not edits:
+            return rubric
+        raw = apply_edits([i.model_dump(mode="json", exclude_none=True) for i in rubric.items],
+                          edits, _edit_key)
+        items = []
+        for i in raw:
+            try:
+                items.append(RubricItem.model_validate(i))
+            except ValidationError:  # one bad edit must not stop every grading of the prefix
+                log.warning("rubric edit of prefix %s is not a valid item; left out",
+                            rubric.prefix_hash)
+        return rubric.model_copy(update={"items": items})
+
+    async def _unedited(self, messages: list[dict[str, Any]]) -> GeneratedRubric:
         key = prefix_hash(messages)
         if (cached := self._memory.get(key)) is not None:
             return cached.model_copy(update={"source": "memory"})

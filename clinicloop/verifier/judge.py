@@ -31,6 +31,11 @@ and the cache decides what to keep. `MemoryVerdictCache` keeps model verdicts; `
 writes every verdict as a row of the store's `verdicts` table, so a scoring run killed midway
 keeps every verdict made before the kill. Only the judge sees verdicts one at a time, which is
 why it, and not its callers, records them.
+
+`labels` (verdict key -> a reviewer's label, `calibration.label_verdicts`) makes a reviewer's word
+the verdict where one exists (`source="reviewer"`, never handed to the cache): for the RL refresh's
+rewards and gate. Measuring the judge (`verify score`, calibration) never passes labels.
+`item_key` names a rubric item for reviews (labels, rubric edits).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
@@ -74,7 +80,7 @@ RETRY_TEMPERATURE = 0.7
 class Verdict(BaseModel):
     criteria_met: bool | None  # None = unparseable or failed after retries
     explanation: str = ""
-    source: Literal["llm", "rule", "cache", "unparseable", "error"]
+    source: Literal["llm", "rule", "cache", "unparseable", "error", "reviewer"]
     attempts: int = 0  # model calls made for this verdict (0 for rule and cache verdicts)
     error: str | None = None  # source "error": why the judge call failed, as the server said
 
@@ -163,8 +169,7 @@ def verdict_key(conversation: list[dict[str, Any]], response: str, item: RubricI
     # A reply without calls keeps the key it had before calls were graded: stored verdicts stay.
     graded = [conversation, response, tool_calls] if tool_calls else [conversation, response]
     exchange = _digest(json.dumps(graded, sort_keys=True, ensure_ascii=False))
-    rubric = _digest(_item_line(item))
-    return _digest("\x1f".join([exchange, rubric, model, template]))
+    return _digest("\x1f".join([exchange, item_key(item), model, template]))
 
 
 def _text(content: Any) -> str:
@@ -204,6 +209,12 @@ def render_conversation(conversation: list[dict[str, Any]], response: str,
 
 def _item_line(item: RubricItem) -> str:
     return f"[{item.points}] {item.criterion}"
+
+
+def item_key(item: RubricItem) -> str:
+    """A rubric item's identity for reviews (labels, rubric edits): the digest of what the judge
+    sees of it, its points and criterion, as in `verdict_key`."""
+    return _digest(_item_line(item))
 
 
 def prompt_prefix(conversation: list[dict[str, Any]], response: str, template: Template,
@@ -278,8 +289,10 @@ def parse_verdict(text: str) -> tuple[bool, str] | None:
 class Judge:
     def __init__(self, client: ChatClient, *, template: Template = "split",
                  max_retries: int = 2, concurrency: int = 8, cache: VerdictCache | None = None,
-                 constrained: bool = True, max_tokens: int = 256) -> None:
+                 constrained: bool = True, max_tokens: int = 256,
+                 labels: Mapping[str, bool] | None = None) -> None:
         self.client = client
+        self.labels = labels or {}  # verdict_key -> a reviewer's label (module docstring)
         self.template: Template = template
         self.max_retries = max_retries
         self.cache = cache
@@ -308,6 +321,10 @@ class Judge:
                      item: RubricItem, tool_calls: ToolCalls | None) -> Verdict:
         key = verdict_key(conversation, response, item, self.client.model, self.template,
                           tool_calls)
+        if key in self.labels:
+            # The reviewer's word, not the judge's: kept out of the cache of judge verdicts.
+            return Verdict(criteria_met=self.labels[key], source="reviewer",
+                           explanation="reviewer label")
         if item.is_rule:
             assert item.rule is not None  # is_rule checks it
             met = check_rule(item.rule, response, tool_calls)

@@ -92,7 +92,9 @@ async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, j
                            met=[v.criteria_met for v in verdicts])
     await asyncio.to_thread(store.put_turn_score, TurnScore(
         turn_id=turn.id, score=score_example(items, grades.met), metrics=example_metrics(grades),
-        n_items=len(items), n_unparseable=sum(m is None for m in grades.met), judge_model=model))
+        n_items=len(items), n_unparseable=sum(m is None for m in grades.met),
+        red_flags=sum(i.points < 0 and m is True for i, m in zip(items, grades.met, strict=True)),
+        judge_model=model))
     bar.update(1)
     return grades, verdicts
 

@@ -154,7 +154,7 @@ def test_killed_mid_training_resumes_without_redoing_finished_steps(setup, tmp_p
         proc.wait()
     (run_dir,) = [p.parent for p in setup.runs_dir.glob("*/state.json")]
     state = json.loads((run_dir / "state.json").read_text())
-    assert list(state["done"]) == ["prompts", "baseline"]
+    assert list(state["done"]) == ["prompts", "calibrate", "baseline"]
     assert Registry(setup.registry_dir).read().active == BASE_ID  # serving untouched
     baseline = (run_dir / "baseline.json").stat().st_mtime_ns
 

@@ -3,11 +3,27 @@ tests/postgres.py, shared with the gateway's tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
+
+from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
 from tests.postgres import PostgresServer, pg_server, pg_url  # noqa: F401  (fixtures)
 
 # Every record from `make_turn` contains these; none may reach the database or the spool.
 PHI = ["Maria", "Lopez", "maria.lg@example.com", "555-201-4477", "03/14/1962", "00482913"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
+    """A migrated store, once on SQLite and once on a real Postgres."""
+    url = (f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    store = Store(url)
+    store.migrate()
+    yield store
+    store.dispose()
 
 
 def make_turn(i: int, conversation_id: str = "conv-1", model_version: str = "v1") -> TurnRecord:

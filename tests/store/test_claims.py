@@ -19,7 +19,6 @@ from clinicloop.store.claims import (
 )
 from clinicloop.store.db import ScoreClaimRow, Store, TurnRow, TurnScore
 from tests.store.conftest import make_turn
-from tests.store.test_db import store  # noqa: F401  (fixture: SQLite and Postgres)
 
 LEASE_S = 900.0
 T0 = datetime(2025, 3, 1, 12, tzinfo=UTC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,19 +15,6 @@ from sqlalchemy import inspect, text
 from clinicloop.store.db import Base, Store, alembic_config
 from tests.conftest import free_port
 from tests.store.conftest import make_turn
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
-    url = (
-        f"sqlite:///{tmp_path / 'store.db'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    store = Store(url)
-    store.migrate()
-    yield store
-    store.dispose()
 
 
 def test_migrate_creates_the_schema_on_a_fresh_sqlite_file(tmp_path):

@@ -6,23 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from clinicloop.store.db import Store
 from clinicloop.store.registry_state import RegistryStateTable, StickyPins
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
-    url = (f"sqlite:///{tmp_path / 'store.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("pg_url"))
-    store = Store(url)
-    store.migrate()
-    yield store
-    store.dispose()
 
 
 def _add(name: str) -> Callable[[str], tuple[str, int]]:

@@ -8,6 +8,7 @@ import json
 
 from clinicloop.model.corpus import load_corpus
 from clinicloop.store.db import Store
+from clinicloop.store.reviews import add_rubric_edit
 from clinicloop.verifier.client import HttpChatClient
 from clinicloop.verifier.generator import (
     DIMENSIONS,
@@ -19,6 +20,7 @@ from clinicloop.verifier.generator import (
     red_flags,
     rule_items,
 )
+from clinicloop.verifier.judge import item_key
 from clinicloop.verifier.patients import load_scripts
 from clinicloop.verifier.rubrics import RubricItem, check_rule
 from tests.conftest import free_port
@@ -184,3 +186,46 @@ def test_a_failed_model_call_still_returns_the_rule_items_and_is_not_cached(tmp_
             await dead.aclose()
 
     asyncio.run(main())
+
+
+def test_reviewer_edits_of_a_prefix_apply_to_the_rubric_it_returns(tmp_path):
+    # The rubric is stored, so the (dead) model is never asked: what comes back is the stored
+    # rubric with the prefix's edits applied, in order, re-read at every call.
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    key = prefix_hash(CHEST_PAIN)
+    first, second = (RubricItem(criterion=f"Item {i}", points=i + 1, tags=["axis:accuracy"])
+                     for i in range(2))
+    store.put_rubric_set(key, [i.model_dump(mode="json", exclude_none=True)
+                               for i in (first, second)], "gen")
+
+    def edit(action: str, target: RubricItem | None, item: RubricItem | None) -> None:
+        add_rubric_edit(store, prefix_hash=key, turn_id=None, action=action,
+                        target_key=None if target is None else item_key(target),
+                        item=None if item is None else item.model_dump(mode="json"),
+                        reviewer="abc")
+
+    async def main() -> list[list[RubricItem]]:
+        dead = HttpChatClient(f"http://127.0.0.1:{free_port()}/v1", model="judge")
+        generator = RubricGenerator(dead, store=store)
+        try:
+            seen = [(await generator.for_conversation(CHEST_PAIN)).items]
+            added = RubricItem(criterion="Asks about the pain's onset", points=4)
+            edited = second.model_copy(update={"criterion": "Item 1, reworded", "points": 2})
+            edit("add", None, added)
+            edit("edit", second, edited)
+            edit("remove", first, None)
+            edit("remove", first, None)  # its target is gone: skipped
+            edit("edit", second, first)  # so is this one's (edited above)
+            seen.append((await generator.for_conversation(CHEST_PAIN)).items)
+            seen.append((await RubricGenerator(dead).for_conversation(CHEST_PAIN)).items)
+            return seen
+        finally:
+            await dead.aclose()
+
+    before, after, storeless = asyncio.run(main())
+    assert before == [first, second]
+    assert [(i.criterion, i.points) for i in after] == [
+        ("Item 1, reworded", 2), ("Asks about the pain's onset", 4)]
+    assert store.get_rubric_set(key)[0][0]["criterion"] == "Item 0"  # never rewritten
+    assert [i.is_rule for i in storeless] == [True]  # no store: no edits (and the model is dead)

@@ -12,12 +12,14 @@ import pytest
 
 from clinicloop.store.db import Store
 from clinicloop.store.records import LoggedChoice, TurnRecord
+from clinicloop.verifier.client import HttpChatClient
 from clinicloop.verifier.judge import (
     EXPLANATION_MAX_CHARS,
     Judge,
     MemoryVerdictCache,
     StoreVerdictCache,
     Verdict,
+    item_key,
     parse_verdict,
     prompt_prefix,
     prompt_suffix,
@@ -26,6 +28,7 @@ from clinicloop.verifier.judge import (
     verdict_key,
 )
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
+from tests.conftest import free_port
 from tests.verifier.clients import CountingClient, with_client
 
 CONVERSATION = [
@@ -348,3 +351,39 @@ def test_a_reply_is_graded_with_its_tool_calls(tiny_model, tmp_path):
     assert len(prompts) == 2 and prompts[0] != prompts[1]
     assert prompts[0].count("[tool call] check_drug_interaction(") == 2
     assert "tool (check_drug_interaction): major: raises the risk of bleeding" in prompts[0]
+
+
+def test_item_key_is_what_the_judge_sees_of_an_item():
+    item = ITEMS[1]
+    assert item_key(item) == item_key(item.model_copy(update={"tags": ["axis:completeness"]}))
+    assert item_key(item) != item_key(item.model_copy(update={"points": -item.points}))
+    assert item_key(item) != item_key(item.model_copy(update={"criterion": "Other"}))
+    # A stored verdict's item (a dict) names the same item.
+    assert item_key(RubricItem.model_validate(item.model_dump(mode="json"))) == item_key(item)
+
+
+def test_a_reviewer_label_stands_in_for_the_judge_and_is_not_cached(tmp_path):
+    # A dead endpoint: a labelled item never reaches the model; an unlabelled one does (and fails).
+    labelled, unlabelled = ITEMS[1], ITEMS[2]
+    handed: list[Verdict] = []  # every verdict the judge hands its cache
+
+    class Recording(MemoryVerdictCache):
+        def put(self, key: str, verdict: Verdict) -> None:
+            handed.append(verdict)
+            super().put(key, verdict)
+
+    cache = Recording()
+
+    async def main() -> list[Verdict]:
+        dead = HttpChatClient(f"http://127.0.0.1:{free_port()}/v1", model="judge")
+        try:
+            key = verdict_key(CONVERSATION, RESPONSE, labelled, dead.model, "split")
+            judge = Judge(dead, cache=cache, max_retries=0, labels={key: False})
+            return await judge.grade_all(CONVERSATION, RESPONSE, [labelled, unlabelled])
+        finally:
+            await dead.aclose()
+
+    reviewer, judged = asyncio.run(main())
+    assert (reviewer.source, reviewer.criteria_met, reviewer.attempts) == ("reviewer", False, 0)
+    assert judged.source == "error" and judged.attempts == 1
+    assert [v.source for v in handed] == ["error"]

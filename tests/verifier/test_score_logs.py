@@ -190,6 +190,9 @@ def test_score_logs_scores_every_turn_and_resumes_after_a_kill(tiny_model, tmp_p
             score = store.get_turn_score(t.id)
             assert score is not None and score.n_items == len(rubrics[t.id])
             assert len(store.list_verdicts(t.id)) == len(rubrics[t.id])
+            # Red flags: the negative items the judge found met.
+            assert score.red_flags == sum(v.criteria_met is True and v.item["points"] < 0
+                                          for v in store.list_verdicts(t.id))
         assert store.get_turn_score("turn-5") is None and store.get_turn_score("turn-6") is None
         (rule,) = [v for v in store.list_verdicts("turn-0") if v.source == "rule"]
         assert rule.criteria_met is True  # "Call 911 now." answers the chest-pain red flag
