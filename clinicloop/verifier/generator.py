@@ -34,7 +34,7 @@ from pydantic import BaseModel, ValidationError
 from clinicloop.store.db import Store
 from clinicloop.store.reviews import apply_edits, rubric_edits
 from clinicloop.verifier.client import ChatClient, ChatError
-from clinicloop.verifier.judge import item_key
+from clinicloop.verifier.judge import stored_item_key
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
 
 log = logging.getLogger(__name__)
@@ -350,14 +350,6 @@ def _render(messages: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _edit_key(raw: dict[str, Any]) -> str:
-    """An item's `item_key` for `apply_edits`; an invalid one (dropped later) matches nothing."""
-    try:
-        return item_key(RubricItem.model_validate(raw))
-    except ValidationError:
-        return ""
-
-
 class RubricGenerator:
     """Writes (or reuses) the rubric of a conversation prefix; safe to call concurrently."""
 
@@ -383,7 +375,7 @@ class RubricGenerator:
         if not edits:
             return rubric
         raw = apply_edits([i.model_dump(mode="json", exclude_none=True) for i in rubric.items],
-                          edits, _edit_key)
+                          edits, stored_item_key)
         items = []
         for i in raw:
             try:

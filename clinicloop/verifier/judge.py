@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from clinicloop.store.db import Store, StoredVerdict
 from clinicloop.verifier import judge_templates
@@ -215,6 +215,15 @@ def item_key(item: RubricItem) -> str:
     """A rubric item's identity for reviews (labels, rubric edits): the digest of what the judge
     sees of it, its points and criterion, as in `verdict_key`."""
     return _digest(_item_line(item))
+
+
+def stored_item_key(raw: Mapping[str, Any]) -> str:
+    """`item_key` of an item as stored (a dict); "" for one that is not a valid item, which
+    then matches no label or edit."""
+    try:
+        return item_key(RubricItem.model_validate(raw))
+    except ValidationError:
+        return ""
 
 
 def prompt_prefix(conversation: list[dict[str, Any]], response: str, template: Template,

@@ -25,6 +25,7 @@ from clinicloop.verifier.judge import (
     prompt_suffix,
     render_conversation,
     render_prompt,
+    stored_item_key,
     verdict_key,
 )
 from clinicloop.verifier.rubrics import RubricItem, RuleCheck
@@ -358,8 +359,10 @@ def test_item_key_is_what_the_judge_sees_of_an_item():
     assert item_key(item) == item_key(item.model_copy(update={"tags": ["axis:completeness"]}))
     assert item_key(item) != item_key(item.model_copy(update={"points": -item.points}))
     assert item_key(item) != item_key(item.model_copy(update={"criterion": "Other"}))
-    # A stored verdict's item (a dict) names the same item.
-    assert item_key(RubricItem.model_validate(item.model_dump(mode="json"))) == item_key(item)
+    # A stored item (a dict) names the same item; one that is not a valid item names none.
+    assert stored_item_key(item.model_dump(mode="json")) == item_key(item)
+    for broken in ({}, {"criterion": "x", "points": 0}, {"criterion": "x", "points": "ten"}):
+        assert stored_item_key(broken) == ""
 
 
 def test_a_reviewer_label_stands_in_for_the_judge_and_is_not_cached(tmp_path):

@@ -34,7 +34,7 @@ from clinicloop.store.db import Store, StoredVerdict
 from clinicloop.store.records import TurnRecord
 from clinicloop.verifier.calibration import Calibration, calibrate_stored
 from clinicloop.verifier.generator import prefix_hash
-from clinicloop.verifier.judge import item_key
+from clinicloop.verifier.judge import item_key, stored_item_key
 from clinicloop.verifier.rubrics import RubricItem
 from clinicloop.verifier.scoring import score_example
 
@@ -242,10 +242,6 @@ def message_text(content: Any) -> str:
     return "" if content is None else json.dumps(content, ensure_ascii=False)
 
 
-def _item_key_of(item: Mapping[str, Any]) -> str:
-    return item_key(RubricItem.model_validate(item))
-
-
 def _run_summary(run_id: str, state: dict[str, Any], report: dict[str, Any] | None
                  ) -> RunSummary:
     decision = (report or {}).get("decision") or {}
@@ -301,15 +297,15 @@ class Console:
         verdicts: dict[str, StoredVerdict] = {}
         items: dict[str, dict[str, Any]] = {}
         for verdict in self.store.list_verdicts(turn.id):  # oldest first: the latest wins
-            key = _item_key_of(verdict.item)
+            key = stored_item_key(verdict.item)
             verdicts[key] = verdict
             items.setdefault(key, verdict.item)
         key = prefix_hash(turn.messages)
         stored = self.store.get_rubric_set(key)
         for item in stored[0] if stored else []:
-            items.setdefault(_item_key_of(item), item)
+            items.setdefault(stored_item_key(item), item)
         edited = reviews.apply_edits(list(items.values()), reviews.rubric_edits(self.store, key),
-                                     _item_key_of)
+                                     stored_item_key)
         return edited, verdicts
 
     def _turn(self, turn: TurnRecord, labels: Mapping[tuple[str, str], reviews.VerdictLabel],
@@ -352,7 +348,7 @@ class Console:
         def write() -> str:
             turn = self._turn_or_404(turn_id)
             items, verdicts = self._rubric(turn)
-            item = next((i for i in items if _item_key_of(i) == key), None)
+            item = next((i for i in items if stored_item_key(i) == key), None)
             if item is None:
                 raise ConsoleError(400, "item_key: not an item of this turn's rubric")
             verdict = verdicts.get(key)
@@ -373,7 +369,7 @@ class Console:
 
         def write() -> str:
             turn = self._turn_or_404(turn_id)
-            if target is not None and target not in {_item_key_of(i)
+            if target is not None and target not in {stored_item_key(i)
                                                      for i in self._rubric(turn)[0]}:
                 raise ConsoleError(400, "target_key: not an item of this turn's rubric")
             reviews.add_rubric_edit(self.store, prefix_hash=prefix_hash(turn.messages),
