@@ -50,6 +50,11 @@ def new_key() -> tuple[str, str]:
     return key, hash_key(key)
 
 
+def _key_id(hashed: str) -> str:
+    """A key's short fingerprint (12 hex characters of its hash), safe to log and to store."""
+    return hashed[7:19]
+
+
 def _normalise(entry: str) -> str:
     return entry if entry.startswith("sha256:") else hash_key(entry)
 
@@ -90,9 +95,12 @@ class KeyRing:
     def console_role(self, key_id: str) -> Literal["reviewer", "admin"] | None:
         """The console role of the configured key whose id is `key_id`: a console sign-in ends
         when its key is removed from the config."""
-        if any(hmac.compare_digest(h[7:19].encode(), key_id.encode()) for h in self._admin):
+        def configured(hashes: list[str]) -> bool:
+            return any(hmac.compare_digest(_key_id(h).encode(), key_id.encode()) for h in hashes)
+
+        if configured(self._admin):
             return "admin"
-        if any(hmac.compare_digest(h[7:19].encode(), key_id.encode()) for h in self._reviewer):
+        if configured(self._reviewer):
             return "reviewer"
         return None
 
@@ -105,7 +113,7 @@ class KeyRing:
 
     def identify(self, token: str) -> Caller | None:
         hashed = hash_key(token)
-        key_id = hashed[7:19]
+        key_id = _key_id(hashed)
         if self._match(hashed, self._admin):
             return Caller("admin", key_id)
         if self._match(hashed, self._service):

@@ -13,6 +13,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+
+def content_text(content: Any) -> str:
+    """A logged message's content as text: a string as it is, an OpenAI content-part list by
+    its parts' text, anything else empty."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
 #: The API that served a turn.
 Endpoint = Literal["chat.completions", "completions", "responses"]
 
@@ -60,3 +71,8 @@ class TurnRecord(BaseModel):
     @property
     def reasoning(self) -> str | None:
         return self.choices[0].reasoning_content if self.choices else None
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The reply's tool calls (choice 0), as graded with its text."""
+        return self.choices[0].tool_calls if self.choices else None

@@ -33,6 +33,7 @@ from clinicloop.store.db import (
     _clean,
     _utc,
 )
+from clinicloop.store.records import content_text
 from clinicloop.store.redact import redact as redact_text
 
 Rating = Literal["up", "down"]
@@ -376,13 +377,7 @@ def _first_user_text(messages: list[dict[str, Any]]) -> str:
     for message in messages:
         if message.get("role") != "user":
             continue
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = " ".join(
-                str(part.get("text", "")) for part in content
-                if isinstance(part, dict) and part.get("type") in ("text", "input_text")
-            )
-        return str(content or "")[:_PREVIEW_CHARS]
+        return content_text(message.get("content"))[:_PREVIEW_CHARS]
     return ""
 
 

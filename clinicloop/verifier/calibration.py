@@ -254,8 +254,8 @@ def _labelled_turns(store: Store) -> list[tuple[VerdictLabel, TurnRecord]]:
 
 def _key(turn: TurnRecord, item: RubricItem, model: str, template: Template) -> str:
     """The verdict key of `item` on `turn`, as `score_logs` grades it."""
-    calls = turn.choices[0].tool_calls if turn.choices else None
-    return verdict_key(turn.messages, turn.response or "", item, model, template, calls)
+    return verdict_key(turn.messages, turn.response or "", item, model, template,
+                       turn.tool_calls)
 
 
 def label_verdicts(store: Store, model: str, template: Template) -> dict[str, bool]:
@@ -281,8 +281,8 @@ async def calibrate_labelled(store: Store, judge: Judge, *, bootstrap: int = 100
         if stored is not None and stored.criteria_met is not None:
             met, explanation = stored.criteria_met, stored.explanation
         else:
-            calls = turn.choices[0].tool_calls if turn.choices else None
-            verdict = await judge.grade(turn.messages, turn.response or "", item, tool_calls=calls)
+            verdict = await judge.grade(turn.messages, turn.response or "", item,
+                                        tool_calls=turn.tool_calls)
             if verdict.criteria_met is None:
                 unanswered += 1
                 continue

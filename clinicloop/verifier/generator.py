@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from clinicloop.store.db import Store
+from clinicloop.store.records import content_text
 from clinicloop.store.reviews import apply_edits, rubric_edits
 from clinicloop.verifier.client import ChatClient, ChatError
 from clinicloop.verifier.judge import stored_item_key
@@ -228,18 +229,10 @@ class GeneratedRubric(BaseModel):
     error: str | None = None  # the model call failed: the rubric has the rule items only
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
 def prompt_prefix(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages up to and including the last user turn: what a rubric is written for."""
     last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
-    return [{"role": m.get("role"), "content": _text(m.get("content"))}
+    return [{"role": m.get("role"), "content": content_text(m.get("content"))}
             for m in messages[:last_user + 1]]
 
 
@@ -264,7 +257,7 @@ def normalise(criterion: str) -> str:
 
 def red_flags(messages: list[dict[str, Any]]) -> list[str]:
     """The red flags the user turns mention, in `RED_FLAGS` order."""
-    said = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "user")
+    said = "\n".join(content_text(m.get("content")) for m in messages if m.get("role") == "user")
     said = said.replace("\u2019", "'")
     return [name for name, groups in _RED_FLAG_PATTERNS.items()
             if all(_affirmed(group, said) for group in groups)]

@@ -53,6 +53,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from clinicloop.store.db import Store, StoredVerdict
+from clinicloop.store.records import content_text
 from clinicloop.verifier import judge_templates
 from clinicloop.verifier.client import ChatClient, ChatError
 from clinicloop.verifier.rubrics import RubricItem, ToolCalls, call_arguments, check_rule
@@ -172,15 +173,6 @@ def verdict_key(conversation: list[dict[str, Any]], response: str, item: RubricI
     return _digest("\x1f".join([exchange, item_key(item), model, template]))
 
 
-def _text(content: Any) -> str:
-    """A message's text; OpenAI content-part lists keep their text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
 def _call_line(call: dict[str, Any]) -> str:
     arguments = call_arguments(call)
     shown = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
@@ -200,7 +192,7 @@ def render_conversation(conversation: list[dict[str, Any]], response: str,
         role = m["role"]
         if role == "tool" and called.get(m.get("tool_call_id")):
             role = f"tool ({called[m['tool_call_id']]})"
-        text = _text(m.get("content"))
+        text = content_text(m.get("content"))
         lines = [text] if text else []
         lines += [_call_line(call) for call in m.get("tool_calls") or []]
         blocks.append(f"{role}: " + "\n".join(lines))

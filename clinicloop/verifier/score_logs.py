@@ -79,7 +79,7 @@ class ScoreSummary(BaseModel):
 async def _score_turn(turn: TurnRecord, items: list[RubricItem], store: Store, judge: Judge,
                       cache: StoreVerdictCache, bar: tqdm) -> tuple[ExampleGrades, list[Verdict]]:
     conversation, response = turn.messages, turn.response or ""
-    calls = turn.choices[0].tool_calls if turn.choices else None
+    calls = turn.tool_calls
     model = judge.client.model
     keys = [verdict_key(conversation, response, item, model, judge.template, calls)
             for item in items]

@@ -31,7 +31,7 @@ from clinicloop.backends.registry import Registry, RegistryEvent
 from clinicloop.config import ConsoleSettings
 from clinicloop.store import reviews
 from clinicloop.store.db import Store, StoredVerdict
-from clinicloop.store.records import TurnRecord
+from clinicloop.store.records import TurnRecord, content_text
 from clinicloop.verifier.calibration import Calibration, calibrate_stored
 from clinicloop.verifier.generator import prefix_hash
 from clinicloop.verifier.judge import item_key, stored_item_key
@@ -235,11 +235,10 @@ class RunView:
 def message_text(content: Any) -> str:
     """A message's content as text: OpenAI content parts keep their text parts; anything else
     is shown as JSON."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    return "" if content is None else json.dumps(content, ensure_ascii=False)
+    if content is None or isinstance(content, str) or (
+            isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+        return content_text(content)
+    return json.dumps(content, ensure_ascii=False)
 
 
 def _run_summary(run_id: str, state: dict[str, Any], report: dict[str, Any] | None
@@ -311,9 +310,9 @@ class Console:
     def _turn(self, turn: TurnRecord, labels: Mapping[tuple[str, str], reviews.VerdictLabel],
               feedback: list[reviews.Feedback], notes: list[reviews.ReviewNote]) -> TurnView:
         raw_items, verdicts = self._rubric(turn)
+        rubric = [RubricItem.model_validate(raw) for raw in raw_items]
         items = []
-        for raw in raw_items:
-            item = RubricItem.model_validate(raw)
+        for item in rubric:
             key = item_key(item)
             axes = item.tag_values("axis")
             items.append(ItemView(key=key, criterion=item.criterion, points=item.points,
@@ -328,7 +327,7 @@ class Console:
             turn=turn, messages=messages, judge_score=score.score if score else None,
             judge_model=score.judge_model if score else None,
             red_flags=score.red_flags if score else None,
-            reviewed_score=score_example([RubricItem.model_validate(r) for r in raw_items], met),
+            reviewed_score=score_example(rubric, met),
             items=items, feedback=feedback, notes=notes)
 
     # Corrections. Each returns the turn's conversation id (the page to go back to).
