@@ -3,16 +3,18 @@ of their shared prompt prefix reused, against the same calls each computed from 
 
 The judge's prompts put the instructions and the conversation first and the rubric item last, so
 every item of one conversation shares all but its last few dozen tokens. The in-process llama.cpp
-engine reuses the KV cache of the longest common prefix with the previous request, so
-`Judge.grade_all` computes the conversation once and then only each item's tail and its verdict.
+engine keeps each slot's KV cache and starts a request on the slot whose cache its prompt
+continues, so `Judge.grade_all` computes the conversation once and then only each item's tail and
+its verdict.
 
-Peer ("fresh"): the same Judge, the same prompts, the same constrained verdicts, with the engine's
-KV state dropped before every call, so each verdict evaluates its whole prompt. That is what a
-judge pays when items of one conversation land on different instances, or when its template puts
-the item before the conversation; unlike an item-first template it keeps the prompts (and so the
-verdicts and the number of tokens generated) identical, which makes prefix reuse the only
-difference between the two modes. Both modes start each repeat from an empty KV cache, alternate,
-and report the median.
+Peer ("fresh"): the same Judge, the same prompts, the same constrained verdicts, on a second
+engine (the same loaded model) with `engine.enable_prefix_caching` false, so each verdict
+computes its whole prompt. That is what a judge pays when items of one conversation land on
+different instances, or when its template puts the item before the conversation; unlike an
+item-first template it keeps the prompts (and so the verdicts and the number of tokens generated)
+identical, which makes prefix reuse the only difference between the two modes. Each repeat grades
+another conversation opening (a numbered line before it), so no run finds its prefix cached by an
+earlier one; modes alternate, and the median is reported.
 
 Run: python benchmarks/judge_prefix.py [--size bench] [--items 16] [--repeats 3] --out results.json
 (`bench` is a ~14M-parameter tiny model: the default tiny model is so small that Python overhead per
@@ -88,66 +90,49 @@ CRITERIA = [
 ]
 
 
-class FreshKV:
-    """The engine client with the engine's KV state dropped before each call (the peer mode).
-
-    llama-cpp-python reuses the longest prefix of the tokens it last evaluated; `reset()` empties
-    that record so the next call evaluates its whole prompt. It runs on the engine's worker thread,
-    which is idle between two calls of this single-sequence engine. It reaches into the engine's
-    privates because no public call needs to forget a cache; the benchmark is the only user.
-    """
-
-    def __init__(self, engine: LlamaCppEngine) -> None:
-        self.engine = engine
-        self.inner = EngineChatClient(engine)
-
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    async def forget(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(
-            self.engine._executor, self.engine.base.llama.reset)
-
-    async def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        await self.forget()
-        return await self.inner.chat(messages, **kwargs)
+def opening(repeat: int) -> list[dict[str, Any]]:
+    """The conversation with a first line of its own per repeat: a prefix no run has cached."""
+    system, *rest = CONVERSATION
+    return [{**system, "content": f"Consultation {repeat + 1}. {system['content']}"}, *rest]
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     gguf = args.gguf or build_tiny(args.size, out_root=args.models_dir).gguf_q8_0
-    engine = LlamaCppEngine(
-        EngineSettings(model_path=gguf, n_threads=args.n_threads, n_ctx=args.n_ctx),
-        args.models_dir)
-    await engine.start()
+    settings = EngineSettings(model_path=gguf, n_threads=args.n_threads, n_ctx=args.n_ctx)
+    engines = {"shared": LlamaCppEngine(settings, args.models_dir)}
+    await engines["shared"].start()
+    engines["fresh"] = LlamaCppEngine(settings.model_copy(update={"enable_prefix_caching": False}),
+                                      args.models_dir, base=engines["shared"].base)
     try:
+        await engines["fresh"].start()
         items = [RubricItem(criterion=c, points=p) for p, c in CRITERIA[:args.items]]
-        fresh = FreshKV(engine)
-        judges = {
-            "shared": Judge(EngineChatClient(engine), template=args.template, concurrency=1),
-            "fresh": Judge(fresh, template=args.template, concurrency=1),
-        }
-        tokenize = engine.base.llama.tokenize
+        judges = {mode: Judge(EngineChatClient(engine), template=args.template, concurrency=1)
+                  for mode, engine in engines.items()}
+        base = engines["shared"].base
+        assert base is not None
+        tokenize = base.llama.tokenize
         prefix_tokens = len(tokenize(prompt_prefix(CONVERSATION, RESPONSE, args.template).encode()))
         suffix_tokens = [len(tokenize(prompt_suffix(i, args.template).encode(), add_bos=False))
                          for i in items]
         # Warm-up: load pages, compile the grammar path; not timed.
-        await judges["fresh"].grade(CONVERSATION, RESPONSE, items[0])
+        for judge in judges.values():
+            await judge.grade(opening(-1), RESPONSE, items[0])
 
         runs: dict[str, list[float]] = {"shared": [], "fresh": []}
         verdicts: dict[str, list[Verdict]] = {}
         for repeat in range(args.repeats):
             order = ["shared", "fresh"] if repeat % 2 == 0 else ["fresh", "shared"]
             for mode in order:
-                await fresh.forget()  # every run starts cold: shared pays its prefix once
                 start = time.perf_counter()
-                verdicts[mode] = await judges[mode].grade_all(CONVERSATION, RESPONSE, items)
+                verdicts[mode] = await judges[mode].grade_all(opening(repeat), RESPONSE, items)
                 rate = len(items) / (time.perf_counter() - start)
                 runs[mode].append(rate)
                 print(f"repeat {repeat + 1}/{args.repeats} {mode:>6}: {rate:7.2f} verdicts/s",
                       flush=True)
+        hits = {mode: engine.stats()["prefix_cache_hits"] for mode, engine in engines.items()}
     finally:
-        await engine.close()
+        for engine in reversed(engines.values()):
+            await engine.close()
 
     median = {mode: statistics.median(rates) for mode, rates in runs.items()}
     same = sum(a.criteria_met == b.criteria_met and a.explanation == b.explanation
@@ -165,9 +150,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                           "item_suffix_mean": statistics.mean(suffix_tokens)},
         "modes": {
             "shared": {"verdicts_per_s": median["shared"], "runs": runs["shared"],
+                       "prefix_cache_hit_tokens": hits["shared"],
                        "what": "grade_all, KV cache of the common prefix reused"},
             "fresh": {"verdicts_per_s": median["fresh"], "runs": runs["fresh"],
-                      "what": "same calls, KV state dropped before each"},
+                      "prefix_cache_hit_tokens": hits["fresh"],
+                      "what": "same calls, engine.enable_prefix_caching false"},
         },
         "speedup": median["shared"] / median["fresh"],
         "identical_verdicts": same / len(items),
@@ -201,7 +188,8 @@ def main() -> None:
           f"n_threads {result['n_threads']}; prompt: {result['prompt_tokens']['shared_prefix']} "
           f"shared tokens + ~{result['prompt_tokens']['item_suffix_mean']:.0f} per item")
     print(f"shared prefix: {shared['verdicts_per_s']:.2f} verdicts/s (median)")
-    print(f"fresh KV:      {fresh['verdicts_per_s']:.2f} verdicts/s (median)")
+    print(f"no reuse:      {fresh['verdicts_per_s']:.2f} verdicts/s (median); prefix cache "
+          f"hits {shared['prefix_cache_hit_tokens']} vs {fresh['prefix_cache_hit_tokens']} tokens")
     print(f"speed-up:      {result['speedup']:.2f}x; identical verdicts "
           f"{result['identical_verdicts']:.0%}; parseable {result['parseable']:.0%}")
     if args.out:

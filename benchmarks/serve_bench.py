@@ -24,12 +24,15 @@ every concurrency level gets the same prompts:
   corpus question. Conversations run concurrently and each turn waits for a slot, so turns of
   different conversations interleave (what a prefix cache must survive); `ttft_by_turn_ms` shows
   turn 1 against turn N.
+- chat: short chat turns, what apps send most: one corpus question each (prompts of 10-40
+  tokens with the chat template), `max_tokens` = `--chat-max-tokens` (48) and never `ignore_eos`,
+  so replies end on their own at the end of turn.
 - quote: a patient note of ~450 words (600-900 tokens, by tokenizer) and a request to quote it back
   verbatim, the workload where speculative (prompt-lookup) drafting pays; compare `texts` across
   runs for exactness.
-Every request is greedy (temperature 0) with a fixed `seed`, `max_tokens` = `--output-len` and, by
-default, vLLM's `ignore_eos` so each request produces exactly that many tokens; servers that reject
-unknown fields need `--no-ignore-eos`.
+Every request is greedy (temperature 0) with a fixed `seed`; except in the chat workload,
+`max_tokens` = `--output-len` and, by default, vLLM's `ignore_eos` so each request produces exactly
+that many tokens; servers that reject unknown fields need `--no-ignore-eos`.
 
 Run against a server (`make serve` in another shell):
     python benchmarks/serve_bench.py --base-url http://127.0.0.1:8000/v1 \
@@ -70,8 +73,8 @@ from tqdm import tqdm
 from clinicloop.model.corpus import SYSTEM_PROMPTS, load_corpus, system_messages
 from clinicloop.verifier.client import ORIGIN_HEADER, TRAFFIC_NOTE
 
-Workload = Literal["random", "multiturn", "quote"]
-WORKLOADS: tuple[Workload, ...] = ("random", "multiturn", "quote")
+Workload = Literal["random", "chat", "multiturn", "quote"]
+WORKLOADS: tuple[Workload, ...] = ("random", "chat", "multiturn", "quote")
 # Typical of English BPE vocabularies (the bench tiny model: 1.2; the tiny one: 1.6).
 TOKENS_PER_WORD = 1.3
 # Notes tokenize denser than bare words (labels, punctuation: ~1.6 tokens a word): ~700 tokens.
@@ -193,6 +196,8 @@ def build_conversations(workload: Workload, num_prompts: int, input_len: int, tu
         if workload == "random":
             prompt = " ".join(rng.choice(words) for _ in range(_words(input_len)))
             convs.append(Conversation(i, None, [prompt]))
+        elif workload == "chat":
+            convs.append(Conversation(i, None, [rng.choice(questions)]))
         elif workload == "multiturn":
             first = f"{patient_note(rng, _words(input_len))}\n\n{rng.choice(questions)}"
             later = [rng.choice(questions) for _ in range(turns - 1)]
@@ -321,11 +326,14 @@ async def run_workload(base_url: str, workload: str, concurrency: int, *,
                        model: str | None = None, api_key: str | None = None,
                        num_prompts: int = 32, input_len: int = 128, output_len: int = 64,
                        turns: int = 5, seed: int = 0, ignore_eos: bool = True,
-                       progress: bool = True) -> RunResult:
-    """Run one workload at one concurrency (at most `concurrency` requests in flight)."""
+                       chat_max_tokens: int = 48, progress: bool = True) -> RunResult:
+    """Run one workload at one concurrency (at most `concurrency` requests in flight). The chat
+    workload asks for `chat_max_tokens` and never sends `ignore_eos`."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
     kind = cast(Workload, workload)
+    if kind == "chat":
+        output_len, ignore_eos = chat_max_tokens, False
     base_url = base_url.rstrip("/")
     model = model or await first_model(base_url, api_key)
     n_turns = turns if kind == "multiturn" else 1
@@ -450,6 +458,8 @@ def add_workload_args(p: argparse.ArgumentParser, *, workloads: str, concurrency
     p.add_argument("--input-len", type=int, default=128, help="approximate prompt tokens")
     p.add_argument("--output-len", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--turns", type=int, default=5, help="turns per multiturn conversation")
+    p.add_argument("--chat-max-tokens", type=int, default=48,
+                   help="max_tokens of the chat workload's requests (they stop at end of turn)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -477,7 +487,8 @@ async def sweep(args: argparse.Namespace) -> list[RunResult]:
         await run_workload(args.base_url, workload, c, model=model, api_key=args.api_key,
                            num_prompts=args.num_prompts, input_len=args.input_len,
                            output_len=args.output_len, turns=args.turns, seed=args.seed,
-                           ignore_eos=args.ignore_eos, progress=args.progress)
+                           ignore_eos=args.ignore_eos, chat_max_tokens=args.chat_max_tokens,
+                           progress=args.progress)
         for workload in parse_csv(str, args.workload) for c in parse_csv(int, args.concurrency)
     ]
 

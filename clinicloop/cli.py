@@ -157,7 +157,10 @@ def serve(
 
     server = uvicorn.Server(uvicorn.Config(
         create_app(settings, on_load_failure=stop), host=settings.server.host,
-        port=settings.server.port, log_level="info", log_config=log_config))
+        port=settings.server.port, log_level="info", log_config=log_config,
+        # h11 even where httptools is installed: uvicorn bounds a request's head only on h11,
+        # so a client's megabyte of headers is refused rather than buffered.
+        http="h11"))
     try:
         server.run()
     except SystemExit:  # uvicorn's exit on a failed start-up; `failure` says why in one line

@@ -31,7 +31,6 @@ fields turn on, so a request at the defaults gets a bare greedy or top-p/tempera
 from __future__ import annotations
 
 import codecs
-import functools
 import logging
 import math
 import queue
@@ -87,6 +86,9 @@ class Request:
     sampler: Any = None
     #: Chain index of the sampler that holds back the end of the choice until `min_tokens`.
     min_tokens_at: int | None = None
+    #: Its chain is greedy alone: the next token is the logits' argmax, taken for every such
+    #: sequence of a step at once rather than through the chain.
+    argmax: bool = False
     pending: list[int] = field(default_factory=list)  # tokens still to feed the model
     draft_pause: int = 0  # steps left without drafting
     draft_len: int = 2  # how many tokens to draft next: grows while drafts are accepted
@@ -119,7 +121,8 @@ class BatchScheduler:
     """Owns `ctx` (a llama.cpp context built with `n_slots` sequences) and its worker thread."""
 
     def __init__(self, llama: Any, ctx: Any, *, n_parallel: int, n_slots: int, n_batch: int,
-                 n_ctx_seq: int, drafter: Drafter | None = None, draft_max: int = 8) -> None:
+                 n_ctx_seq: int, drafter: Drafter | None = None, draft_max: int = 8,
+                 prefix_caching: bool = True, min_batched: int = 1) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -133,7 +136,12 @@ class BatchScheduler:
         self.n_ctx_seq = n_ctx_seq
         self.drafter = drafter
         self.draft_max = draft_max
+        self.prefix_caching = prefix_caching
+        self.min_batched = min_batched
         self.slots = [Slot(i) for i in range(n_slots)]
+        self._eog = frozenset(t for t in range(self.n_vocab)
+                              if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self._pieces: list[bytes | None] = [None] * self.n_vocab  # detokenized once each
         self.spec = SpecStats()
         # Prefix cache lookups as vLLM counts them, in tokens: every placed request's prompt is
         # queried; the hits are the tokens not prefilled thanks to a cached prefix.
@@ -228,7 +236,9 @@ class BatchScheduler:
         # The last prompt token is always fed: its logits start it.
         usable = max(len(seq.prompt) - 1, 0)
 
-        shared = {s.seq_id: min(common_prefix(s.tokens, seq.prompt), usable) for s in self.slots}
+        # Without prefix caching nothing is shared: every prompt is computed whole.
+        shared = {s.seq_id: min(common_prefix(s.tokens, seq.prompt), usable)
+                  if self.prefix_caching else 0 for s in self.slots}
 
         def reuse(slot: Slot) -> int:
             return shared[slot.seq_id]
@@ -240,7 +250,8 @@ class BatchScheduler:
         idle = [s for s in self.slots if s.busy is None]
         hits = [s for s in idle if s.tokens and reuse(s) >= SIMILARITY * s.prompt_len]
         slot = (max(hits, key=reuse) if hits
-                else min(idle, key=lambda s: (bool(s.tokens), s.last_used)))
+                else min(idle, key=lambda s: (bool(s.tokens), -self._busy_neighbours(s),
+                                              s.last_used)))
         kept = reuse(slot)
         donor = max((s for s in self.slots if s.busy is not None), key=reuse, default=None)
         if donor is not None and reuse(donor) > kept:
@@ -255,6 +266,14 @@ class BatchScheduler:
         seq.pending = seq.prompt[kept:]
         self.prefix_queries += len(seq.prompt)
         self.prefix_hits += kept
+
+    def _busy_neighbours(self, slot: Slot) -> int:
+        """How many of the slots next to `slot` (by sequence id) are decoding. llama.cpp puts
+        into one micro-batch only sequences whose ids follow each other, so a request placed
+        next to running ones (best: in a hole between two) keeps a step to fewer graph runs."""
+        i = slot.seq_id
+        return sum(0 <= j < len(self.slots) and self.slots[j].busy is not None
+                   for j in (i - 1, i + 1))
 
     def _sampler(self, seq: Request) -> Any:
         """The request's chain of llama.cpp's samplers, in the order llama.cpp's server chains
@@ -293,6 +312,7 @@ class BatchScheduler:
             add(lib.llama_sampler_init_penalties(self.n_vocab, seq.max_tokens, 1.0,
                                                  seq.frequency_penalty, seq.presence_penalty))
         if seq.temperature <= 0:
+            seq.argmax = lib.llama_sampler_chain_n(chain) == 0
             add(lib.llama_sampler_init_greedy())
         else:
             if seq.top_k > 0:
@@ -310,12 +330,13 @@ class BatchScheduler:
         token ids, and end-of-generation unless `ignore_eos`."""
         if seq.min_tokens <= 0:
             return set()
-        return set(seq.stop_token_ids) | (set() if seq.ignore_eos else self._eog_tokens)
+        return set(seq.stop_token_ids) | (set() if seq.ignore_eos else self._eog)
 
-    @functools.cached_property
-    def _eog_tokens(self) -> frozenset[int]:
-        return frozenset(t for t in range(self.n_vocab)
-                         if self._lib.llama_vocab_is_eog(self.vocab, t))
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces[token]
+        if piece is None:
+            piece = self._pieces[token] = self.llama.detokenize([token], special=True)
+        return piece
 
     def _logit_bias(self, bias: dict[int, float]) -> Any:
         entries = (self._lib.llama_logit_bias * len(bias))(*bias.items())
@@ -344,14 +365,26 @@ class BatchScheduler:
             budget -= len(feeds[-1].tokens)
         if not feeds:
             return
-        self._decode(feeds)
-        for feed in feeds:
-            seq, slot = feed.seq, feed.seq.slot
-            assert slot is not None
-            slot.tokens.extend(feed.tokens)
-            seq.pending = seq.pending[len(feed.tokens) - len(feed.draft):]
-            if feed.logits_at is not None:
-                self._sample(feed)
+        # In order of sequence id: llama.cpp's micro-batches (`split_equal`, sequential) take a
+        # run of consecutive ids in batch order, so any other order splits a step into more.
+        feeds.sort(key=lambda f: f.seq.slot.seq_id if f.seq.slot is not None else -1)
+        # Below `min_batched` sequences each decodes on its own (`engine.min_batched_seqs`).
+        for group in [feeds] if len(feeds) >= self.min_batched else [[f] for f in feeds]:
+            n_out = self._decode(group)
+            best = None
+            if any(f.seq.argmax and f.logits_at is not None for f in group):
+                # One argmax over every output row (rows in batch order, as llama.h promises),
+                # read before the next decode overwrites them.
+                logits = np.ctypeslib.as_array(self._lib.llama_get_logits(self.ctx),
+                                               shape=(n_out, self.n_vocab))
+                best = logits.argmax(axis=1).tolist()
+            for feed in group:
+                seq, slot = feed.seq, feed.seq.slot
+                assert slot is not None
+                slot.tokens.extend(feed.tokens)
+                seq.pending = seq.pending[len(feed.tokens) - len(feed.draft):]
+                if feed.logits_at is not None:
+                    self._sample(feed, best if seq.argmax else None)
 
     def _drafts(self, decoding: list[Request], room: int) -> dict[int, list[int]]:
         """Drafts (by `id` of the request) for the decoding sequences that draft this step, at
@@ -375,36 +408,43 @@ class BatchScheduler:
         proposed = self.drafter.propose([want for _, want in wants]) if wants else []
         return {id(seq): draft for (seq, _), draft in zip(wants, proposed, strict=True)}
 
-    def _decode(self, feeds: list[_Feed]) -> None:
+    def _decode(self, feeds: list[_Feed]) -> int:
+        """Put every feed into one batch and decode it; the number of rows of logits."""
         lib, batch = self._lib, self._batch
-        n = 0
+        n = n_out = 0
         for feed in feeds:
             assert feed.seq.slot is not None
             pos0 = len(feed.seq.slot.tokens)
             completes = len(feed.tokens) - len(feed.draft) >= len(feed.seq.pending)
             first = len(feed.tokens) - 1 - len(feed.draft)
             feed.logits_at = n + first if completes else None
+            feed.out_at = n_out
+            seq_id = feed.seq.slot.seq_id
             for i, token in enumerate(feed.tokens):
                 batch.token[n] = token
                 batch.pos[n] = pos0 + i
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = feed.seq.slot.seq_id
-                batch.logits[n] = completes and i >= first
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = wanted = completes and i >= first
                 n += 1
+                n_out += wanted
         batch.n_tokens = n
         status = lib.llama_decode(self.ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
+        return n_out
 
-    def _sample(self, feed: _Feed) -> None:
-        """Sample after a decode; with a draft, accept the prefix greedy decoding agrees with."""
+    def _sample(self, feed: _Feed, best: list[int] | None) -> None:
+        """Sample after a decode (`best`: the argmax of every output row, for a sequence whose
+        chain is greedy alone); with a draft, accept the prefix greedy decoding agrees with."""
         seq, slot = feed.seq, feed.seq.slot
         assert feed.logits_at is not None and slot is not None
         lib = self._lib
         out: list[tuple[int, int]] = []  # (token, its logits row)
         for i in range(len(feed.draft) + 1):
             row = feed.logits_at + i
-            token = lib.llama_sampler_sample(seq.sampler, self.ctx, row)
+            token = (best[feed.out_at + i] if best is not None
+                     else lib.llama_sampler_sample(seq.sampler, self.ctx, row))
             out.append((token, row))
             if i == len(feed.draft) or token != feed.draft[i]:
                 break
@@ -430,7 +470,7 @@ class BatchScheduler:
         if seq.cancel.is_set():
             self._retire(seq, "stop")
             return False
-        eog = lib.llama_vocab_is_eog(self.vocab, token)
+        eog = token in self._eog
         if (eog and not seq.ignore_eos) or token in seq.stop_token_ids:
             self._retire(seq, "stop")
             return False
@@ -440,7 +480,7 @@ class BatchScheduler:
             seq.min_tokens_at = None
         logprob = None if seq.top_logprobs is None else self._logprob(token, row,
                                                                      seq.top_logprobs)
-        text = "" if eog else seq.decoder.decode(self.llama.detokenize([token], special=True))
+        text = "" if eog else seq.decoder.decode(self._piece(token))
         seq.emit(("token", text, logprob))
         if seq.generated >= seq.max_tokens:
             self._retire(seq, "length")
@@ -485,3 +525,4 @@ class _Feed:
     tokens: list[int]
     draft: list[int]
     logits_at: int | None = None  # batch row of its first logits, if it samples this step
+    out_at: int = 0  # its first row among the decode's outputs

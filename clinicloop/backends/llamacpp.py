@@ -15,6 +15,7 @@ reasoning split). Logprobs come from each sequence's own logits row.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import dataclasses
 import hashlib
@@ -303,7 +304,9 @@ class LlamaCppEngine(Engine):
                                    n_batch=s.n_batch)
         return BatchScheduler(
             llama, context.ctx, n_parallel=s.n_parallel, n_slots=n_slots, n_batch=s.n_batch,
-            n_ctx_seq=s.n_ctx, drafter=drafter, draft_max=spec.num_draft_tokens)
+            n_ctx_seq=s.n_ctx, drafter=drafter, draft_max=spec.num_draft_tokens,
+            prefix_caching=s.enable_prefix_caching,
+            min_batched=s.min_batched_seqs or (5 if s.n_gpu_layers == 0 else 1))
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
@@ -538,19 +541,16 @@ class LlamaCppEngine(Engine):
         params: SamplingParams, grammar: str | None, splitter: ReasoningSplitter | None,
     ) -> AsyncIterator[Delta | int]:
         """One choice: decoded by the scheduler's thread, post-processed here. Yields Deltas,
-        then the number of tokens generated."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
+        then the number of tokens generated. The tokens that arrived while the loop was busy
+        go out as one Delta (the text is the same; there are fewer chunks to frame and send), so
+        the work here grows with the loop's wake-ups, not with the tokens decoded."""
+        inbox = _Inbox(asyncio.get_running_loop())
         scheduler = self._scheduler
         assert scheduler is not None
         request = Request(prompt=tokens, max_tokens=max_tokens, temperature=params.temperature,
                           top_p=params.top_p, seed=seed, grammar=grammar,
                           top_logprobs=params.top_logprobs, ignore_eos=params.ignore_eos,
-                          emit=emit, presence_penalty=params.presence_penalty,
+                          emit=inbox.put, presence_penalty=params.presence_penalty,
                           frequency_penalty=params.frequency_penalty,
                           repetition_penalty=params.repetition_penalty,
                           logit_bias=params.logit_bias, top_k=params.top_k, min_p=params.min_p,
@@ -558,37 +558,38 @@ class LlamaCppEngine(Engine):
                           stop_token_ids=frozenset(params.stop_token_ids))
         cancel = request.cancel
         scheduler.submit(request)
-        done = False
+        done = stopped = False
         stops = StopMatcher(params.stop)
         pending_logprobs: list[TokenLogprob] = []
         pending_tokens = received = 0
         finish_reason = "stop"
         try:
-            while True:
-                item = await queue.get()
-                if item is DONE:
-                    done = True
-                    break
-                kind, payload, logprob = item
-                if kind == "finish":
-                    finish_reason = payload
-                    continue
-                pending_tokens += 1
-                if logprob is not None:
-                    pending_logprobs.append(logprob)
-                received += 1
-                # As vLLM does, stop strings count only once `min_tokens` are out.
-                text, stopped = (stops.push(payload) if received > params.min_tokens
-                                 else (payload, False))
-                if stopped:
-                    cancel.set()
-                    finish_reason = "stop"
-                delta = _split(index, text, splitter, pending_logprobs)
+            while not (done or stopped):
+                pieces: list[str] = []
+                for item in await inbox.take():
+                    if item is DONE:
+                        done = True
+                        break
+                    kind, payload, logprob = item
+                    if kind == "finish":
+                        finish_reason = payload
+                        continue
+                    pending_tokens += 1
+                    if logprob is not None:
+                        pending_logprobs.append(logprob)
+                    received += 1
+                    # As vLLM does, stop strings count only once `min_tokens` are out.
+                    text, stopped = (stops.push(payload) if received > params.min_tokens
+                                     else (payload, False))
+                    pieces.append(text)
+                    if stopped:
+                        cancel.set()
+                        finish_reason = "stop"
+                        break
+                delta = _split(index, "".join(pieces), splitter, pending_logprobs)
                 if delta is not None:
                     delta.tokens, pending_tokens, pending_logprobs = pending_tokens, 0, []
                     yield delta
-                if stopped:
-                    break
             tail = "" if cancel.is_set() else stops.flush()
             last = _split(index, tail, splitter, pending_logprobs, final=True) or Delta(index)
             last.finish_reason = finish_reason
@@ -598,8 +599,38 @@ class LlamaCppEngine(Engine):
             cancel.set()
             scheduler.wake()
             while not done:  # the scheduler ends every request it was given with DONE
-                done = await queue.get() is DONE
+                done = DONE in await inbox.take()
         yield request.generated
+
+
+class _Inbox:
+    """What the decode thread emits for one sequence, handed to the event loop in batches: `put`
+    (on the decode thread) appends and wakes the loop once until `take` (on the loop) has taken
+    everything there is, so a step's tokens cost one wake-up, and tokens that arrive while the
+    loop is busy are taken together."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = asyncio.Event()
+        self._woken = False
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if not self._woken:
+            self._woken = True
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def take(self) -> list[Any]:
+        while True:
+            self._woken = False  # set before taking: a later put wakes us again
+            items = []
+            while self._items:
+                items.append(self._items.popleft())
+            if items:
+                return items
+            await self._ready.wait()
+            self._ready.clear()
 
 
 def _forces_calls(params: SamplingParams) -> bool:

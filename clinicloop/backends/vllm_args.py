@@ -47,7 +47,8 @@ def vllm_serve_command(settings: EngineSettings, model: str, *, host: str = "127
     command += ["--host", host, "--port", str(port),
                 "--max-model-len", str(settings.n_ctx),
                 "--max-num-seqs", str(settings.n_parallel),
-                "--enable-prefix-caching"]
+                "--enable-prefix-caching" if settings.enable_prefix_caching
+                else "--no-enable-prefix-caching"]
     if settings.served_model_name:
         command += ["--served-model-name", settings.served_model_name]
     if settings.reasoning_parser == "think":

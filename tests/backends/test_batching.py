@@ -6,6 +6,7 @@ drafts really get accepted)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -89,12 +90,42 @@ def reference(tiny_model, tmp_path_factory):
     return asyncio.run(main())
 
 
-def test_batched_and_reused_decoding_change_no_greedy_output(tiny_model, tmp_path, reference):
-    texts, stats = generate_all(tiny_model, tmp_path, concurrent=True, n_parallel=4)
+@pytest.mark.parametrize("min_batched_seqs", [1, None], ids=["together", "apart-below-5"])
+def test_batched_and_reused_decoding_change_no_greedy_output(tiny_model, tmp_path, reference,
+                                                            min_batched_seqs):
+    """Four sequences in one decode of several KV streams (`min_batched_seqs` 1), or each in
+    its own (the CPU default below 5): the same text as each alone."""
+    texts, stats = generate_all(tiny_model, tmp_path, concurrent=True, n_parallel=4,
+                                min_batched_seqs=min_batched_seqs)
     assert texts == reference
     assert stats["prefix_cache_hits"] > 0  # shared system prompts and first turns
-    texts, _ = generate_all(tiny_model, tmp_path, concurrent=False, n_parallel=4)
+    texts, _ = generate_all(tiny_model, tmp_path, concurrent=False, n_parallel=4,
+                            min_batched_seqs=min_batched_seqs)
     assert texts == reference
+
+
+def test_without_prefix_caching_every_prompt_is_computed_whole(tiny_model, tmp_path,
+                                                              reference):
+    texts, stats = generate_all(tiny_model, tmp_path, concurrent=False, n_parallel=4,
+                                enable_prefix_caching=False)
+    assert texts == reference
+    assert stats["prefix_cache_queries"] > 0 and stats["prefix_cache_hits"] == 0
+
+
+def test_the_argmax_of_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(
+        tiny_model, tmp_path, reference):
+    """Plain greedy requests take the argmax of all rows at once; a logit bias of 0 changes no
+    logit but sends the request through llama.cpp's sampler chain."""
+    async def main():
+        engine = _engine(tiny_model, tmp_path, n_parallel=4, min_batched_seqs=1)
+        await engine.start()
+        try:
+            chained = dataclasses.replace(GREEDY, logit_bias={0: 0.0})
+            return await asyncio.gather(*(_run(engine, p, chained) for p in prompts()))
+        finally:
+            await engine.close()
+
+    assert [text for text, _ in asyncio.run(main())] == reference
 
 
 def test_drafting_changes_no_greedy_output_and_gets_drafts_accepted(tiny_model, tmp_path,
@@ -102,7 +133,7 @@ def test_drafting_changes_no_greedy_output_and_gets_drafts_accepted(tiny_model, 
     ngram = SpeculativeSettings(mode="ngram")
     for concurrent in (False, True):
         texts, stats = generate_all(tiny_model, tmp_path, concurrent=concurrent, n_parallel=4,
-                                    speculative=ngram)
+                                    speculative=ngram, min_batched_seqs=1)
         assert texts == reference
         assert stats["spec_decode_num_drafts"] > 0
         assert 0 < stats["spec_decode_num_accepted_tokens"] <= stats[

@@ -27,6 +27,8 @@ def test_defaults_carry_batching_prefix_caching_reasoning_and_lora():
     assert "--quantization" not in command  # AWQ/GPTQ checkpoints pick their Marlin kernels
     assert "--speculative-config" not in command
     assert vllm_serve_env() == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    off = vllm_serve_command(EngineSettings(enable_prefix_caching=False), "m")
+    assert "--no-enable-prefix-caching" in off and "--enable-prefix-caching" not in off
 
 
 def test_speculative_configs():

@@ -40,7 +40,8 @@ def assert_metric_definitions(result: RunResult) -> None:
             r.tpot_s, (r.e2e_s - r.ttft_s) / (r.output_tokens - 1))
 
     def stats(values: list[float]) -> dict[str, float]:
-        ms = np.asarray(values) * 1000
+        # No values (every reply in one chunk: no gaps between chunks) report zeros.
+        ms = np.asarray(values or [0.0]) * 1000
         return {"mean": ms.mean(), "median": np.median(ms), "p99": np.percentile(ms, 99)}
 
     for got, want in (
@@ -89,6 +90,21 @@ def test_multiturn_workload(server, concurrency):
         assert approx(ms, 1000 * np.mean([r.ttft_s for r in result.requests if r.turn == turn]))
 
 
+def test_chat_workload_sends_short_turns_that_end_on_their_own(server):
+    """Short chat turns: one corpus question, no system prompt; replies stop at end of turn (no
+    ignore_eos, even when asked for it), within `chat_max_tokens`."""
+    result = run(server, "chat", 2, ignore_eos=True, chat_max_tokens=48)
+    assert (result.completed, result.failed) == (4, 0)
+    assert not result.ignore_eos and result.output_len == 48
+    assert_metric_definitions(result)
+    # 10-40 tokens with the bench model's tokenizer; the tiny model's is denser.
+    assert all(10 <= r.prompt_tokens <= 64 for r in result.requests), result.requests
+    assert all(0 < r.output_tokens <= 48 for r in result.requests)
+    assert any(r.output_tokens < 48 for r in result.requests)  # ended at end of turn
+    for conv in build_conversations("chat", 8, 128, 5, seed=3):
+        assert conv.system is None and len(conv.user_turns) == 1
+
+
 def test_quote_workload_texts_are_greedy_and_stable_across_concurrency(server):
     one, two = (run(server, "quote", c, num_prompts=2, output_len=16) for c in (1, 2))
     for result in (one, two):
@@ -99,7 +115,7 @@ def test_quote_workload_texts_are_greedy_and_stable_across_concurrency(server):
 
 
 def test_prompts_are_deterministic_and_sized():
-    for workload in ("random", "multiturn", "quote"):
+    for workload in ("random", "chat", "multiturn", "quote"):
         a = build_conversations(workload, 3, 128, 5, seed=7)
         assert a == build_conversations(workload, 3, 128, 5, seed=7)
         assert a != build_conversations(workload, 3, 128, 5, seed=8)
