@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -185,10 +186,11 @@ def monotone_target(rows: dict[Key, Row], workload: str, levels: Sequence[int]) 
         return Target(target=target, rule=rule, measured="-", ratio=None, status="not run",
                       note=f"needs {workload} at two or more concurrencies")
     tps = [r.output_throughput for r in got if r is not None]
-    worst = min(b / a for a, b in zip(tps, tps[1:], strict=False) if a)
-    falls = [f"c={lo}→{hi}" for (lo, a), (hi, b) in zip(zip(levels, tps, strict=True),
-                                                        zip(levels[1:], tps[1:], strict=True),
-                                                        strict=False) if b < (1 - NOISE) * a]
+    steps = list(itertools.pairwise(zip(levels, tps, strict=True)))
+    # A level with no output at all (every request failed) has no ratio to the next one.
+    worst = min((b / a for (_, a), (_, b) in steps if a), default=0.0)
+    falls = [f"c={lo}→{hi}" for (lo, a), (hi, b) in steps if b < (1 - NOISE) * a]
+    falls += [f"c={c} (no output)" for c, t in zip(levels, tps, strict=True) if not t]
     return Target(target=target, rule=rule, measured=" → ".join(f"{t:.0f}" for t in tps),
                   ratio=worst, status="MISS" if falls else "PASS",
                   note=f"falls at {', '.join(falls)}" if falls else "")

@@ -72,7 +72,9 @@ def test_a_named_function_is_called_and_streamed_as_the_client_assembles_it(clie
     assert [e.sequence_number for e in events] == list(range(len(events)))
     kinds = [e.type for e in events]
     deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
-    assert len(deltas) > 1, "arguments arrive in fragments"
+    # How many fragments depends on the event loop: tokens that arrive while it is busy go out as
+    # one delta (release as written: test_streamed_arguments_are_the_model_text_released_...).
+    assert deltas, "arguments arrive as deltas"
     assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
                      *["response.function_call_arguments.delta"] * len(deltas),
                      "response.function_call_arguments.done", "response.output_item.done",

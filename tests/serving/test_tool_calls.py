@@ -94,7 +94,10 @@ def test_required_calls_one_of_the_tools_and_streams_as_the_client_joins_it(clie
     assert [c.choices[0].finish_reason for c in chunks[:-1] if c.choices] \
         == [None] * (len(chunks) - 1), "finish_reason only in the last chunk"
     pieces = [p for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or []]
-    assert len(pieces) > 2, "arguments arrive in fragments, not in one piece"
+    # The header, then the arguments: in how many fragments depends on the event loop (tokens that
+    # arrive while it is busy go out as one delta); release as written is tested without HTTP in
+    # test_streamed_arguments_are_the_model_text_released_as_written.
+    assert len(pieces) >= 2, "the call's header, then its arguments"
 
 
 def test_parallel_calls(client, tiny_model):
