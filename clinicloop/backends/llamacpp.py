@@ -566,7 +566,8 @@ class LlamaCppEngine(Engine):
         try:
             while not (done or stopped):
                 pieces: list[str] = []
-                for item in await inbox.take():
+                items = await inbox.take()
+                for i, item in enumerate(items):
                     if item is DONE:
                         done = True
                         break
@@ -585,6 +586,8 @@ class LlamaCppEngine(Engine):
                     if stopped:
                         cancel.set()
                         finish_reason = "stop"
+                        # The sequence may have ended in the same batch: its DONE is taken now.
+                        done = DONE in items[i + 1:]
                         break
                 delta = _split(index, "".join(pieces), splitter, pending_logprobs)
                 if delta is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -200,6 +201,68 @@ def test_sequences_decode_together_and_a_cancelled_one_frees_its_slot(tiny_model
     assert counts == [200] * 4 and n == GREEDY.max_tokens
     # All four had streamed before any finished: they were decoded together, not in turn.
     assert [kind for kind, _ in timeline[:4]] == ["first"] * 4
+
+
+@pytest.mark.parametrize("settings", [{"min_batched_seqs": 1}, {"min_batched_seqs": None},
+                                      {"speculative": SpeculativeSettings(mode="ngram")}],
+                         ids=["together", "apart-below-5", "prompt-lookup"])
+def test_streams_closed_mid_decode_change_no_other_greedy_output(tiny_model, tmp_path,
+                                                                 reference, settings):
+    """Every third stream is closed by its client after its first tokens, while the others decode
+    beside it (cancelled in the middle of steps, its slot reused at once): every other stream gets
+    the text it gets alone, and the engine still serves a request afterwards."""
+    async def close_early(messages) -> None:
+        stream = engine.chat(messages, GREEDY, {})
+        async for event in stream:
+            if isinstance(event, Delta) and event.tokens:
+                break
+        await stream.aclose()
+
+    async def main():
+        await engine.start()
+        try:
+            texts = await asyncio.gather(*(close_early(p) if k % 3 == 1 else _run(engine, p)
+                                           for k, p in enumerate(prompts())))
+            after = await asyncio.wait_for(_run(engine, prompts()[0]), 30)
+            return texts, after
+        finally:
+            await engine.close()
+
+    engine = _engine(tiny_model, tmp_path, n_parallel=4, **settings)
+    texts, after = asyncio.run(main())
+    kept = [(k, got[0], want) for k, (got, want) in enumerate(zip(texts, reference, strict=True))
+            if k % 3 != 1]
+    assert [(k, got) for k, got, _ in kept] == [(k, want) for k, _, want in kept]
+    assert after[0] == reference[0]
+
+
+def test_a_stop_string_that_arrives_with_the_end_of_the_sequence_ends_the_stream(tiny_model,
+                                                                                 tmp_path):
+    """The event loop is busy while the decode thread finishes the sequence, so the tokens with
+    the stop string and the sequence's end are taken in one batch: the stream still ends at once
+    (it once waited for an end it had already taken and dropped, until the request deadline)."""
+    async def main():
+        engine = _engine(tiny_model, tmp_path)
+        await engine.start()
+        try:
+            text, _ = await _run(engine, prompts()[0])
+            # A word first seen in the second half, so the stop comes after the loop's nap.
+            word = next(w for w in reversed(text.split()) if text.index(w) > len(text) // 2)
+            stream = engine.chat(prompts()[0], dataclasses.replace(GREEDY, stop=[word]), {})
+            events = [await anext(stream)]
+            time.sleep(1.0)  # blocks the loop: the decode thread emits the rest and the end
+            events += await asyncio.wait_for(_all(stream), 10)
+            return text, word, events
+        finally:
+            await engine.close()
+
+    async def _all(stream) -> list:
+        return [event async for event in stream]
+
+    text, word, events = asyncio.run(main())
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert "".join(d.content for d in deltas) == text[:text.index(word)]
+    assert deltas[-1].finish_reason == "stop"
 
 
 @pytest.fixture(scope="module")
