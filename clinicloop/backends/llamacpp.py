@@ -566,8 +566,7 @@ class LlamaCppEngine(Engine):
         try:
             while not (done or stopped):
                 pieces: list[str] = []
-                items = await inbox.take()
-                for i, item in enumerate(items):
+                for item in await inbox.take():
                     if item is DONE:
                         done = True
                         break
@@ -586,8 +585,6 @@ class LlamaCppEngine(Engine):
                     if stopped:
                         cancel.set()
                         finish_reason = "stop"
-                        # The sequence may have ended in the same batch: its DONE is taken now.
-                        done = DONE in items[i + 1:]
                         break
                 delta = _split(index, "".join(pieces), splitter, pending_logprobs)
                 if delta is not None:
@@ -601,8 +598,10 @@ class LlamaCppEngine(Engine):
         finally:
             cancel.set()
             scheduler.wake()
-            while not done:  # the scheduler ends every request it was given with DONE
-                done = DONE in await inbox.take()
+            # The scheduler ends every request it was given with DONE; the inbox saw it go by
+            # even when the loop above left a batch before reaching it.
+            while not inbox.ended:
+                await inbox.take()
         yield request.generated
 
 
@@ -617,9 +616,11 @@ class _Inbox:
         self._items: collections.deque[Any] = collections.deque()
         self._ready = asyncio.Event()
         self._woken = False
+        self.ended = False  # DONE has been put: the scheduler is finished with the request
 
     def put(self, item: Any) -> None:
         self._items.append(item)
+        self.ended = self.ended or item is DONE
         if not self._woken:
             self._woken = True
             self._loop.call_soon_threadsafe(self._ready.set)
