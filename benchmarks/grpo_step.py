@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from clinicloop.config import DEFAULT_MODELS_DIR
-from clinicloop.model.tiny import build_tiny
+from clinicloop.model.tiny_train import build_tiny
 from clinicloop.rl.config import PINNED_TRL_OPTIONS, PaperGRPOConfig
 from clinicloop.rl.grpo import train_grpo
 from clinicloop.rl.rewards import rule_reward

@@ -237,7 +237,7 @@ def table(checks: Sequence[Check]) -> str:
 @contextmanager
 def serving(out: Path, name: str, env: dict[str, str]) -> Iterator[Peer]:
     """`clinicloop serve` on the tiny model with `env`, its store and log under `out/name`."""
-    from clinicloop.model.tiny import build_tiny
+    from clinicloop.model.tiny_train import build_tiny
 
     model = build_tiny("tiny", out_root=ROOT / "var" / "models", progress=False)
     workdir = out / name

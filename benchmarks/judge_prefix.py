@@ -35,7 +35,8 @@ from typing import Any
 
 from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
-from clinicloop.model.tiny import SIZES, build_tiny
+from clinicloop.model.tiny import SIZES
+from clinicloop.model.tiny_train import build_tiny
 from clinicloop.verifier.client import EngineChatClient
 from clinicloop.verifier.judge import Judge, Verdict, prompt_prefix, prompt_suffix
 from clinicloop.verifier.rubrics import RubricItem

@@ -29,7 +29,7 @@ from clinicloop.backends.base import Delta, SamplingParams
 from clinicloop.backends.kinds import rss_bytes
 from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import DEFAULT_MODELS_DIR, EngineSettings
-from clinicloop.model.tiny import build_tiny
+from clinicloop.model.tiny_train import build_tiny
 
 MiB = 2**20
 PROMPT = [{"role": "user", "content": "I have had a sore throat and a fever since yesterday."}]

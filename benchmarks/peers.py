@@ -35,7 +35,7 @@ def bench_gguf(gguf: Path | None, progress: bool) -> Path:
     """The GGUF the servers share: `gguf` if given, else the `bench` tiny model's q8_0 (built
     once under var/models)."""
     if gguf is None:
-        from clinicloop.model.tiny import build_tiny
+        from clinicloop.model.tiny_train import build_tiny
 
         gguf = build_tiny("bench", out_root=ROOT / "var" / "models", progress=progress).gguf_q8_0
     return gguf.resolve()

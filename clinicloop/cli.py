@@ -182,7 +182,7 @@ def build_tiny(
     out: Annotated[Path | None, typer.Option(help="Cache root (default: models_dir).")] = None,
 ) -> None:
     """Build the tiny medical chat model offline (corpus, tokenizer, Qwen2, GGUF); cached."""
-    from clinicloop.model.tiny import build_tiny as build
+    from clinicloop.model.tiny_train import build_tiny as build
 
     tiny = build(size, seed=seed, out_root=out or Settings().models_dir)
     typer.echo(json.dumps({"name": tiny.name, "hf_dir": str(tiny.hf_dir),
@@ -406,7 +406,7 @@ def verify_simulate(
 
 
 def _policy_dir(model_dir: Path | None) -> Path:
-    from clinicloop.model.tiny import build_tiny
+    from clinicloop.model.tiny_train import build_tiny
 
     return model_dir or build_tiny("tiny", out_root=Settings().models_dir).hf_dir
 
@@ -654,7 +654,7 @@ def _hf_dir_or_tiny(hf_dir: Path | None, tiny: str) -> tuple[Path, str | None]:
                             "config.json there): give the directory of a downloaded checkpoint, "
                             "or leave --hf-dir out to use the tiny model")
         return hf_dir, None
-    from clinicloop.model.tiny import build_tiny
+    from clinicloop.model.tiny_train import build_tiny
 
     model = build_tiny(tiny, out_root=Settings().models_dir)
     return model.hf_dir, model.name

@@ -34,7 +34,7 @@ import httpx
 from openai import OpenAI
 
 from clinicloop.config import Settings
-from clinicloop.model.tiny import build_tiny
+from clinicloop.model.tiny_train import build_tiny
 from clinicloop.rl.config import PaperGRPOConfig
 from clinicloop.rl.refresh import Paths, RefreshOptions, refresh
 from clinicloop.store.db import Store

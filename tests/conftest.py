@@ -79,7 +79,8 @@ FRESH_BUILDS: dict[str, float] = {}
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from clinicloop.model.tiny import SIZES, build_hash, build_tiny
+    from clinicloop.model.tiny import SIZES, build_hash
+    from clinicloop.model.tiny_train import build_tiny
 
     out_root = ROOT / "var" / "models"
     cached = (out_root / f"{SIZES['tiny'].name}-{build_hash(SIZES['tiny'], 0)[:12]}"
@@ -107,7 +108,7 @@ def vllm_cpu_python() -> Path:
 @pytest.fixture(scope="session")
 def bench():
     """The `bench` tiny model: every matrix width a multiple of 256, head dim 64."""
-    from clinicloop.model.tiny import build_tiny
+    from clinicloop.model.tiny_train import build_tiny
 
     return build_tiny("bench", out_root=ROOT / "var" / "models", progress=False)
 

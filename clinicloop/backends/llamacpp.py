@@ -199,9 +199,13 @@ class LlamaCppEngine(Engine):
         if s.model_path is not None:
             path, name, hf_dir = s.model_path, s.model_path.stem, s.hf_dir
         else:
-            from clinicloop.model.tiny import build_tiny
+            from clinicloop.model.tiny import find_tiny
 
-            tiny = build_tiny(s.tiny_size, out_root=self.models_dir)
+            tiny = find_tiny(s.tiny_size, out_root=self.models_dir)
+            if tiny is None:  # the first run builds it: torch, minutes
+                from clinicloop.model.tiny_train import build_tiny
+
+                tiny = build_tiny(s.tiny_size, out_root=self.models_dir)
             path = tiny.gguf_q8_0 if s.tiny_quant == "q8_0" else tiny.gguf_f16
             name, hf_dir = tiny.name, tiny.hf_dir
         if not path.is_file():

@@ -243,9 +243,14 @@ def managed_vllm(settings: EngineSettings, models_dir: Path) -> VllmLaunch:
     head dim of 16, "Unsupported CPU attention configuration: head_dim=16")."""
     model = settings.vllm_model
     if model is None:
-        from clinicloop.model.tiny import build_tiny
+        from clinicloop.model.tiny import find_tiny
 
-        model = str(build_tiny("bench", out_root=models_dir).hf_dir.resolve())
+        bench = find_tiny("bench", out_root=models_dir)
+        if bench is None:  # the first run builds it: torch, minutes
+            from clinicloop.model.tiny_train import build_tiny
+
+            bench = build_tiny("bench", out_root=models_dir)
+        model = str(bench.hf_dir.resolve())
     launch = build_launch(settings, model)
     if launch.plan is not None:
         log.info("vLLM memory plan: %s", launch.plan.model_dump_json())

@@ -14,16 +14,18 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from clinicloop.model.corpus import Dialogue, Message
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE_PATH = Path(__file__).parent / "chat_template.jinja"
 
@@ -122,6 +124,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, words: Iterable[str] 
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    # Here, not at the top: importing transformers' tokenizer class loads torch, which a server
+    # that only renders chat templates has no use for.
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,

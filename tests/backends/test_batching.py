@@ -16,7 +16,7 @@ from clinicloop.backends.drafting import common_prefix, lookup_draft
 from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings, SpeculativeSettings
 from clinicloop.model.corpus import load_corpus
-from clinicloop.model.tiny import build_tiny
+from clinicloop.model.tiny_train import build_tiny
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clinicloop.model.tiny import TinyModel, build_tiny
+from clinicloop.model.tiny import TinyModel
+from clinicloop.model.tiny_train import build_tiny
 from tests.conftest import FRESH_BUILDS
 
 

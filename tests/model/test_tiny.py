@@ -14,17 +14,11 @@ import torch
 from llama_cpp import Llama
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from clinicloop.model import tiny
+from clinicloop.model import tiny_train
 from clinicloop.model.corpus import load_corpus
 from clinicloop.model.gguf_export import ftype_from_name, quantize_gguf
-from clinicloop.model.tiny import (
-    SIZES,
-    TinyModel,
-    build_examples,
-    build_hash,
-    build_tiny,
-    train_model,
-)
+from clinicloop.model.tiny import SIZES, TinyModel, build_hash, find_tiny
+from clinicloop.model.tiny_train import build_examples, build_tiny, train_model
 from clinicloop.model.tokenizer import render_chat, train_tokenizer, training_texts
 
 PROMPT_ROWS = [0, 57, 210, 260, 330, 420, 480, 540]
@@ -60,6 +54,12 @@ def test_second_call_is_cached(tiny_model: TinyModel) -> None:
     again = build_tiny(out_root=tiny_model.root.parent, progress=False)
     assert time.perf_counter() - started < 2
     assert again == tiny_model
+    assert find_tiny(out_root=tiny_model.root.parent) == tiny_model
+
+
+def test_find_tiny_without_a_build_is_none(tmp_path: Path) -> None:
+    assert find_tiny(out_root=tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hash_depends_on_seed_and_size() -> None:
@@ -74,7 +74,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(
     def killed(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "train_model", killed)
+    monkeypatch.setattr(tiny_train, "train_model", killed)
     with pytest.raises(KeyboardInterrupt):
         build_tiny(out_root=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
