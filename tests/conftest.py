@@ -79,12 +79,11 @@ FRESH_BUILDS: dict[str, float] = {}
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from clinicloop.model.tiny import SIZES, build_hash
+    from clinicloop.model.tiny import find_tiny
     from clinicloop.model.tiny_train import build_tiny
 
     out_root = ROOT / "var" / "models"
-    cached = (out_root / f"{SIZES['tiny'].name}-{build_hash(SIZES['tiny'], 0)[:12]}"
-              / "build.json").is_file()
+    cached = find_tiny("tiny", out_root=out_root) is not None
     started = time.perf_counter()
     model = build_tiny("tiny", out_root=out_root, progress=False)
     if not cached:

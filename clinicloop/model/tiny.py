@@ -30,6 +30,7 @@ from clinicloop.model.tokenizer import (
 # Bump when a change to this package changes what a build produces.
 CODE_VERSION = "2"
 
+
 @dataclass(frozen=True)
 class SizeConfig:
     name: str
@@ -90,6 +91,7 @@ class TinyModel:
     gguf_q8_0: Path
     name: str
 
+
 def build_hash(size: SizeConfig, seed: int) -> str:
     """Hash of every input that decides a build's bytes; names its cache directory."""
     h = hashlib.sha256()
@@ -147,7 +149,8 @@ def training_targets(row: Dialogue, index: int) -> list[tuple[str, str]]:
                   (prompt("auto"), auto + answer)]
     return pairs
 
-def build_dir(size: str, seed: int, out_root: Path) -> Path:
+
+def build_root(size: str, seed: int, out_root: Path) -> Path:
     """Where the build of ``size`` (a key of `SIZES`) with ``seed`` is cached under ``out_root``
     (the settings' `models_dir`)."""
     if size not in SIZES:
@@ -156,10 +159,9 @@ def build_dir(size: str, seed: int, out_root: Path) -> Path:
     return Path(out_root) / f"{config.name}-{build_hash(config, seed)[:12]}"
 
 
-def find_tiny(size: str = "tiny", seed: int = 0, *, out_root: Path) -> TinyModel | None:
-    """The cached build of ``size``, or None when there is none (`tiny_train.build_tiny` makes
-    one)."""
-    root = build_dir(size, seed, out_root)
+def read_build(root: Path) -> TinyModel | None:
+    """The complete build at ``root``, or None when there is none (its `build.json`, written
+    last, is the completeness marker)."""
     manifest_path = root / "build.json"
     if not manifest_path.is_file():
         return None
@@ -172,3 +174,9 @@ def find_tiny(size: str = "tiny", seed: int = 0, *, out_root: Path) -> TinyModel
         gguf_q8_0=root / files["gguf_q8_0"],
         name=manifest["name"],
     )
+
+
+def find_tiny(size: str = "tiny", seed: int = 0, *, out_root: Path) -> TinyModel | None:
+    """The cached build of ``size``, or None when there is none (`tiny_train.build_tiny` makes
+    one)."""
+    return read_build(build_root(size, seed, out_root))

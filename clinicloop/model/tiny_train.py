@@ -1,5 +1,5 @@
 """Build the tiny Qwen2 chat model offline: tokenizer, CPU training, HF directory and GGUF files,
-cached where `tiny.build_dir` says (`tiny.py` holds the sizes and looks builds up without torch).
+cached where `tiny.build_root` says (`tiny.py` holds the sizes and looks builds up without torch).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from clinicloop.model.tiny import (
     SIZES,
     SizeConfig,
     TinyModel,
-    build_dir,
     build_hash,
-    find_tiny,
+    build_root,
+    read_build,
     training_targets,
 )
 from clinicloop.model.tokenizer import (
@@ -45,6 +45,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+
 
 def build_examples(rows: list[Dialogue], tokenizer: PreTrainedTokenizerFast) -> list[Example]:
     """Tokenized training sequences whose labels cover only the assistant's target tokens."""
@@ -208,6 +209,7 @@ def _loss_summary(losses: list[float]) -> dict[str, Any]:
         "curve_per_tenth": curve,
     }
 
+
 def _build_into(work: Path, size: SizeConfig, seed: int, digest: str, progress: bool) -> None:
     started = time.perf_counter()
     rows = load_corpus()
@@ -250,16 +252,17 @@ def _build_into(work: Path, size: SizeConfig, seed: int, digest: str, progress: 
     # build.json is the completeness marker, so it is the last file written.
     (work / "build.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
+
 def build_tiny(
     size: str = "tiny", seed: int = 0, *, out_root: Path, progress: bool = True
 ) -> TinyModel:
     """Build (or return the cached) tiny model of ``size`` (a key of `SIZES`) under ``out_root``
     (the settings' `models_dir`)."""
-    cached = find_tiny(size, seed, out_root=out_root)
+    root = build_root(size, seed, out_root)
+    cached = read_build(root)
     if cached is not None:
         return cached
     config = SIZES[size]
-    root = build_dir(size, seed, out_root)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     work = out_root / f".{root.name}.tmp-{os.getpid()}"
@@ -271,13 +274,13 @@ def build_tiny(
             # Atomic: a reader sees either no directory or a complete build.
             os.rename(work, root)
         except OSError:
-            if not (root / "build.json").is_file():
+            if read_build(root) is None:
                 raise
             # Another process finished the same build first; its result is identical.
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    built = find_tiny(size, seed, out_root=out_root)
+    built = read_build(root)
     assert built is not None  # build.json is the last file written, and the rename is done
     if progress:
         print(_summary(root, json.loads((root / "build.json").read_text(encoding="utf-8"))))

@@ -26,6 +26,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from clinicloop.backends.vllm_launch import build_launch
 from clinicloop.config import EngineSettings
@@ -214,8 +215,8 @@ def test_launched_with_the_cpu_profile_and_chats_through_the_gateway(gateway):
 def _metric(metrics_url: str, name: str) -> float:
     """A metric on a Prometheus page, summed over its label sets."""
     text = httpx.get(metrics_url, timeout=60).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
 
 
 def test_gateway_runs_several_sequences_at_once(gateway):

@@ -5,6 +5,8 @@ model is a GGUF path or the default tiny model's cached build."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -21,7 +23,7 @@ def test_a_server_never_loads_torch(tmp_path, tiny_model, model):
             "model": httpx.get(server.base_url + "/v1/models").json()["data"][0]["id"],
             "max_tokens": 8, "messages": [{"role": "user", "content": "I have a cough."}]})
         assert r.status_code == 200, r.text
-        maps = open(f"/proc/{server.proc.pid}/maps").read()
+        maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
         assert "llama" in maps  # the right process: it has llama.cpp loaded
         assert "libtorch" not in maps
     finally:
