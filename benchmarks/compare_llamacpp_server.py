@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -271,7 +272,8 @@ def start_peers(args: argparse.Namespace, gguf: Path, scratch: Path,
             if binary is None:
                 skipped[name] = why
                 continue
-            specs.append(llama_server_spec(binary, gguf, args.n_ctx, args.slots))
+            specs.append(llama_server_spec(binary, gguf, args.n_ctx, args.slots,
+                                           args.llama_server_args))
     running: dict[str, Peer] = {}
     for spec in tqdm(specs, desc="starting servers", disable=not args.progress, file=sys.stderr):
         workdir = scratch / spec.dirname
@@ -359,6 +361,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="extra environment for clinicloop (and clinicloop+draft)")
     p.add_argument("--draft-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment that turns drafting on, for the clinicloop+draft run")
+    p.add_argument("--llama-server-args", default="", metavar="ARGS",
+                   help="extra llama-server flags, split like a shell would (e.g. '-fa off': its "
+                   "default '-fa auto' turns flash attention on for the CPU)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="send ignore_eos to no server")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds per server")
@@ -374,6 +379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("the comparison needs clinicloop in --servers")
     args.clinicloop_env = parse_env(args.clinicloop_env)
     args.draft_env = parse_env(args.draft_env)
+    args.llama_server_args = shlex.split(args.llama_server_args)
     return args
 
 

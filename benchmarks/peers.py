@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +126,12 @@ def llama_cpp_python_spec(gguf: Path, n_ctx: int) -> PeerSpec:
                     accepts_ignore_eos=False)
 
 
-def llama_server_spec(binary: Path, gguf: Path, n_ctx: int, slots: int) -> PeerSpec:
+def llama_server_spec(binary: Path, gguf: Path, n_ctx: int, slots: int,
+                      extra: Sequence[str] = ()) -> PeerSpec:
     # `-c` is the whole KV cache, shared by the slots: `n_ctx` tokens each, as the others get.
     command = [str(binary), "-m", str(gguf.resolve()), "-t", "1", "-tb", "1",
                "--parallel", str(slots), "-c", str(n_ctx * slots), "--cont-batching",
-               "--host", "127.0.0.1", "--port", "{port}"]
+               *extra, "--host", "127.0.0.1", "--port", "{port}"]
     return PeerSpec("llama-server", command, dict(os.environ), "/health", accepts_ignore_eos=True)
 
 

@@ -3,6 +3,7 @@ clinicloop servers on 127.0.0.1 that each test's fixture starts and stops."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def wait_until(ready, deadline_s: float, what: str, proc: subprocess.Popen | Non
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{what}: not ready after {deadline_s}s")
+
+
+async def until(ready: Callable[[], bool], deadline_s: float, what: str) -> None:
+    """`wait_until` inside an event loop: poll `ready()` without blocking the loop."""
+    end = time.monotonic() + deadline_s
+    while not ready():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what}: not ready after {deadline_s}s")
+        await asyncio.sleep(0.01)
 
 
 #: Seconds each model build took, for the builds this session made from scratch (not cached).

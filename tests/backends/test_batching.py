@@ -17,6 +17,7 @@ from clinicloop.backends.llamacpp import LlamaCppEngine
 from clinicloop.config import EngineSettings, SpeculativeSettings
 from clinicloop.model.corpus import load_corpus
 from clinicloop.model.tiny_train import build_tiny
+from tests.conftest import until
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
@@ -201,6 +202,81 @@ def test_sequences_decode_together_and_a_cancelled_one_frees_its_slot(tiny_model
     assert counts == [200] * 4 and n == GREEDY.max_tokens
     # All four had streamed before any finished: they were decoded together, not in turn.
     assert [kind for kind, _ in timeline[:4]] == ["first"] * 4
+
+
+def _busy_ids(engine: LlamaCppEngine) -> list[int]:
+    return [slot.seq_id for slot in engine._scheduler.slots if slot.busy is not None]
+
+
+def test_running_sequences_take_the_lowest_free_ids(tiny_model, tmp_path):
+    """llama.cpp puts only consecutive sequence ids into one micro-batch: with slots 0 and 1
+    freed while 2 and 3 decode, the next two requests take 0 and 1, not the empty slots above
+    the running ones."""
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def started(k: int):
+        stream = engine.chat(prompts()[k], long, {})
+        await anext(stream)
+        return stream
+
+    async def main():
+        await engine.start()
+        streams = []
+        try:
+            for k in range(4):
+                streams.append(await started(k))
+            first = _busy_ids(engine)
+            for stream in streams[:2]:
+                await stream.aclose()
+            await until(lambda: len(_busy_ids(engine)) == 2, 30, "two slots freed")
+            freed = _busy_ids(engine)
+            for k in (4, 5):
+                streams.append(await started(k))
+            return first, freed, _busy_ids(engine)
+        finally:
+            for stream in streams:
+                await stream.aclose()
+            await engine.close()
+
+    engine = _engine(tiny_model, tmp_path, n_parallel=4, prefix_cache_slots=4,
+                     min_batched_seqs=1)
+    assert asyncio.run(main()) == ([0, 1, 2, 3], [2, 3], [0, 1, 2, 3])
+
+
+def test_a_conversation_cached_where_others_then_ran_is_reused_and_changes_no_output(
+        tiny_model, tmp_path, reference):
+    """While a sequence decodes in slot 0, turn 1 of a conversation runs in slot 1, then
+    another conversation takes slot 1 (first fit): turn 1's cache is copied aside first, and
+    turn 2 copies it back, prefills only what is new, and says what it says alone."""
+    long = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+    turn1, turn2 = prompts()[0], prompts()[1]  # turn 2 continues turn 1 (`prompts`)
+
+    async def main():
+        await engine.start()
+        background = engine.chat(prompts()[4], long, {})
+        try:
+            await anext(background)
+            first, _ = await _run(engine, turn1)
+            await _run(engine, prompts()[2])  # another conversation, in the same slot
+            before = engine.stats()["prefix_cache_hits"]
+            second, _ = await _run(engine, turn2)
+            reused = engine.stats()["prefix_cache_hits"] - before
+            busy = _busy_ids(engine)
+
+            def tokens(messages):
+                return engine._prepare(engine.base.template.render(messages), GREEDY)[0]
+
+            return first, second, reused, common_prefix(tokens(turn1), tokens(turn2)), busy
+        finally:
+            await background.aclose()
+            await engine.close()
+
+    engine = _engine(tiny_model, tmp_path, n_parallel=2, prefix_cache_slots=4,
+                     min_batched_seqs=1)
+    first, second, reused, shared, busy = asyncio.run(main())
+    assert busy == [0]  # the background sequence decoded throughout
+    assert (first, second) == (reference[0], reference[1])
+    assert reused >= shared > 20
 
 
 @pytest.mark.parametrize("settings", [{"min_batched_seqs": 1}, {"min_batched_seqs": None},

@@ -29,7 +29,7 @@ from clinicloop.backends.base import (
 from clinicloop.backends.openai_upstream import OpenAIUpstreamEngine, _upstream_error
 from clinicloop.backends.supervisor import UpstreamStartError
 from clinicloop.config import EngineSettings
-from tests.conftest import free_port, group_gone, wait_until
+from tests.conftest import free_port, group_gone, until, wait_until
 
 MESSAGES = [{"role": "user", "content": "What helps a mild headache?"}]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, seed=7)
@@ -232,14 +232,6 @@ def test_upstream_going_away_is_unavailable(upstream: str) -> None:
         assert not engine.healthy()
 
     run_engine(keyed(upstream), body)
-
-
-async def until(ready: Callable[[], bool], deadline_s: float, what: str) -> None:
-    end = time.monotonic() + deadline_s
-    while not ready():
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what}: not after {deadline_s}s")
-        await asyncio.sleep(0.05)
 
 
 def test_supervised_upstream_is_restarted_after_a_crash(tiny_model: Any, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """`benchmarks/compare_llamacpp_server.py` end to end, small: real clinicloop (with and without
 drafting), `python -m llama_cpp.server` and, where `make llama-server` has built it, llama.cpp's
-`llama-server`, all on the tiny model, every workload at c=1 and c=2. The JSON has a row per server
-x workload x concurrency, the targets table is printed, and the servers answered every request;
-the chat workload's replies end on their own (no `ignore_eos`)."""
+`llama-server` (with extra flags), all on the tiny model, every workload at c=1 and c=2. The JSON
+has a row per server x workload x concurrency, the targets table is printed, and the servers
+answered every request; the chat workload's replies end on their own (no `ignore_eos`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def test_compare_runs_every_server_and_workload_and_prints_the_targets(tiny_mode
          "--num-prompts", str(PROMPTS), "--output-len", str(OUTPUT_LEN), "--turns", str(TURNS),
          "--input-len", "64", "--concurrency", "1,2", "--slots", "2", "--no-progress",
          "--chat-max-tokens", str(OUTPUT_LEN),
-         "--draft-env", "CLINICLOOP_ENGINE__SPECULATIVE__MODE=ngram", "--out", str(out)],
+         "--draft-env", "CLINICLOOP_ENGINE__SPECULATIVE__MODE=ngram",
+         "--llama-server-args", "-fa off", "--out", str(out)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
@@ -72,6 +73,8 @@ def test_compare_runs_every_server_and_workload_and_prints_the_targets(tiny_mode
     for name, t in targets.items():
         assert f"| {name} | {t['rule']} |" in printed and t["status"] in printed
     assert (out / "compare.md").read_text() in printed
+    if binary is not None:  # extra flags go on llama-server's command line as given
+        assert "--cont-batching -fa off --host 127.0.0.1" in printed
 
 
 def test_a_llama_server_that_cannot_start_is_skipped_with_a_note(tiny_model, tmp_path,

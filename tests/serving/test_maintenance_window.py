@@ -17,6 +17,7 @@ from clinicloop.serving.admission import Admission
 from clinicloop.serving.errors import OpenAIError
 from clinicloop.serving.maintenance import Maintenance
 from clinicloop.serving.metrics import Metrics
+from tests.conftest import until
 
 
 def _maintenance(admission: Admission | None = None, **settings) -> tuple[Maintenance, Metrics]:
@@ -25,14 +26,6 @@ def _maintenance(admission: Admission | None = None, **settings) -> tuple[Mainte
                        versions=None, metrics=metrics, model=lambda: "tiny",
                        request_timeout_s=30,
                        max_waiting=4), metrics
-
-
-async def _until(ready, deadline_s: float, what: str) -> None:
-    end = time.monotonic() + deadline_s
-    while not ready():
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.01)
 
 
 async def _refused(call) -> OpenAIError:
@@ -59,7 +52,7 @@ def test_an_unrenewed_lease_closes_the_window_and_lets_the_queue_go():
             status = await m.open(MaintenanceOpen(treatment="queue", lease_s=0.5))
             assert status.open and status.engine == "kept"
             queued = asyncio.create_task(m.admit(time.perf_counter() + 30))
-            await _until(lambda: m.queue_waiting == 1, 5, "a request queued")
+            await until(lambda: m.queue_waiting == 1, 5, "a request queued")
             renewed = await m.renew(MaintenanceRenew(lease_s=0.3))
             assert renewed.lease_expires_at < status.lease_expires_at  # the new lease counts
             assert await asyncio.wait_for(queued, 5) is None  # then admitted as usual
