@@ -212,7 +212,7 @@ def test_running_sequences_take_the_lowest_free_ids(tiny_model, tmp_path):
     """llama.cpp puts only consecutive sequence ids into one micro-batch: with slots 0 and 1
     freed while 2 and 3 decode, the next two requests take 0 and 1, not the empty slots above
     the running ones."""
-    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=1800, temperature=0.0, ignore_eos=True)
 
     async def started(k: int):
         stream = engine.chat(prompts()[k], long, {})
@@ -248,7 +248,7 @@ def test_a_conversation_cached_where_others_then_ran_is_reused_and_changes_no_ou
     """While a sequence decodes in slot 0, turn 1 of a conversation runs in slot 1, then
     another conversation takes slot 1 (first fit): turn 1's cache is copied aside first, and
     turn 2 copies it back, prefills only what is new, and says what it says alone."""
-    long = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=1800, temperature=0.0, ignore_eos=True)
     turn1, turn2 = prompts()[0], prompts()[1]  # turn 2 continues turn 1 (`prompts`)
 
     async def main():
