@@ -379,7 +379,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("the comparison needs clinicloop in --servers")
     args.clinicloop_env = parse_env(args.clinicloop_env)
     args.draft_env = parse_env(args.draft_env)
-    args.llama_server_args = shlex.split(args.llama_server_args)
+    try:
+        args.llama_server_args = shlex.split(args.llama_server_args)
+    except ValueError as exc:  # an unclosed quote
+        p.error(f"--llama-server-args: {exc}")
     return args
 
 

@@ -262,9 +262,9 @@ class BatchScheduler:
         running = len(idle) < len(self.slots)
         fit = idle[:1] if running else idle
         # A cache is a hit when the prompt continues most of the last prompt it served (a later
-        # turn, a retry: generated tokens seldom match how the reply is re-tokenized); a
-        # small overlap (a shared opening) does not justify destroying another conversation's
-        # cache, so then an empty slot, else the least recently used one, is taken.
+        # turn, a retry: generated tokens seldom match how the reply is re-tokenized). A small
+        # overlap (a shared opening) is no hit: the slot is then the fitting empty one, else
+        # the least recently used, and the conversation it holds is copied aside first.
         hits = [s for s in idle if s.tokens and reuse(s) >= SIMILARITY * s.prompt_len]
         best = max(hits, key=reuse, default=None)
         if best in fit:

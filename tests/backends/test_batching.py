@@ -54,6 +54,11 @@ async def _run(engine: LlamaCppEngine, messages, params=GREEDY) -> tuple[str, in
     return "".join(parts), tokens
 
 
+def _prompt_tokens(engine: LlamaCppEngine, messages) -> list[int]:
+    """The tokens the engine feeds for `messages` (the chat template, then the tokenizer)."""
+    return engine._prepare(engine.base.template.render(messages), GREEDY)[0]
+
+
 def _engine(tiny_model, tmp_path, **settings) -> LlamaCppEngine:
     return LlamaCppEngine(EngineSettings(model_path=tiny_model.gguf_q8_0, **settings), tmp_path)
 
@@ -156,11 +161,8 @@ def test_a_later_turn_prefills_only_what_is_new(tiny_model, tmp_path):
                      {"role": "user", "content": "Should I see a doctor?"}]
             await _run(engine, turn2)
             reused = engine.stats()["prefix_cache_hits"] - before
-
-            def tokens(messages):
-                return engine._prepare(engine.base.template.render(messages), GREEDY)[0]
-
-            return reused, common_prefix(tokens(turn1), tokens(turn2)), len(tokens(turn1))
+            prompt1, prompt2 = _prompt_tokens(engine, turn1), _prompt_tokens(engine, turn2)
+            return reused, common_prefix(prompt1, prompt2), len(prompt1)
         finally:
             await engine.close()
 
@@ -261,12 +263,8 @@ def test_a_conversation_cached_where_others_then_ran_is_reused_and_changes_no_ou
             before = engine.stats()["prefix_cache_hits"]
             second, _ = await _run(engine, turn2)
             reused = engine.stats()["prefix_cache_hits"] - before
-            busy = _busy_ids(engine)
-
-            def tokens(messages):
-                return engine._prepare(engine.base.template.render(messages), GREEDY)[0]
-
-            return first, second, reused, common_prefix(tokens(turn1), tokens(turn2)), busy
+            shared = common_prefix(_prompt_tokens(engine, turn1), _prompt_tokens(engine, turn2))
+            return first, second, reused, shared, _busy_ids(engine)
         finally:
             await background.aclose()
             await engine.close()
