@@ -232,7 +232,7 @@ def test_gateway_runs_several_sequences_at_once(gateway):
                                       if " launch: " in line)
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=CLIENT_KEY, max_retries=0)
     vllm_metrics = gateway.vllm_url.removesuffix("/v1") + "/metrics"
-    decode_s = "vllm:request_decode_time_seconds_sum"
+    decode_s = "vllm:request_decode_time_seconds"
 
     def chat(i: int) -> int:
         # ignore_eos: replies long enough that the four overlap.
@@ -243,13 +243,20 @@ def test_gateway_runs_several_sequences_at_once(gateway):
         with stream:
             return sum(bool(c.choices and c.choices[0].delta.content) for c in stream)
 
-    decoded_before = _metric(vllm_metrics, decode_s)
+    decoded_before = _metric(vllm_metrics, decode_s + "_sum")
+    counted_before = _metric(vllm_metrics, decode_s + "_count")
     started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
         chunks = list(pool.map(chat, range(4)))
     span_s = time.monotonic() - started
     assert all(chunks), chunks
-    decoded_s = _metric(vllm_metrics, decode_s) - decoded_before
+    # vLLM records a finished request's times after its last chunk has gone out, and the four
+    # finish in the same step: wait until all four are counted before reading their sum.
+    deadline = time.monotonic() + 60
+    while _metric(vllm_metrics, decode_s + "_count") - counted_before < 4:
+        assert time.monotonic() < deadline, "vLLM did not record the four requests' decode times"
+        time.sleep(0.2)
+    decoded_s = _metric(vllm_metrics, decode_s + "_sum") - decoded_before
     assert decoded_s > span_s, (decoded_s, span_s)
 
 
