@@ -201,8 +201,8 @@ class _Converter:
     def rule(self, hint: str, body: str) -> str:
         """A rule for `body` (one per distinct body)."""
         if (name := self._by_body.get(body)) is None:
-            name = self.fresh(hint)
-            self.rules[name] = self._by_body[body] = body
+            name = self._by_body[body] = self.fresh(hint)
+            self.rules[name] = body
         return name
 
     def builtin(self, name: str) -> str:
