@@ -1,7 +1,8 @@
 """JSON schema → GBNF (`grammar.py`) checked by the real llama.cpp parser: schemas with quotes and
 backslashes are honoured, schemas that cannot be enforced are refused with the part named, no
-generated schema crashes the process or takes long to compile, and the server answers 400 for a
-schema llama.cpp would have been handed as a NULL grammar."""
+generated schema crashes the process or takes long to compile, generated objects of parts with
+known values pass their grammar and fail it without a required key, and the server answers 400
+for a schema llama.cpp would have been handed as a NULL grammar."""
 
 from __future__ import annotations
 
@@ -357,6 +358,59 @@ def test_a_part_used_twice_means_the_same_both_times(tokenizer):
                            "required": ["a", "b"], "additionalProperties": False})
     assert accepts(tokenizer, both, '{"a": "x", "b": "y"}')
     assert not accepts(tokenizer, both, '{"a": "x", "y"}')  # the second key dropped
+
+
+# A schema part with the values it accepts: the property below builds objects and arrays of
+# them, the same part often used more than once.
+# DEL: JSON may carry it raw, but the grammar's strings write it as an escape and its consts raw.
+_plain = st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x7f")
+_valued_leaf = st.one_of(
+    st.lists(st.one_of(st.text(_plain, max_size=6), st.integers(), st.booleans(), st.none()),
+             min_size=1, max_size=4, unique_by=json.dumps).map(
+        lambda vs: ({"enum": vs}, st.sampled_from(vs))),
+    st.text(_plain, max_size=6).map(lambda v: ({"const": v}, st.just(v))),
+    st.just(({"type": "boolean"}, st.booleans())),
+    st.just(({"type": "null"}, st.none())),
+    st.tuples(st.integers(-50, 50), st.integers(0, 60)).map(lambda b: (
+        {"type": "integer", "minimum": b[0], "maximum": b[0] + b[1]},
+        st.integers(b[0], b[0] + b[1]))),
+    st.sampled_from(['^[a"\\\\]x{1,3}$', "^(?:ab){1,2}$", "^[0-9]{2}-[a-c]+$"]).map(
+        lambda r: ({"type": "string", "pattern": r}, st.from_regex(r, fullmatch=True))),
+    st.tuples(st.integers(0, 3), st.integers(0, 3)).map(lambda b: (
+        {"type": "string", "minLength": b[0], "maxLength": b[0] + b[1]},
+        st.text(_plain, min_size=b[0], max_size=b[0] + b[1]))),
+)
+
+
+@st.composite
+def _schema_and_instance(draw):
+    leaves = draw(st.lists(_valued_leaf, min_size=1, max_size=3))
+    keys = draw(st.lists(st.sampled_from(["a", "b", '"', "\\", "k y", "é"]), min_size=2,
+                         max_size=4, unique=True))
+    parts = [draw(st.sampled_from(leaves)) for _ in keys]  # repeats likely
+    if draw(st.booleans()):
+        item, values = parts[0]
+        parts[0] = ({"type": "array", "items": item, "maxItems": 3},
+                    st.lists(values, max_size=3))
+    named = list(zip(keys, parts, strict=True))
+    schema = {"type": "object", "properties": {k: part for k, (part, _) in named},
+              "required": keys, "additionalProperties": False}
+    instance = {k: draw(values) for k, (_, values) in named}
+    return schema, instance
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=_schema_and_instance())
+def test_property_the_grammar_accepts_what_the_schema_does_and_needs_every_key(tokenizer, case):
+    """Completeness where the values are known: any instance of the schema, as `json.dumps`
+    writes it with non-ASCII text raw (the grammar's spelling of consts and enums), passes the
+    grammar; with a required key left out it does not."""
+    schema, instance = case
+    gbnf = schema_to_gbnf(schema)
+    text = json.dumps(instance, ensure_ascii=False)
+    assert accepts(tokenizer, gbnf, text), (text, gbnf)
+    short = dict(list(instance.items())[1:])
+    assert not accepts(tokenizer, gbnf, json.dumps(short)), gbnf
 
 
 def test_hostile_function_names_and_schemas_round_trip(tokenizer):
