@@ -155,12 +155,13 @@ def gbnf_literal(json_text: str) -> str:
 
 
 def json_text(value: Any) -> str:
-    """`value` as compact JSON text; lone surrogates are escapes (UTF-8 cannot carry them)."""
+    """`value` as compact JSON text; DEL and lone surrogates (UTF-8 cannot carry them) are
+    escapes, as in every string the grammar's `char` allows."""
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:
         raise GrammarError(f"a value JSON cannot represent: {exc}") from None
-    return re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    return re.sub("[\x7f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _pointer(path: tuple[str, ...]) -> str:

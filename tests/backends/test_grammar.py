@@ -360,10 +360,19 @@ def test_a_part_used_twice_means_the_same_both_times(tokenizer):
     assert not accepts(tokenizer, both, '{"a": "x", "y"}')  # the second key dropped
 
 
+def test_del_is_an_escape_in_consts_as_in_every_other_string(tokenizer):
+    for schema in ({"const": "a\x7f"}, {"enum": ["a\x7f"]}, {"type": "string"},
+                   {"type": "object", "properties": {"a\x7f": {"const": 1}}}):
+        gbnf = schema_to_gbnf(schema)
+        value = {"a\x7f": 1} if "properties" in schema else "a\x7f"
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        assert accepts(tokenizer, gbnf, text.replace("\x7f", "\\u007f")), schema
+        assert not accepts(tokenizer, gbnf, text), schema
+
+
 # A schema part with the values it accepts: the property below builds objects and arrays of
 # them, the same part often used more than once.
-# DEL: JSON may carry it raw, but the grammar's strings write it as an escape and its consts raw.
-_plain = st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x7f")
+_plain = st.characters(codec="utf-8", exclude_categories=("Cs",))
 _valued_leaf = st.one_of(
     st.lists(st.one_of(st.text(_plain, max_size=6), st.integers(), st.booleans(), st.none()),
              min_size=1, max_size=4, unique_by=json.dumps).map(
@@ -402,12 +411,12 @@ def _schema_and_instance(draw):
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case=_schema_and_instance())
 def test_property_the_grammar_accepts_what_the_schema_does_and_needs_every_key(tokenizer, case):
-    """Completeness where the values are known: any instance of the schema, as `json.dumps`
-    writes it with non-ASCII text raw (the grammar's spelling of consts and enums), passes the
-    grammar; with a required key left out it does not."""
+    """Completeness where the values are known: any instance of the schema, in the grammar's
+    spelling of JSON (`json.dumps` with non-ASCII text raw and DEL escaped), passes the grammar;
+    with a required key left out it does not."""
     schema, instance = case
     gbnf = schema_to_gbnf(schema)
-    text = json.dumps(instance, ensure_ascii=False)
+    text = json.dumps(instance, ensure_ascii=False).replace("\x7f", "\\u007f")
     assert accepts(tokenizer, gbnf, text), (text, gbnf)
     short = dict(list(instance.items())[1:])
     assert not accepts(tokenizer, gbnf, json.dumps(short)), gbnf
