@@ -161,7 +161,7 @@ def json_text(value: Any) -> str:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:
         raise GrammarError(f"a value JSON cannot represent: {exc}") from None
-    return re.sub("[\x7f\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+    return re.sub("[\x7f\ud800-\udfff]", lambda m: _json_escape(ord(m.group())), text)
 
 
 def _pointer(path: tuple[str, ...]) -> str:
